@@ -1,0 +1,193 @@
+//! Client routes (`/v1/*` except admin, SPEC §9): my profile, rooms,
+//! messages, reactions, invitations.
+
+use serde_json::{json, Value};
+
+use crate::api::{caller, json_reply, not_found_route, Request, Response};
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::federation::event::{Content, Membership, ReactionAction};
+use crate::ids::{EventId, Fqid, RoomId};
+use crate::limits::MESSAGES_PAGE_MAX;
+use crate::rooms::flows;
+use crate::rooms::load_members;
+use crate::storage::{self, Room, T};
+
+fn room_view(app: &App, room: &Room) -> Value {
+    let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != app.server_name)
+        || load_members(
+            app,
+            &RoomId::parse(&room.room_id).expect("stored ids are valid"),
+        )
+        .map(|m| {
+            m.keys()
+                .any(|f| Fqid::parse(f).is_ok_and(|f| !app.is_local(&f)))
+        })
+        .unwrap_or(false);
+    json!({
+        "room_id": room.room_id,
+        "name": room.name,
+        "room_type": room.room_type.as_str(),
+        "federated": federated,
+        "federate": room.federate,
+    })
+}
+
+fn str_field<'a>(body: &'a Value, name: &str) -> Result<&'a str> {
+    body.get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::bad_request(format!("`{name}` is required and must be a string")))
+}
+
+fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => Ok(Some(EventId::parse(v.as_str().unwrap_or("")).map_err(
+            |_| Error::bad_request(format!("`{name}` must be an event_id")),
+        )?)),
+    }
+}
+
+pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> {
+    let me = caller(app, req)?;
+    match (req.method.as_str(), rest) {
+        ("GET", ["me"]) => Ok(json_reply(
+            200,
+            &json!({"fqid": flows::fqid_of(app, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
+        )),
+        ("GET", ["me", "invitations"]) => Ok(json_reply(
+            200,
+            &json!({"invitations": flows::invitations(app, &me)?}),
+        )),
+        ("POST", ["me", "invitations", id, answer @ ("accept" | "decline")]) => {
+            let (status, body) =
+                flows::answer_invitation(app, &me, id, *answer == "accept").await?;
+            Ok(json_reply(status, &body))
+        }
+        ("POST", ["rooms"]) => {
+            let body = req.json()?;
+            let room = flows::create_room(
+                app,
+                &me,
+                str_field(&body, "name")?,
+                body.get("room_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("standard"),
+            )
+            .await?;
+            Ok(json_reply(200, &room_view(app, &room)))
+        }
+        ("GET", ["rooms"]) => {
+            let me_fqid = flows::fqid_of(app, &me);
+            let mut rooms = Vec::new();
+            for (k, ()) in app
+                .store
+                .scan::<()>(T::UserRooms, &storage::prefix(me_fqid.as_str()))?
+            {
+                let room_id =
+                    String::from_utf8_lossy(&k[me_fqid.as_str().len() + 1..]).into_owned();
+                if let Some(room) = app.store.get::<Room>(T::Rooms, room_id.as_bytes())? {
+                    rooms.push(room_view(app, &room));
+                }
+            }
+            Ok(json_reply(200, &json!({ "rooms": rooms })))
+        }
+        ("GET", ["rooms", room, "members"]) => {
+            let room_id = RoomId::parse(room)?;
+            flows::joined_room(app, &room_id, &flows::fqid_of(app, &me))?;
+            let members: Vec<Value> = load_members(app, &room_id)?
+                .values()
+                .filter(|m| matches!(m.membership, Membership::Join | Membership::Invite))
+                .map(|m| {
+                    let foreign = Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f));
+                    json!({
+                        "fqid": m.fqid,
+                        "display_name": m.display_name,
+                        "membership": m.membership.as_str(),
+                        "foreign": foreign,
+                        "presence": m.presence,
+                    })
+                })
+                .collect();
+            Ok(json_reply(200, &json!({ "members": members })))
+        }
+        ("POST", ["rooms", room, "messages"]) => {
+            let room_id = RoomId::parse(room)?;
+            let body = req.json()?;
+            let content = Content::Message {
+                body: str_field(&body, "body")?.to_string(),
+                thread_root: opt_event_id(&body, "thread_root")?,
+                reply_to: opt_event_id(&body, "reply_to")?,
+                mentions: Vec::new(),
+            };
+            Ok(json_reply(
+                200,
+                &flows::post(app, &me, &room_id, content).await?,
+            ))
+        }
+        ("GET", ["rooms", room, "messages"]) => {
+            let room_id = RoomId::parse(room)?;
+            let after = req
+                .query_param("after_seq")
+                .map(|v| v.parse::<u64>())
+                .transpose()
+                .map_err(|_| Error::bad_request("`after_seq` must be an integer"))?
+                .unwrap_or(0);
+            let limit = req
+                .query_param("limit")
+                .map(|v| v.parse::<usize>())
+                .transpose()
+                .map_err(|_| Error::bad_request("`limit` must be an integer"))?
+                .unwrap_or(100)
+                .clamp(1, MESSAGES_PAGE_MAX);
+            Ok(json_reply(
+                200,
+                &json!({ "messages": flows::messages(app, &me, &room_id, after, limit)? }),
+            ))
+        }
+        ("POST", ["rooms", room, "reactions"]) => {
+            let room_id = RoomId::parse(room)?;
+            let body = req.json()?;
+            let action = match body.get("action").and_then(Value::as_str).unwrap_or("add") {
+                "add" => ReactionAction::Add,
+                "remove" => ReactionAction::Remove,
+                _ => return Err(Error::bad_request("`action` must be add or remove")),
+            };
+            let target = EventId::parse(str_field(&body, "target")?)
+                .map_err(|_| Error::bad_request("`target` must be an event_id"))?;
+            let content = Content::Reaction {
+                target,
+                key: str_field(&body, "key")?.to_string(),
+                action,
+            };
+            Ok(json_reply(
+                200,
+                &flows::post(app, &me, &room_id, content).await?,
+            ))
+        }
+        ("POST", ["rooms", room, "invitations"]) => {
+            let room_id = RoomId::parse(room)?;
+            let fqid = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
+            let invite_id = flows::invite(app, &me, &room_id, &fqid).await?;
+            Ok(json_reply(
+                200,
+                &json!({"invite_id": invite_id, "room_id": room_id.to_string(), "fqid": fqid.to_string()}),
+            ))
+        }
+        ("POST", ["rooms", room, "leave"]) => {
+            let room_id = RoomId::parse(room)?;
+            let me_fqid = flows::fqid_of(app, &me);
+            let content = Content::Member {
+                membership: Membership::Leave,
+                target: me_fqid,
+                expires_at_ms: None,
+                room: None,
+            };
+            Ok(json_reply(
+                200,
+                &flows::post(app, &me, &room_id, content).await?,
+            ))
+        }
+        _ => Err(not_found_route(req)),
+    }
+}

@@ -1,0 +1,199 @@
+//! S2S routes (SPEC §3, §8). Every route but the descriptor is signed and
+//! authenticated by `federation::inbound::authenticate` before anything else.
+
+use crate::api::{bytes_reply, json_reply, not_found_route, Request, Response};
+use crate::app::App;
+use crate::error::{Code, Error, Result};
+use crate::federation::event::Membership;
+use crate::federation::inbound::{self, SignedRequest};
+use crate::federation::wire::{BackfillAnswer, MemberEntry, MembersAnswer, ProfileAnswer};
+use crate::ids::{Fqid, LocalId, RoomId, ServerName};
+use crate::rooms::{is_joined, load_members, load_room};
+use crate::storage::{keys, StoredEvent, T};
+
+/// `GET /.well-known/scaiwave/server` (no auth, cacheable for 5 min).
+pub fn descriptor(app: &App, req: &Request) -> Result<Response> {
+    if req.method != http::Method::GET {
+        return Err(not_found_route(req));
+    }
+    let mut r = json_reply(200, &app.keys.descriptor(&app.server_name));
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("max-age=300"),
+    );
+    Ok(r)
+}
+
+async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
+    let sig_input = req.header_joined("signature-input");
+    let sig = req.header_joined("signature");
+    let signed = SignedRequest {
+        method: req.method.as_str(),
+        authority: req.authority.as_deref(),
+        sni: req.conn.as_ref().and_then(|c| c.sni.as_deref()),
+        path: &req.path,
+        query: req.query.as_deref(),
+        origin: req.header("scaiwave-origin"),
+        signature_input: sig_input.as_deref(),
+        signature: sig.as_deref(),
+        content_digest: req.header("content-digest"),
+        body: &req.body,
+    };
+    inbound::authenticate(app, &signed).await
+}
+
+pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> {
+    let known = matches!(
+        (req.method.as_str(), rest),
+        ("POST", ["send"])
+            | ("GET", ["profile", _])
+            | ("GET", ["rooms", _, "members" | "backfill"])
+    );
+    if !known {
+        return Err(not_found_route(req));
+    }
+    let origin = authenticate(app, req).await?;
+    match rest {
+        ["send"] => Ok(bytes_reply(
+            200,
+            inbound::send(app, &origin, &req.body).await?,
+        )),
+        ["profile", local] => profile(app, local),
+        ["rooms", room, what] => {
+            let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
+            let members = hosted_room_for(app, &origin, &room_id)?;
+            if *what == "members" {
+                let room = load_room(app, &room_id)?.expect("checked above");
+                Ok(json_reply(
+                    200,
+                    &MembersAnswer {
+                        room_id: room_id.to_string(),
+                        host: app.server_name.to_string(),
+                        as_of_seq: room.next_seq.saturating_sub(1),
+                        members: members
+                            .values()
+                            .map(|m| MemberEntry {
+                                fqid: m.fqid.clone(),
+                                membership: m.membership.as_str().to_string(),
+                                display_name: m.display_name.clone(),
+                            })
+                            .collect(),
+                    },
+                ))
+            } else {
+                backfill(app, req, &room_id)
+            }
+        }
+        _ => Err(not_found_route(req)),
+    }
+}
+
+fn profile(app: &App, local: &str) -> Result<Response> {
+    let not_found = || {
+        Error::new(
+            Code::ParticipantNotFound,
+            format!(
+                "no participant {local:?} on {}; check the FQID",
+                app.server_name
+            ),
+        )
+    };
+    let local = LocalId::parse(local).map_err(|_| not_found())?;
+    let p = app.participant(&local)?.ok_or_else(not_found)?;
+    Ok(json_reply(
+        200,
+        &ProfileAnswer {
+            fqid: Fqid::new(&local, &app.server_name).to_string(),
+            display_name: p.display_name,
+            presence: None,
+        },
+    ))
+}
+
+/// Only the host serves room state, and only to participating servers.
+fn hosted_room_for(
+    app: &App,
+    origin: &ServerName,
+    room_id: &RoomId,
+) -> Result<std::collections::BTreeMap<String, crate::storage::Member>> {
+    if room_id.host() != app.server_name {
+        return Err(Error::new(
+            Code::NotRoomHost,
+            format!(
+                "{} does not host {room_id}; ask {}",
+                app.server_name,
+                room_id.host()
+            ),
+        ));
+    }
+    let room = load_room(app, room_id)?
+        .ok_or_else(|| Error::new(Code::RoomNotFound, format!("room {room_id} does not exist")))?;
+    if !room.federate || !room.room_type.federable() {
+        return Err(Error::new(
+            Code::RoomNotFederated,
+            format!("room {room_id} does not federate"),
+        ));
+    }
+    let members = load_members(app, room_id)?;
+    let participating = members.values().any(|m| {
+        m.membership == Membership::Join
+            && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *origin)
+    });
+    if !participating {
+        return Err(Error::new(
+            Code::NotMember,
+            format!("{origin} has no joined participant in {room_id}"),
+        ));
+    }
+    debug_assert!(members.keys().any(|k| is_joined(&members, k)));
+    Ok(members)
+}
+
+fn backfill(app: &App, req: &Request, room_id: &RoomId) -> Result<Response> {
+    let cap = app.policy().max_backfill_events_per_request;
+    if cap == 0 {
+        return Err(Error::new(
+            Code::BackfillRefused,
+            format!(
+                "{} does not serve history (max_backfill_events_per_request is 0)",
+                app.server_name
+            ),
+        ));
+    }
+    let parse = |name: &str| -> Result<Option<u64>> {
+        req.query_param(name)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    Error::fed_bad_request(format!("`{name}` must be a non-negative integer"))
+                })
+            })
+            .transpose()
+    };
+    let limit = parse("limit")?.unwrap_or(cap).min(cap).max(1);
+    let before = parse("before_seq")?.unwrap_or(u64::MAX);
+    let from = keys::event(room_id.as_str(), 0);
+    let to = keys::event(room_id.as_str(), before);
+    let mut rows = app
+        .store
+        .range_rev::<StoredEvent>(T::Events, &from, &to, limit as usize)?;
+    rows.reverse();
+    let mut events = Vec::with_capacity(rows.len());
+    let mut lowest = None;
+    for (k, stored) in rows {
+        let seq = keys::trailing_u64(&k);
+        lowest.get_or_insert(seq);
+        if stored.rejected {
+            events.push(serde_json::json!({"seq": seq, "rejected": true}));
+        } else if let Ok((e, _)) = crate::federation::event::Event::parse(&stored.json) {
+            events.push(e.to_wire_value(Some(seq)));
+        }
+    }
+    let next_before_seq = lowest.filter(|s| *s > 1);
+    Ok(json_reply(
+        200,
+        &BackfillAnswer {
+            events,
+            next_before_seq,
+        },
+    ))
+}

@@ -1,0 +1,281 @@
+//! The running server's shared state and the operations every front end
+//! (HTTP routes, CLI, background tasks) calls: one production path each.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Code, Error, Result};
+use crate::federation::client::{Outbound, Signer};
+use crate::federation::delivery::Delivery;
+use crate::federation::event::{Presence, PresenceStatus};
+use crate::federation::keys::Keys;
+use crate::federation::policy::Policy;
+use crate::federation::verifier::Verifier;
+use crate::ids::{Fqid, LocalId, ServerName};
+use crate::rooms::RoomLocks;
+use crate::storage::{keys, AuditRow, Participant, PeerError, PeerRecord, PowerLevel, Store, T};
+
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+const POLICY: &[u8] = b"policy";
+
+pub struct App {
+    pub config: Config,
+    pub server_name: ServerName,
+    pub store: Store,
+    pub keys: Keys,
+    pub clock: Clock,
+    pub outbound: Outbound,
+    pub verifier: Verifier,
+    /// Read on every request, written by an admin: std lock, never held
+    /// across `.await`.
+    policy: RwLock<Policy>,
+    pub room_locks: RoomLocks,
+    pub delivery: Delivery,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// A fresh random bearer token (256 bits, hex) and the hash we store.
+pub fn new_token() -> (String, [u8; 32]) {
+    use rand::RngCore;
+    let mut raw = [0u8; 32];
+    rand::rng().fill_bytes(&mut raw);
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+impl App {
+    /// Open the data dir and load state. `first_start` work (key, admin
+    /// token) is done by [`App::first_start`].
+    pub fn open(config: Config, clock: Clock) -> Result<Arc<App>> {
+        crate::tls::install_crypto_provider();
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::bad_request(format!(
+                "cannot create data_dir {}: {e}",
+                config.data_dir.display()
+            ))
+        })?;
+        let store = Store::open(&config.data_dir.join("db"))?;
+        let keys = Keys::load(&store)?;
+        let policy = store.get::<Policy>(T::Meta, POLICY)?.unwrap_or_default();
+        let outbound = Outbound::new(&config)?;
+        let verifier = Verifier::new(outbound.clone(), clock.clone());
+        Ok(Arc::new(App {
+            server_name: config.server_name.clone(),
+            config,
+            store,
+            keys,
+            clock,
+            outbound,
+            verifier,
+            policy: RwLock::new(policy),
+            room_locks: RoomLocks::default(),
+            delivery: Delivery::default(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }))
+    }
+
+    /// First-start behaviour of SPEC §12: a signing key (unless disabled)
+    /// and the first admin, whose token goes to `<data_dir>/admin-token`.
+    pub fn first_start(&self) -> Result<()> {
+        if self.config.federation.generate_key_on_start && !self.keys.has_key() {
+            let rec = self.keys.generate(self.clock.now_ms())?;
+            tracing::info!(key_id = %rec.key_id, "generated the federation signing key");
+        }
+        let admin = LocalId::parse("admin")?;
+        if self.participant(&admin)?.is_none() {
+            let token = self.create_participant(&admin, "Admin", PowerLevel::Admin)?;
+            let path = self.admin_token_path();
+            crate::tls::write_private(&path, format!("{token}\n").as_bytes())?;
+            tracing::info!(path = %path.display(), "wrote the first admin token (mode 0600)");
+        }
+        Ok(())
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.config.data_dir.join(ADMIN_TOKEN_FILE)
+    }
+
+    pub fn fqid(&self, local: &LocalId) -> Fqid {
+        Fqid::new(local, &self.server_name)
+    }
+
+    pub fn is_local(&self, fqid: &Fqid) -> bool {
+        fqid.server() == self.server_name
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) -> Result<()> {
+        self.store.put(T::Meta, POLICY, &policy)?;
+        self.store.flush_blocking()?;
+        *self.policy.write().expect("policy lock") = policy;
+        Ok(())
+    }
+
+    /// Policy towards `peer`; a refusal is audited and logged.
+    pub fn admit(&self, peer: &ServerName) -> Result<()> {
+        self.policy().admit(peer).inspect_err(|e| {
+            tracing::warn!(name: "federation.policy_rejected", peer = %peer, code = %e.code, "federation.policy_rejected");
+            self.audit("federation.policy_rejected", Some(peer), None, None, Some(e.code), &e.message);
+        })
+    }
+
+    /// The signer for an outbound request now.
+    pub fn signer(&self) -> Result<Signer> {
+        Ok(Signer {
+            origin: self.server_name.clone(),
+            key: self.keys.current()?,
+            now_secs: self.clock.now_secs(),
+        })
+    }
+
+    // --- participants and tokens ---
+
+    pub fn participant(&self, local: &LocalId) -> Result<Option<Participant>> {
+        self.store.get(T::Participants, local.as_str().as_bytes())
+    }
+
+    /// Create a participant and its first token (returned once, stored hashed).
+    pub fn create_participant(
+        &self,
+        local: &LocalId,
+        display_name: &str,
+        power: PowerLevel,
+    ) -> Result<String> {
+        if self.participant(local)?.is_some() {
+            return Err(Error::new(
+                Code::Conflict,
+                format!(
+                    "participant {} already exists; pick another local_id",
+                    self.fqid(local)
+                ),
+            ));
+        }
+        let p = Participant {
+            local_id: local.to_string(),
+            display_name: display_name.to_string(),
+            power_level: power,
+            presence: Presence {
+                status: PresenceStatus::Offline,
+                status_msg: None,
+            },
+            created_at_ms: self.clock.now_ms(),
+        };
+        let (token, hash) = new_token();
+        let mut w = crate::storage::WriteSet::default();
+        w.put(T::Participants, local.as_str().as_bytes().to_vec(), &p)?;
+        w.put(T::Tokens, hash.to_vec(), &local.to_string())?;
+        self.store.commit(&w)?;
+        self.store.flush_blocking()?;
+        Ok(token)
+    }
+
+    /// The participant a bearer token belongs to.
+    pub fn authenticate(&self, token: &str) -> Result<Participant> {
+        let unauth = || {
+            Error::new(
+                Code::Unauthenticated,
+                "missing or unknown bearer token; send Authorization: Bearer <token>",
+            )
+        };
+        let local: String = self
+            .store
+            .get(T::Tokens, &token_hash(token))?
+            .ok_or_else(unauth)?;
+        self.store
+            .get(T::Participants, local.as_bytes())?
+            .ok_or_else(unauth)
+    }
+
+    // --- audit and peer rows ---
+
+    pub fn audit(
+        &self,
+        action: &str,
+        peer: Option<&ServerName>,
+        event_id: Option<&str>,
+        room_id: Option<&str>,
+        code: Option<Code>,
+        detail: &str,
+    ) {
+        let row = AuditRow {
+            at_ms: self.clock.now_ms(),
+            action: action.to_string(),
+            peer: peer.map(|p| p.to_string()),
+            event_id: event_id.map(str::to_string),
+            room_id: room_id.map(str::to_string),
+            code: code.map(|c| c.as_str().to_string()),
+            detail: detail.to_string(),
+        };
+        let written = self
+            .store
+            .generate_id()
+            .and_then(|id| self.store.put(T::Audit, &keys::audit(row.at_ms, id), &row));
+        if let Err(e) = written {
+            tracing::error!(error = %e, action, "could not write an audit row");
+        }
+    }
+
+    pub fn peer_record(&self, peer: &ServerName) -> Result<PeerRecord> {
+        Ok(self
+            .store
+            .get(T::Peers, peer.as_str().as_bytes())?
+            .unwrap_or_default())
+    }
+
+    /// Update a peer's row. Peer rows are statistics: a lost update under a
+    /// race costs a counter tick, never an event, so no transaction.
+    pub fn update_peer(&self, peer: &ServerName, f: impl FnOnce(&mut PeerRecord)) {
+        let r = self.peer_record(peer).and_then(|mut rec| {
+            f(&mut rec);
+            self.store.put(T::Peers, peer.as_str().as_bytes(), &rec)
+        });
+        if let Err(e) = r {
+            tracing::error!(error = %e, peer = %peer, "could not update a peer row");
+        }
+    }
+
+    pub fn peer_success(&self, peer: &ServerName, sent: u64, received: u64) {
+        let now = self.clock.now_ms();
+        let versions = self.verifier.protocol_versions(peer);
+        self.update_peer(peer, |r| {
+            r.last_seen_ms = Some(now);
+            if sent > 0 {
+                r.sent.add(now, sent);
+                r.last_error = None;
+            }
+            if received > 0 {
+                r.received.add(now, received);
+            }
+            if !versions.is_empty() {
+                r.protocol_versions = versions;
+            }
+        });
+    }
+
+    pub fn peer_failure(&self, peer: &ServerName, code: &str, message: &str) {
+        let now = self.clock.now_ms();
+        self.update_peer(peer, |r| {
+            r.last_error = Some(PeerError {
+                code: code.to_string(),
+                message: message.to_string(),
+                at_ms: now,
+            });
+        });
+    }
+}

@@ -1,0 +1,443 @@
+//! Outbound delivery (SPEC §11): a durable FIFO queue per peer in the
+//! `outbox` tree, drained by one task per peer that has work.
+//!
+//! Handlers only enqueue (in the same transaction that stores the event)
+//! and [`Delivery::wake`] the peer's task. The task owns that peer's backoff
+//! state: nobody else writes it. A crash between a send and the delete of
+//! the delivered rows re-sends the same transaction, which receivers answer
+//! as `duplicate`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Notify;
+
+use crate::app::App;
+use crate::error::{Code, Result};
+use crate::federation::event::Event;
+use crate::federation::wire::{SendAnswer, SendBody, SendStatus};
+use crate::ids::{RoomId, ServerName};
+use crate::limits::{DELIVERY_TIMEOUT_SECS, EVENTS_PER_TRANSACTION_MAX};
+use crate::storage::{self, keys, OutboxItem, OutboxKind, WriteSet, T};
+
+/// Add `event` (in wire form) to `peer`'s queue inside the caller's write set.
+pub fn enqueue_event(
+    app: &App,
+    w: &mut WriteSet,
+    peer: &ServerName,
+    event: &Event,
+    wire: Vec<u8>,
+    now_ms: i64,
+) -> Result<()> {
+    let id = app.store.generate_id()?;
+    w.put(
+        T::Outbox,
+        keys::outbox(peer.as_str(), id),
+        &OutboxItem {
+            queued_at_ms: now_ms,
+            kind: OutboxKind::Event {
+                room_id: event.room_id.to_string(),
+                event_id: event.event_id.to_string(),
+                origin: event.origin.to_string(),
+                wire,
+            },
+        },
+    )
+}
+
+struct PeerSignals {
+    /// New rows were queued.
+    queued: Notify,
+    /// The peer talked to us: if we are backing off, try again now.
+    inbound: Notify,
+}
+
+#[derive(Default)]
+pub struct Delivery {
+    app: OnceLock<Weak<App>>,
+    peers: Mutex<HashMap<ServerName, Arc<PeerSignals>>>,
+}
+
+/// What one attempt to send a transaction came to.
+#[derive(Debug)]
+pub enum Attempt {
+    /// The peer answered 200 with one result per event.
+    Answered(SendAnswer),
+    /// Try again later (network, 5xx, 408, 429, signature or unknown peer).
+    Retry {
+        code: String,
+        message: String,
+        retry_after_secs: Option<u64>,
+    },
+    /// The peer refused the whole transaction for good.
+    Refused { code: String, message: String },
+}
+
+impl Delivery {
+    /// Give the delivery loop its handle on the app and start a task for
+    /// every peer that already has queued rows (work left from a previous run).
+    pub fn start(&self, app: &Arc<App>) -> Result<()> {
+        let _ = self.app.set(Arc::downgrade(app));
+        let mut peers = Vec::new();
+        for item in app.store.tree(T::Outbox).iter().keys() {
+            let k = item.map_err(|e| crate::error::Error::internal("outbox scan", e))?;
+            let name = k.split(|b| *b == 0).next().unwrap_or_default();
+            if let Ok(peer) = ServerName::parse(&String::from_utf8_lossy(name)) {
+                if peers.last() != Some(&peer) {
+                    peers.push(peer);
+                }
+            }
+        }
+        for peer in peers {
+            self.wake(app, &peer);
+        }
+        Ok(())
+    }
+
+    fn signals(&self, app: &App, peer: &ServerName) -> Arc<PeerSignals> {
+        let mut map = self.peers.lock().expect("delivery map lock");
+        if let Some(s) = map.get(peer) {
+            return s.clone();
+        }
+        let s = Arc::new(PeerSignals {
+            queued: Notify::new(),
+            inbound: Notify::new(),
+        });
+        map.insert(peer.clone(), s.clone());
+        if let Some(app_arc) = self.app.get().and_then(Weak::upgrade) {
+            let (peer, signals) = (peer.clone(), s.clone());
+            app.tasks.spawn(run_peer(app_arc, peer, signals));
+        }
+        s
+    }
+
+    /// New rows are queued for `peer`.
+    pub fn wake(&self, app: &App, peer: &ServerName) {
+        self.signals(app, peer).queued.notify_one();
+    }
+
+    /// `peer` just talked to us: cut its backoff short.
+    pub fn peer_is_back(&self, app: &App, peer: &ServerName) {
+        let known = self
+            .peers
+            .lock()
+            .expect("delivery map lock")
+            .get(peer)
+            .cloned();
+        if let Some(s) = known {
+            s.inbound.notify_one();
+        } else if app
+            .store
+            .count_prefix(T::Outbox, &storage::prefix(peer.as_str()))
+            > 0
+        {
+            self.wake(app, peer);
+        }
+    }
+}
+
+/// Backoff before attempt `failures + 1`: `initial · 2^(failures-1)`, capped,
+/// with jitter in [½, 1] of that so peers that failed together spread out.
+pub fn backoff(initial: Duration, max: Duration, failures: u32, jitter: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let base = initial.saturating_mul(1u32 << exp).min(max);
+    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
+/// Classify a transport result by SPEC §10's retry classes.
+pub fn classify(
+    reply: std::result::Result<
+        crate::federation::client::Reply,
+        crate::federation::client::NetworkError,
+    >,
+) -> Attempt {
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            return Attempt::Retry {
+                code: "network".into(),
+                message: e.0,
+                retry_after_secs: None,
+            }
+        }
+    };
+    if reply.status == 200 {
+        return match reply.json::<SendAnswer>() {
+            Ok(a) => Attempt::Answered(a),
+            Err(e) => Attempt::Retry {
+                code: "bad_answer".into(),
+                message: e,
+                retry_after_secs: None,
+            },
+        };
+    }
+    let err = reply.error();
+    let code = err
+        .as_ref()
+        .map(|e| e.code.clone())
+        .unwrap_or_else(|| format!("http_{}", reply.status));
+    let message = err
+        .map(|e| e.message)
+        .unwrap_or_else(|| format!("HTTP {}", reply.status));
+    let retry = reply.status >= 500
+        || reply.status == 408
+        || reply.status == 429
+        || Code::parse(&code)
+            .is_some_and(|c| matches!(c, Code::SignatureMismatch | Code::PeerUnknown));
+    if retry {
+        Attempt::Retry {
+            code,
+            message,
+            retry_after_secs: reply.retry_after_secs,
+        }
+    } else {
+        Attempt::Refused { code, message }
+    }
+}
+
+async fn send_batch(app: &App, peer: &ServerName, items: &[(Vec<u8>, OutboxItem)]) -> Attempt {
+    let signer = match app.signer() {
+        Ok(s) => s,
+        Err(e) => {
+            return Attempt::Retry {
+                code: e.code.as_str().into(),
+                message: e.message,
+                retry_after_secs: None,
+            }
+        }
+    };
+    let events: Vec<serde_json::Value> = items
+        .iter()
+        .filter_map(|(_, it)| match &it.kind {
+            OutboxKind::Event { wire, .. } => serde_json::from_slice(wire).ok(),
+        })
+        .collect();
+    let txn_id = format!(
+        "{:x}-{:x}",
+        keys::trailing_u64(&items[0].0),
+        keys::trailing_u64(&items[items.len() - 1].0)
+    );
+    let body = serde_json::to_vec(&SendBody {
+        txn_id,
+        events,
+        edus: Vec::new(),
+    })
+    .unwrap_or_default();
+    let reply = app
+        .outbound
+        .signed(
+            &signer,
+            http::Method::POST,
+            peer,
+            "/_scaiwave/federation/v1/send",
+            Some(body),
+            Duration::from_secs(DELIVERY_TIMEOUT_SECS),
+        )
+        .await;
+    classify(reply)
+}
+
+/// Drop a queued item for good: audit it, log it, and mark our own event failed.
+async fn give_up(
+    app: &App,
+    peer: &ServerName,
+    key: &[u8],
+    item: &OutboxItem,
+    code: &str,
+    why: &str,
+) {
+    let OutboxKind::Event {
+        room_id,
+        event_id,
+        origin,
+        ..
+    } = &item.kind;
+    tracing::warn!(name: "federation.send.failed", peer = %peer, event_id = %event_id, room_id = %room_id, code, "federation.send.failed: {why}");
+    app.audit(
+        "federation.send.failed",
+        Some(peer),
+        Some(event_id),
+        Some(room_id),
+        Code::parse(code),
+        &format!("{code}: {why}"),
+    );
+    if let Err(e) = app.store.remove(T::Outbox, key) {
+        tracing::error!(error = %e, "could not drop a given-up outbox row");
+    }
+    if *origin == app.server_name.as_str() {
+        if let Ok(room) = RoomId::parse(room_id) {
+            if room.host() != app.server_name {
+                if let Err(e) = crate::rooms::replica::fail(app, &room, event_id).await {
+                    tracing::error!(error = %e, "could not mark an event failed");
+                }
+            }
+        }
+    }
+}
+
+/// Apply a 200 answer: settle delivered rows, give up refused ones, keep
+/// the retryable ones queued. Returns how many were delivered.
+async fn apply_answer(
+    app: &App,
+    peer: &ServerName,
+    items: &[(Vec<u8>, OutboxItem)],
+    answer: &SendAnswer,
+) -> Result<u64> {
+    let mut delivered = Vec::new();
+    for (key, item) in items {
+        let OutboxKind::Event {
+            event_id,
+            wire,
+            room_id,
+            ..
+        } = &item.kind;
+        let Some(result) = answer.results.iter().find(|r| &r.event_id == event_id) else {
+            continue;
+        };
+        match result.status {
+            SendStatus::Accepted | SendStatus::Duplicate => {
+                let ours_to_host = RoomId::parse(room_id).is_ok_and(|r| r.host() == *peer);
+                if let (true, Some(seq)) = (ours_to_host, result.seq) {
+                    if let Ok((event, _)) = Event::parse(wire) {
+                        crate::rooms::replica::settle(app, &event, seq).await?;
+                    }
+                }
+                delivered.push(key.clone());
+            }
+            SendStatus::Rejected => {
+                let err = result.error.clone();
+                let retryable = err.as_ref().is_some_and(|e| e.retryable);
+                if !retryable {
+                    let (code, msg) = err
+                        .map(|e| (e.code, e.message))
+                        .unwrap_or_else(|| ("unknown".into(), "rejected".into()));
+                    give_up(app, peer, key, item, &code, &msg).await;
+                }
+            }
+        }
+    }
+    let count = delivered.len() as u64;
+    app.store.remove_all(T::Outbox, &delivered)?;
+    Ok(count)
+}
+
+/// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
+async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
+    let fed = app.config.federation.clone();
+    let mut failures: u32 = 0;
+    loop {
+        if app.shutdown.is_cancelled() {
+            return;
+        }
+        let items: Vec<(Vec<u8>, OutboxItem)> = match app.store.scan_limit(
+            T::Outbox,
+            &storage::prefix(peer.as_str()),
+            EVENTS_PER_TRANSACTION_MAX,
+        ) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        if items.is_empty() {
+            tokio::select! {
+                _ = signals.queued.notified() => continue,
+                _ = app.shutdown.cancelled() => return,
+            }
+        }
+        let now = app.clock.now_ms();
+        let max_age_ms = fed.retry_max_age.as_millis() as i64;
+        let (aged, live): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .partition(|(_, it)| now - it.queued_at_ms >= max_age_ms);
+        for (k, it) in &aged {
+            give_up(
+                &app,
+                &peer,
+                k,
+                it,
+                "retry_max_age",
+                "undelivered for retry_max_age; dropped from the queue",
+            )
+            .await;
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let delay = match send_batch(&app, &peer, &live).await {
+            Attempt::Answered(answer) => match apply_answer(&app, &peer, &live, &answer).await {
+                Ok(n) => {
+                    failures = 0;
+                    tracing::info!(name: "federation.send.success", peer = %peer, events = n, "federation.send.success");
+                    app.peer_success(&peer, n, 0);
+                    if n > 0
+                        || answer
+                            .results
+                            .iter()
+                            .all(|r| r.status != SendStatus::Rejected)
+                    {
+                        continue;
+                    }
+                    // Only retryable rejections left: back off before resending them.
+                    failures = failures.saturating_add(1);
+                    backoff(
+                        fed.retry_initial,
+                        fed.retry_max_interval,
+                        failures,
+                        rand::rng().random(),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, peer = %peer, "could not record a delivery");
+                    Duration::from_secs(1)
+                }
+            },
+            Attempt::Retry {
+                code,
+                message,
+                retry_after_secs,
+            } => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(peer = %peer, code = %code, attempt = failures, "delivery failed, will retry: {message}");
+                app.peer_failure(&peer, &code, &message);
+                let d = backoff(
+                    fed.retry_initial,
+                    fed.retry_max_interval,
+                    failures,
+                    rand::rng().random(),
+                );
+                d.max(Duration::from_secs(retry_after_secs.unwrap_or(0)))
+            }
+            Attempt::Refused { code, message } => {
+                app.peer_failure(&peer, &code, &message);
+                for (k, it) in &live {
+                    give_up(&app, &peer, k, it, &code, &message).await;
+                }
+                continue;
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = signals.inbound.notified() => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_jitters() {
+        let (i, m) = (Duration::from_secs(2), Duration::from_secs(3600));
+        assert_eq!(backoff(i, m, 1, 1.0), Duration::from_secs(2));
+        assert_eq!(backoff(i, m, 2, 1.0), Duration::from_secs(4));
+        assert_eq!(backoff(i, m, 5, 1.0), Duration::from_secs(32));
+        assert_eq!(backoff(i, m, 40, 1.0), m);
+        assert_eq!(backoff(i, m, 3, 0.0), Duration::from_secs(4));
+    }
+}

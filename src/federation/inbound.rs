@@ -1,0 +1,353 @@
+//! The inbound S2S path: request authentication in the exact order of
+//! SPEC §4 (cheap checks first, key fetch last), event verification, and
+//! `/send` processing (SPEC §8) for both the host and the replica role.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::app::App;
+use crate::error::{Code, Error, Result};
+use crate::federation::canonical;
+use crate::federation::event::{Content, Event, Membership, PresenceEdu};
+use crate::federation::httpsig::{self, RequestParts};
+use crate::federation::verifier::KeyUse;
+use crate::federation::wire::{SendAnswer, SendResult, SendStatus};
+use crate::ids::ServerName;
+use crate::limits::{EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, TXN_CACHE_SECS};
+use crate::rooms::host::{self, Source};
+use crate::rooms::{replica, Outcome};
+use crate::storage::{keys, TxnRecord, T};
+
+/// What §4 needs from an inbound request, as received.
+pub struct SignedRequest<'a> {
+    pub method: &'a str,
+    /// The Host header / HTTP/2 `:authority`.
+    pub authority: Option<&'a str>,
+    /// The TLS SNI of the connection.
+    pub sni: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub signature_input: Option<&'a str>,
+    pub signature: Option<&'a str>,
+    pub content_digest: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+fn signature_failed(app: &App, origin: Option<&ServerName>, e: &Error) {
+    tracing::warn!(name: "federation.signature_verify_failed", peer = origin.map(|o| o.as_str()).unwrap_or("-"), code = %e.code, "federation.signature_verify_failed: {}", e.message);
+    app.audit(
+        "federation.signature_verify_failed",
+        origin,
+        None,
+        None,
+        Some(e.code),
+        &e.message,
+    );
+}
+
+/// SPEC §4, steps 1-6 in order; the first failure is the answer. Returns
+/// the authenticated origin.
+pub async fn authenticate(app: &App, req: &SignedRequest<'_>) -> Result<ServerName> {
+    let has_body = req.method == "POST" || req.method == "PUT" || !req.body.is_empty();
+    // 1. headers present and well-formed.
+    let parsed = httpsig::parse(req.signature_input, req.signature, has_body)
+        .and_then(|p| {
+            let origin = req.origin.ok_or_else(|| {
+                Error::signature(
+                    "the ScaiWave-Origin header is missing; send your server_name in it",
+                )
+            })?;
+            let origin = ServerName::parse(origin).map_err(|_| {
+                Error::signature(format!("ScaiWave-Origin {origin:?} is not a server name"))
+            })?;
+            Ok((p, origin))
+        })
+        .inspect_err(|e| signature_failed(app, None, e))?;
+    let (sig, origin) = parsed;
+    // 2. destination, key, tenant switch.
+    let authority = req.authority.unwrap_or("").to_ascii_lowercase();
+    if authority != app.server_name.as_str() {
+        return Err(Error::new(
+            Code::WrongDestination,
+            format!("this server is {}, not {authority:?}; send the request to the server named in the room or FQID", app.server_name),
+        ));
+    }
+    if req.sni.map(|s| s.to_ascii_lowercase()) != Some(app.server_name.host().to_string()) {
+        return Err(Error::new(
+            Code::WrongDestination,
+            format!(
+                "the TLS SNI must be {} (the host part of the Host header)",
+                app.server_name.host()
+            ),
+        ));
+    }
+    if !app.keys.has_key() {
+        return Err(crate::federation::keys::no_key());
+    }
+    if !app.config.federation.enabled {
+        return Err(Error::new(
+            Code::TenantDisabled,
+            format!("federation is disabled on {}", app.server_name),
+        ));
+    }
+    // 3. clock skew.
+    let skew = app.config.federation.max_clock_skew.as_secs() as i64;
+    let now = app.clock.now_secs();
+    if (sig.created_unix_secs - now).abs() > skew {
+        let e = Error::signature(format!(
+            "the signature was created at {} but it is {now} here (allowed skew {skew}s); sync the clocks (NTP) on both servers",
+            sig.created_unix_secs
+        ))
+        .with_reason("clock_skew");
+        signature_failed(app, Some(&origin), &e);
+        return Err(e);
+    }
+    // 4. digest of the bytes we hold.
+    if has_body {
+        httpsig::check_content_digest(req.content_digest, req.body)
+            .inspect_err(|e| signature_failed(app, Some(&origin), e))?;
+    }
+    // 5. policy, before any key fetch.
+    app.admit(&origin)?;
+    // 6. the signature itself.
+    let parts = RequestParts {
+        method: req.method,
+        authority: &authority,
+        path: req.path,
+        query: req.query,
+        origin: origin.as_str(),
+        content_digest: req.content_digest,
+    };
+    let key = app
+        .verifier
+        .key(
+            &origin,
+            &sig.key_id,
+            KeyUse::Request {
+                now_ms: app.clock.now_ms(),
+            },
+        )
+        .await
+        .inspect_err(|e| signature_failed(app, Some(&origin), e))?;
+    sig.verify(&parts, &key)
+        .inspect_err(|e| signature_failed(app, Some(&origin), e))?;
+    app.delivery.peer_is_back(app, &origin);
+    Ok(origin)
+}
+
+/// Policy on the event's origin, then its key, then its signature.
+pub async fn verify_event(app: &App, event: &Event) -> Result<()> {
+    app.admit(&event.origin)?;
+    let mut keys = HashMap::new();
+    for (key_id, _) in event.origin_signatures() {
+        if let Ok(k) = app
+            .verifier
+            .key(
+                &event.origin,
+                &key_id,
+                KeyUse::Event {
+                    origin_ts_ms: event.origin_ts_ms,
+                },
+            )
+            .await
+        {
+            keys.insert(key_id, k);
+        }
+    }
+    event.verify(|id| keys.get(id).copied())
+}
+
+fn rejected(event_id: String, e: &Error) -> SendResult {
+    SendResult {
+        event_id,
+        status: SendStatus::Rejected,
+        seq: None,
+        error: Some(e.to_body().error),
+    }
+}
+
+fn from_outcome(event_id: String, o: &Outcome) -> SendResult {
+    match o {
+        Outcome::Accepted(seq) => SendResult {
+            event_id,
+            status: SendStatus::Accepted,
+            seq: Some(*seq),
+            error: None,
+        },
+        Outcome::Duplicate(seq) => SendResult {
+            event_id,
+            status: SendStatus::Duplicate,
+            seq: *seq,
+            error: None,
+        },
+        Outcome::Rejected(e) => rejected(event_id, e),
+    }
+}
+
+/// Check an event a replica sends us as host: origin_ts window, then its signature.
+async fn check_for_host(app: &App, event: &Event) -> Result<()> {
+    let now = app.clock.now_ms();
+    let skew = app.config.federation.max_clock_skew.as_millis() as i64;
+    let oldest = app.config.federation.retry_max_age.as_millis() as i64 + skew;
+    if event.origin_ts_ms > now + skew || event.origin_ts_ms < now - oldest {
+        return Err(Error::bad_event(
+            "origin_ts is too far in the future or too old; check the sender's clock",
+        )
+        .with_reason("origin_ts"));
+    }
+    verify_event(app, event).await
+}
+
+/// Check an event the host relays: its origin's policy, and its signature
+/// (fetching a third server's key only for a sender the room knows).
+async fn check_from_host(app: &App, event: &Event) -> Result<()> {
+    if event.origin != event.room_id.host() && !app.is_local(&event.sender) {
+        let known =
+            crate::rooms::load_members(app, &event.room_id)?.contains_key(event.sender.as_str());
+        let joining = matches!(&event.content, Content::Member { membership: Membership::Join, target, .. } if *target == event.sender);
+        if !known && !joining {
+            app.admit(&event.origin)?;
+            return Err(Error::new(
+                Code::NotMember,
+                format!("{} is not a member of {}", event.sender, event.room_id),
+            ));
+        }
+    }
+    verify_event(app, event).await
+}
+
+/// `POST /send` once §4 passed: 200 with one result per event, in order.
+pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>> {
+    let value = canonical::parse_strict(body).map_err(|e| {
+        Error::fed_bad_request(format!("the body is not acceptable JSON: {}", e.message))
+    })?;
+    let obj = value.as_object().ok_or_else(|| {
+        Error::fed_bad_request("the body must be an object {\"txn_id\", \"events\", \"edus\"}")
+    })?;
+    let txn_id = obj
+        .get("txn_id")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+        .ok_or_else(|| Error::fed_bad_request("`txn_id` must be a string of 1-256 bytes"))?;
+    let empty = Vec::new();
+    let events = match obj.get("events") {
+        None => &empty,
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| Error::fed_bad_request("`events` must be a list"))?,
+    };
+    let edus = match obj.get("edus") {
+        None => &empty,
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| Error::fed_bad_request("`edus` must be a list"))?,
+    };
+    if events.len() > EVENTS_PER_TRANSACTION_MAX || edus.len() > EDUS_PER_TRANSACTION_MAX {
+        return Err(Error::fed_bad_request(format!(
+            "at most {EVENTS_PER_TRANSACTION_MAX} events and {EDUS_PER_TRANSACTION_MAX} EDUs per transaction; split it"
+        )));
+    }
+    let txn_key = keys::txn(origin.as_str(), txn_id);
+    let now = app.clock.now_ms();
+    if let Some(cached) = app.store.get::<TxnRecord>(T::Txns, &txn_key)? {
+        if now - cached.at_ms < TXN_CACHE_SECS as i64 * 1000 {
+            return Ok(cached.answer);
+        }
+    }
+
+    let mut results: Vec<Option<SendResult>> = vec![None; events.len()];
+    let mut to_host: Vec<(usize, Event)> = Vec::new();
+    let mut from_host: Vec<(usize, Event, u64)> = Vec::new();
+    for (i, raw) in events.iter().enumerate() {
+        let id = raw
+            .get("event_id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let checked = async {
+            let (event, seq) = Event::from_value(raw.clone())?;
+            if event.room_id.host() == app.server_name {
+                check_for_host(app, &event).await?;
+                Ok((event, None))
+            } else {
+                if event.room_id.host() != *origin {
+                    return Err(Error::new(
+                        Code::NotRoomHost,
+                        format!(
+                            "{origin} does not host {}; send room events to its host {}",
+                            event.room_id,
+                            event.room_id.host()
+                        ),
+                    ));
+                }
+                let seq =
+                    seq.ok_or_else(|| Error::bad_event("a host's event must carry unsigned.seq"))?;
+                check_from_host(app, &event).await?;
+                Ok((event, Some(seq)))
+            }
+        }
+        .await;
+        match checked {
+            Ok((event, None)) => to_host.push((i, event)),
+            Ok((event, Some(seq))) => from_host.push((i, event, seq)),
+            Err(e) => results[i] = Some(rejected(id, &e)),
+        }
+    }
+    if !to_host.is_empty() {
+        let batch = to_host
+            .iter()
+            .map(|(_, e)| (e.clone(), Source::Peer(origin.clone())))
+            .collect();
+        let outcomes = host::commit(app, batch).await?;
+        for ((i, e), o) in to_host.iter().zip(outcomes.iter()) {
+            results[*i] = Some(from_outcome(e.event_id.to_string(), o));
+        }
+    }
+    if !from_host.is_empty() {
+        let batch = from_host.iter().map(|(_, e, s)| (e.clone(), *s)).collect();
+        let outcomes = replica::accept_from_host(app, origin, batch).await?;
+        for ((i, e, _), o) in from_host.iter().zip(outcomes.iter()) {
+            results[*i] = Some(from_outcome(e.event_id.to_string(), o));
+        }
+    }
+    for edu in edus {
+        // Presence is validated and accepted only from the sender's own server.
+        if let Ok(p) = PresenceEdu::from_value(edu) {
+            if p.sender.server() != *origin {
+                tracing::debug!(peer = %origin, "dropped a presence EDU for another server's participant");
+            }
+        }
+    }
+    let results: Vec<SendResult> = results
+        .into_iter()
+        .map(|r| r.expect("every event has a result"))
+        .collect();
+    let mut accepted = 0;
+    for r in &results {
+        let (action, code) = match (&r.status, &r.error) {
+            (SendStatus::Rejected, Some(e)) => ("federation.event.rejected", Code::parse(&e.code)),
+            (SendStatus::Accepted, _) => {
+                accepted += 1;
+                ("federation.event.accepted", None)
+            }
+            _ => continue,
+        };
+        let detail = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
+        app.audit(action, Some(origin), Some(&r.event_id), None, code, detail);
+    }
+    let answer =
+        serde_json::to_vec(&SendAnswer { results }).map_err(|e| Error::internal("encode", e))?;
+    app.store.put(
+        T::Txns,
+        &txn_key,
+        &TxnRecord {
+            at_ms: now,
+            answer: answer.clone(),
+        },
+    )?;
+    app.store.flush().await?;
+    app.peer_success(origin, 0, accepted);
+    Ok(answer)
+}

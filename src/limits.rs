@@ -1,0 +1,55 @@
+//! Every limit of the server, named, in one place, with what it costs.
+
+/// SPEC §2: server names are at most 255 bytes.
+pub const SERVER_NAME_BYTES_MAX: usize = 255;
+/// SPEC §2: local ids are 1-64 characters.
+pub const LOCAL_ID_BYTES_MAX: usize = 64;
+/// SPEC §10: request bodies above this are refused before they are buffered,
+/// so one peer cannot make us hold more than this per request.
+pub const BODY_BYTES_MAX: u64 = 8 * 1024 * 1024;
+/// Local API bodies are small JSON documents.
+pub const LOCAL_BODY_BYTES_MAX: u64 = 256 * 1024;
+/// SPEC §8: events per `/send` transaction (also what a sender batches).
+pub const EVENTS_PER_TRANSACTION_MAX: usize = 100;
+/// SPEC §8: EDUs per `/send` transaction.
+pub const EDUS_PER_TRANSACTION_MAX: usize = 100;
+/// SPEC §5: a canonical event above this is refused.
+pub const EVENT_CANONICAL_BYTES_MAX: usize = 64 * 1024;
+/// SPEC §5: `sw.message` body.
+pub const MESSAGE_BODY_BYTES_MAX: usize = 32 * 1024;
+/// SPEC §5: `sw.reaction` key.
+pub const REACTION_KEY_BYTES_MAX: usize = 64;
+/// Bound on short free-text fields (names, display names, status messages).
+pub const SHORT_TEXT_BYTES_MAX: usize = 256;
+/// Bound on the mentions list of one message.
+pub const MENTIONS_MAX: usize = 100;
+/// SPEC §5: JSON integers must be exactly representable in an IEEE double.
+pub const JSON_INTEGER_ABS_MAX: i64 = (1 << 53) - 1;
+/// SPEC §3: descriptor fetches read at most this much.
+pub const DESCRIPTOR_BYTES_MAX: usize = 64 * 1024;
+/// SPEC §3: descriptor fetch timeout, seconds.
+pub const DESCRIPTOR_FETCH_TIMEOUT_SECS: u64 = 10;
+/// SPEC §3: a cached descriptor lives at most this long, seconds.
+pub const DESCRIPTOR_CACHE_SECS_MAX: u64 = 24 * 3600;
+/// SPEC §3: at most one forced re-fetch per peer per this many seconds.
+pub const DESCRIPTOR_REFETCH_INTERVAL_SECS: u64 = 60;
+/// SPEC §3: failed fetches are remembered this long, seconds.
+pub const DESCRIPTOR_NEGATIVE_CACHE_SECS: u64 = 300;
+/// SPEC §3: fetches of never-seen origins per second.
+pub const NEW_ORIGIN_FETCHES_PER_SEC_MAX: u32 = 10;
+/// SPEC §6: a replica's join is sent to the host synchronously within this.
+pub const SYNC_S2S_TIMEOUT_SECS: u64 = 10;
+/// Outbound S2S request timeout for queued deliveries.
+pub const DELIVERY_TIMEOUT_SECS: u64 = 30;
+/// SPEC §8: a repeated (origin, txn_id) within this window gets the cached answer.
+pub const TXN_CACHE_SECS: u64 = 24 * 3600;
+/// Upper bound on `/v1/rooms/{id}/messages` page size.
+pub const MESSAGES_PAGE_MAX: usize = 1000;
+/// SPEC §9: backfill pulls at most this many events.
+pub const BACKFILL_EVENTS_MAX: u64 = 1000;
+/// Audit rows returned by one query.
+pub const AUDIT_PAGE_MAX: usize = 1000;
+/// How long graceful shutdown waits for in-flight requests, seconds.
+pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+/// Concurrent inbound TLS connections; beyond this, accept waits.
+pub const CONNECTIONS_MAX: usize = 4096;

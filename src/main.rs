@@ -1,0 +1,66 @@
+//! The `scaiwave` binary: parse the CLI, build one `Config`, run, and map
+//! the result to an exit code (2 for configuration errors, 1 otherwise).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use scaiwave::cli::{Cli, Command};
+use scaiwave::config::{Config, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SCAIWAVE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = match &cli.config {
+        Some(path) => Config::from_file(path, env),
+        None => Config::load(None, env),
+    };
+    let mut config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(f) = cli.log_format {
+        config.log.format = f;
+    }
+    init_logging(config.log.format);
+    let result = match cli.command {
+        Command::Serve => serve(config),
+        Command::Admin(cmd) => scaiwave::cli::run_admin(config, cmd).map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let running = scaiwave::server::start(config, scaiwave::clock::Clock::system()).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: finishing in-flight requests, then flushing");
+        running.stop().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,674 @@
+//! What participants do: create rooms, post, invite, answer invitations,
+//! read history. Each flow checks the caller's rights, signs the event, and
+//! hands it to the host sequencer or the replica queue.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::app::App;
+use crate::clock::rfc3339;
+use crate::error::{Code, Error, Result};
+use crate::federation::delivery::{classify, Attempt};
+use crate::federation::event::{Content, Event, Membership, RoomSummary};
+use crate::federation::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
+use crate::ids::{EventId, Fqid, RoomId};
+use crate::limits::{BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS};
+use crate::rooms::host::{self, Source};
+use crate::rooms::{load_members, load_room, replica, Outcome};
+use crate::storage::{
+    self, keys, DeliveryState, Invitation, Member, Participant, Room, RoomType, StoredEvent, T,
+};
+
+pub fn fqid_of(app: &App, p: &Participant) -> Fqid {
+    Fqid::new(
+        &crate::ids::LocalId::parse(&p.local_id).expect("stored local ids are valid"),
+        &app.server_name,
+    )
+}
+
+/// Sign a new event from one of our participants.
+pub fn sign(app: &App, room_id: &RoomId, sender: &Fqid, content: Content) -> Result<Event> {
+    content.validate()?;
+    let key = app.keys.current()?;
+    Ok(Event::create(
+        room_id.clone(),
+        sender.clone(),
+        app.clock.now_ms(),
+        content,
+        &key.key_id,
+        &key.signing,
+    ))
+}
+
+/// The room, if `who` is a joined member of it.
+pub fn joined_room(app: &App, room_id: &RoomId, who: &Fqid) -> Result<Room> {
+    let not_found = || {
+        Error::not_found(format!(
+            "room {room_id} not found among your rooms; check the id or ask to be invited"
+        ))
+    };
+    let room = load_room(app, room_id)?.ok_or_else(not_found)?;
+    let m: Option<Member> = app
+        .store
+        .get(T::Members, &keys::member(room_id.as_str(), who.as_str()))?;
+    if !m.is_some_and(|m| m.membership == Membership::Join) {
+        return Err(not_found());
+    }
+    Ok(room)
+}
+
+fn outcome_to_result(o: Outcome) -> Result<Option<u64>> {
+    match o {
+        Outcome::Accepted(seq) => Ok(Some(seq)),
+        Outcome::Duplicate(seq) => Ok(seq),
+        Outcome::Rejected(e) => Err(e),
+    }
+}
+
+/// Sequence an event in a room we host (one outcome).
+async fn commit_local(app: &App, event: Event) -> Result<Option<u64>> {
+    let mut out = host::commit(app, vec![(event, Source::Local)]).await?;
+    outcome_to_result(out.pop().expect("one outcome per event"))
+}
+
+pub async fn create_room(
+    app: &App,
+    creator: &Participant,
+    name: &str,
+    room_type: &str,
+) -> Result<Room> {
+    if name.is_empty() || name.len() > SHORT_TEXT_BYTES_MAX {
+        return Err(Error::bad_request(format!(
+            "`name` must be 1-{SHORT_TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    let rt = RoomType::parse(room_type).ok_or_else(|| {
+        Error::bad_request("`room_type` must be one of standard, dm, incognito, bridge, sidekick")
+    })?;
+    let room_id = RoomId::generate(&app.server_name);
+    let room = Room {
+        room_id: room_id.to_string(),
+        name: name.to_string(),
+        room_type: rt,
+        federate: rt.federable() && app.config.federation.enabled,
+        created_at_ms: app.clock.now_ms(),
+        next_seq: 1,
+        joined_seq: None,
+        dm_pair: None,
+    };
+    app.store
+        .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
+    let me = fqid_of(app, creator);
+    // The creator's join is seq 1. It is committed as a host event whose
+    // membership check is skipped: nobody can invite the first member.
+    let join = sign(
+        app,
+        &room_id,
+        &me,
+        Content::Member {
+            membership: Membership::Join,
+            target: me.clone(),
+            expires_at_ms: None,
+            room: None,
+        },
+    )?;
+    let mut plan = crate::rooms::Plan::new_room(room.clone());
+    let mut w = storage::WriteSet::default();
+    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    crate::rooms::write_event(&mut w, &join, 1, join.content_hash())?;
+    plan.room.next_seq = 2;
+    plan.apply_membership(app, &join, &mut w, None)?;
+    plan.finish(&mut w)?;
+    app.store.commit(&w)?;
+    app.store.flush().await?;
+    Ok(plan.room)
+}
+
+/// `{"event_id", "state"}` of a posted event.
+#[derive(Debug, Serialize)]
+pub struct Posted {
+    pub event_id: String,
+    pub state: &'static str,
+}
+
+/// Post an event to a room: sequenced at once if we host it, queued for the
+/// host otherwise.
+pub async fn post(
+    app: &App,
+    p: &Participant,
+    room_id: &RoomId,
+    content: Content,
+) -> Result<Posted> {
+    let me = fqid_of(app, p);
+    joined_room(app, room_id, &me)?;
+    let event = sign(app, room_id, &me, content)?;
+    let event_id = event.event_id.to_string();
+    if room_id.host() == app.server_name {
+        commit_local(app, event).await?;
+        Ok(Posted {
+            event_id,
+            state: "sent",
+        })
+    } else {
+        replica::submit(app, &event).await?;
+        Ok(Posted {
+            event_id,
+            state: "pending",
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    pub event_id: String,
+    pub seq: Option<u64>,
+    pub sender: String,
+    pub body: String,
+    pub thread_root: Option<String>,
+    pub reply_to: Option<String>,
+    pub origin_ts: i64,
+    pub state: &'static str,
+    pub reactions: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
+    let (event, _) = Event::parse(&stored.json).ok()?;
+    let Content::Message {
+        body,
+        thread_root,
+        reply_to,
+        ..
+    } = &event.content
+    else {
+        return None;
+    };
+    Some(MessageView {
+        event_id: event.event_id.to_string(),
+        seq,
+        sender: event.sender.to_string(),
+        body: body.clone(),
+        thread_root: thread_root.map(|t| t.to_string()),
+        reply_to: reply_to.map(|t| t.to_string()),
+        origin_ts: event.origin_ts_ms,
+        state: stored.state.as_str(),
+        reactions: Default::default(),
+    })
+}
+
+/// Messages in host order after `after_seq`, then our not-yet-sequenced ones.
+pub fn messages(
+    app: &App,
+    p: &Participant,
+    room_id: &RoomId,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<MessageView>> {
+    joined_room(app, room_id, &fqid_of(app, p))?;
+    let from = keys::event(room_id.as_str(), after_seq.saturating_add(1));
+    let to = keys::event(room_id.as_str(), u64::MAX);
+    let mut out = Vec::new();
+    let mut reactions: Vec<(String, String, String, bool)> = Vec::new();
+    for (k, stored) in app
+        .store
+        .range::<StoredEvent>(T::Events, &from, &to, usize::MAX)?
+    {
+        if stored.rejected {
+            continue;
+        }
+        let seq = Some(keys::trailing_u64(&k));
+        if let Some(v) = message_view(&stored, seq) {
+            if out.len() < limit {
+                out.push(v);
+            }
+        } else if let Ok((e, _)) = Event::parse(&stored.json) {
+            if let Content::Reaction {
+                target,
+                key,
+                action,
+            } = &e.content
+            {
+                let add = *action == crate::federation::event::ReactionAction::Add;
+                reactions.push((target.to_string(), key.clone(), e.sender.to_string(), add));
+            }
+        }
+    }
+    for (_, stored) in app
+        .store
+        .scan::<StoredEvent>(T::Pending, &storage::prefix(room_id.as_str()))?
+    {
+        if out.len() >= limit {
+            break;
+        }
+        if let Some(v) = message_view(&stored, None) {
+            out.push(v);
+        }
+    }
+    for (target, key, sender, add) in reactions {
+        if let Some(m) = out.iter_mut().find(|m| m.event_id == target) {
+            let who = m.reactions.entry(key.clone()).or_default();
+            who.retain(|s| *s != sender);
+            if add {
+                who.push(sender);
+            }
+            if who.is_empty() {
+                m.reactions.remove(&key);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Ask `fqid`'s server for its profile (signed GET). Any failure is the
+/// inviter's answer (SPEC §6 step 1).
+pub async fn fetch_profile(app: &App, fqid: &Fqid) -> Result<ProfileAnswer> {
+    let server = fqid.server();
+    let signer = app.signer()?;
+    let path = format!("/_scaiwave/federation/v1/profile/{}", fqid.local_id());
+    let reply = app
+        .outbound
+        .signed(
+            &signer,
+            http::Method::GET,
+            &server,
+            &path,
+            None,
+            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
+        )
+        .await
+        .map_err(|e| {
+            Error::new(
+                Code::ParticipantNotFound,
+                format!("cannot reach {server} to look up {fqid}: {e}"),
+            )
+            .as_conflict()
+        })?;
+    if !reply.ok() {
+        return Err(remote_error(&server, &reply));
+    }
+    reply.json::<ProfileAnswer>().map_err(|e| {
+        Error::new(
+            Code::ParticipantNotFound,
+            format!("{server} answered the profile request with {e}"),
+        )
+    })
+}
+
+/// A peer's error answer, passed on with the peer named.
+fn remote_error(
+    server: &crate::ids::ServerName,
+    reply: &crate::federation::client::Reply,
+) -> Error {
+    match reply.error() {
+        Some(e) => {
+            let code = Code::parse(&e.code).unwrap_or(Code::Internal);
+            let mut err = Error::new(code, format!("{server} answered {}: {}", e.code, e.message));
+            err.status = Some(reply.status);
+            err
+        }
+        None => Error::new(
+            Code::Internal,
+            format!("{server} answered HTTP {}", reply.status),
+        ),
+    }
+}
+
+/// Invite a local or foreign participant to a room we host.
+pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<String> {
+    let me = fqid_of(app, p);
+    let room = joined_room(app, room_id, &me)?;
+    if room_id.host() != app.server_name {
+        return Err(Error::bad_request(
+            "inviting from a room hosted on another server is not supported yet; ask a member on the host to invite",
+        ));
+    }
+    let mut display_name = None;
+    if app.is_local(target) {
+        if app.participant(&target.local_id())?.is_none() {
+            return Err(Error::not_found(format!(
+                "{target} does not exist on this server"
+            )));
+        }
+    } else {
+        if !room.room_type.federable() {
+            return Err(Error::new(
+                Code::RoomTypeForbidden,
+                format!("{} rooms never federate", room.room_type.as_str()),
+            )
+            .as_conflict());
+        }
+        if !room.federate || !app.config.federation.enabled {
+            return Err(Error::new(Code::RoomNotFederated, "federation is off for this room; an admin can enable it with PUT /v1/admin/rooms/{room_id}/federate").as_conflict());
+        }
+        let server = target.server();
+        app.admit(&server).map_err(Error::as_conflict)?;
+        let members = load_members(app, room_id)?;
+        let foreign = members
+            .values()
+            .filter(|m| matches!(m.membership, Membership::Join | Membership::Invite))
+            .filter(|m| Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f)))
+            .count() as u64;
+        if foreign >= app.policy().max_foreign_participants_per_room {
+            return Err(Error::new(Code::ForeignLimit, "this room has reached max_foreign_participants_per_room; raise it in the federation policy").as_conflict());
+        }
+        let profile = fetch_profile(app, target).await?;
+        display_name = Some(profile.display_name);
+    }
+    let now = app.clock.now_ms();
+    let content = Content::Member {
+        membership: Membership::Invite,
+        target: target.clone(),
+        expires_at_ms: Some(now + app.config.federation.invite_ttl.as_millis() as i64),
+        room: Some(RoomSummary {
+            name: room.name.clone(),
+            room_type: room.room_type.as_str().into(),
+        }),
+    };
+    let event = sign(app, room_id, &me, content)?;
+    let invite_id = event.event_id.to_string();
+    commit_local(app, event).await?;
+    if let Some(name) = display_name {
+        let k = keys::member(room_id.as_str(), target.as_str());
+        if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {
+            m.display_name = Some(name);
+            app.store.put(T::Members, &k, &m)?;
+        }
+    }
+    Ok(invite_id)
+}
+
+#[derive(Debug, Serialize)]
+pub struct InvitationView {
+    pub invite_id: String,
+    pub room_id: String,
+    pub room: RoomSummary,
+    pub inviter: String,
+    pub expires_at: String,
+}
+
+pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
+    let me = fqid_of(app, p).to_string();
+    let now = app.clock.now_ms();
+    Ok(app
+        .store
+        .scan::<Invitation>(T::Invitations, b"")?
+        .into_iter()
+        .map(|(_, i)| i)
+        .filter(|i| i.target == me && i.expires_at_ms > now)
+        .map(|i| InvitationView {
+            invite_id: i.invite_id,
+            room_id: i.room_id,
+            room: i.room,
+            inviter: i.inviter,
+            expires_at: rfc3339(i.expires_at_ms),
+        })
+        .collect())
+}
+
+fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitation> {
+    let me = fqid_of(app, p).to_string();
+    let inv: Invitation = app
+        .store
+        .get(T::Invitations, invite_id.as_bytes())?
+        .filter(|i: &Invitation| i.target == me)
+        .ok_or_else(|| {
+            Error::not_found(format!(
+                "no pending invitation {invite_id} for you; list them with GET /v1/me/invitations"
+            ))
+        })?;
+    if inv.expires_at_ms <= app.clock.now_ms() {
+        return Err(Error::new(
+            Code::InviteExpired,
+            "this invitation expired; ask a member of the room to invite you again",
+        ));
+    }
+    Ok(inv)
+}
+
+/// Send one event straight to its room's host and wait (≤ 10 s). `None`
+/// means the host could not be reached.
+async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
+    let host = event.room_id.host();
+    let signer = app.signer()?;
+    let body = serde_json::to_vec(&SendBody {
+        txn_id: event.event_id.to_string(),
+        events: vec![event.to_wire_value(None)],
+        edus: Vec::new(),
+    })
+    .map_err(|e| Error::internal("encode", e))?;
+    let reply = app
+        .outbound
+        .signed(
+            &signer,
+            http::Method::POST,
+            &host,
+            "/_scaiwave/federation/v1/send",
+            Some(body),
+            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
+        )
+        .await;
+    match classify(reply) {
+        Attempt::Answered(a) => {
+            let r = a
+                .results
+                .into_iter()
+                .find(|r| r.event_id == event.event_id.to_string());
+            Ok(Some(match r {
+                Some(r) if r.status == SendStatus::Rejected => {
+                    let e = r.error.unwrap_or_else(|| {
+                        Error::new(Code::Internal, "rejected without a reason")
+                            .to_body()
+                            .error
+                    });
+                    let code = Code::parse(&e.code).unwrap_or(Code::Internal);
+                    Outcome::Rejected(Error::new(code, format!("{host} refused: {}", e.message)))
+                }
+                Some(r) => Outcome::Accepted(r.seq.unwrap_or(0)),
+                None => Outcome::Rejected(Error::new(
+                    Code::Internal,
+                    format!("{host} did not answer for the event"),
+                )),
+            }))
+        }
+        Attempt::Retry { .. } => Ok(None),
+        Attempt::Refused { code, message } => {
+            let c = Code::parse(&code).unwrap_or(Code::Internal);
+            Ok(Some(Outcome::Rejected(Error::new(
+                c,
+                format!("{host} refused: {message}"),
+            ))))
+        }
+    }
+}
+
+/// Accept or decline an invitation. Answers `{"room_id", "state"}`.
+pub async fn answer_invitation(
+    app: &App,
+    p: &Participant,
+    invite_id: &str,
+    accept: bool,
+) -> Result<(u16, serde_json::Value)> {
+    EventId::parse(invite_id).map_err(|_| Error::not_found("no such invitation"))?;
+    let inv = my_invitation(app, p, invite_id)?;
+    let room_id = RoomId::parse(&inv.room_id)?;
+    let me = fqid_of(app, p);
+    let membership = if accept {
+        Membership::Join
+    } else {
+        Membership::Decline
+    };
+    let event = sign(
+        app,
+        &room_id,
+        &me,
+        Content::Member {
+            membership,
+            target: me.clone(),
+            expires_at_ms: None,
+            room: None,
+        },
+    )?;
+    let state = |s: &str| serde_json::json!({"room_id": room_id.to_string(), "state": s});
+    if room_id.host() == app.server_name {
+        commit_local(app, event).await?;
+        return Ok((200, state(if accept { "joined" } else { "declined" })));
+    }
+    if accept {
+        let rt = RoomType::parse(&inv.room.room_type).unwrap_or(RoomType::Standard);
+        replica::ensure_room(app, &room_id, &inv.room.name, rt)?;
+    }
+    match send_to_host(app, &event).await? {
+        Some(Outcome::Accepted(seq)) | Some(Outcome::Duplicate(Some(seq))) => {
+            replica::settle(app, &event, seq).await?;
+            app.store.remove(T::Invitations, invite_id.as_bytes())?;
+            if accept {
+                if let Err(e) = sync_after_join(app, &room_id, seq).await {
+                    tracing::warn!(room_id = %room_id, error = %e, "joined, but could not load members and history yet");
+                }
+            }
+            app.store.flush().await?;
+            Ok((200, state(if accept { "joined" } else { "declined" })))
+        }
+        Some(Outcome::Rejected(e)) => {
+            if accept && load_members(app, &room_id)?.is_empty() {
+                app.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
+            }
+            if matches!(e.code, Code::InviteExpired | Code::NotMember) {
+                app.store.remove(T::Invitations, invite_id.as_bytes())?;
+            }
+            Err(e)
+        }
+        Some(Outcome::Duplicate(None)) | None => {
+            replica::submit(app, &event).await?;
+            Ok((202, state("pending")))
+        }
+    }
+}
+
+/// After our join at `join_seq`: the member list, and history before it.
+pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Result<()> {
+    let host = room_id.host();
+    let signer = app.signer()?;
+    let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
+    let enc = crate::api::encode_segment(room_id.as_str());
+    let reply = app
+        .outbound
+        .signed(
+            &signer,
+            http::Method::GET,
+            &host,
+            &format!("/_scaiwave/federation/v1/rooms/{enc}/members"),
+            None,
+            timeout,
+        )
+        .await
+        .map_err(|e| Error::new(Code::Internal, e.0))?;
+    if reply.ok() {
+        let answer: MembersAnswer = reply.json().map_err(|e| Error::new(Code::Internal, e))?;
+        store_members(app, room_id, &answer).await?;
+    }
+    backfill(app, room_id, Some(join_seq), BACKFILL_EVENTS_MAX).await?;
+    Ok(())
+}
+
+async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
+    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    let mut w = storage::WriteSet::default();
+    for m in &answer.members {
+        let Some(membership) = Membership::parse(&m.membership) else {
+            continue;
+        };
+        let Ok(f) = Fqid::parse(&m.fqid) else {
+            continue;
+        };
+        let k = keys::member(room_id.as_str(), f.as_str());
+        let prev: Option<Member> = app.store.get(T::Members, &k)?;
+        let mut member = prev.unwrap_or(Member {
+            fqid: f.to_string(),
+            membership,
+            display_name: None,
+            presence: None,
+            invite_expires_at_ms: None,
+        });
+        member.membership = membership;
+        if m.display_name.is_some() {
+            member.display_name = m.display_name.clone();
+        }
+        w.put(T::Members, k, &member)?;
+    }
+    app.store.commit(&w)?;
+    Ok(())
+}
+
+/// Fetch history before `before_seq` from the host, verify every event, and
+/// store those we lack. Answers `(fetched, stored, rejected)`.
+pub async fn backfill(
+    app: &App,
+    room_id: &RoomId,
+    before_seq: Option<u64>,
+    limit: u64,
+) -> Result<(u64, u64, u64)> {
+    let host = room_id.host();
+    let signer = app.signer()?;
+    let enc = crate::api::encode_segment(room_id.as_str());
+    let mut path = format!("/_scaiwave/federation/v1/rooms/{enc}/backfill?limit={limit}");
+    if let Some(b) = before_seq {
+        path.push_str(&format!("&before_seq={b}"));
+    }
+    let reply = app
+        .outbound
+        .signed(
+            &signer,
+            http::Method::GET,
+            &host,
+            &path,
+            None,
+            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
+        )
+        .await
+        .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;
+    if !reply.ok() {
+        return Err(remote_error(&host, &reply));
+    }
+    let answer: BackfillAnswer = reply.json().map_err(|e| Error::new(Code::Internal, e))?;
+    let fetched = answer.events.len() as u64;
+    let (mut stored, mut rejected) = (0, 0);
+    let mut w = storage::WriteSet::default();
+    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    for value in answer.events {
+        if value.get("rejected").is_some() {
+            continue;
+        }
+        let parsed = Event::from_value(value);
+        let ok = match parsed {
+            Ok((event, Some(seq))) if event.room_id == *room_id => {
+                match crate::federation::inbound::verify_event(app, &event).await {
+                    Ok(()) => Some((event, seq)),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((event, seq)) = ok else {
+            rejected += 1;
+            continue;
+        };
+        let k = keys::event(room_id.as_str(), seq);
+        if app.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
+            continue;
+        }
+        crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
+        stored += 1;
+    }
+    app.store.commit(&w)?;
+    app.store.flush().await?;
+    Ok((fetched, stored, rejected))
+}
+
+/// Our pending events' delivery state, for tests and the message list.
+pub fn pending_state(app: &App, room_id: &RoomId, event_id: &str) -> Result<Option<DeliveryState>> {
+    Ok(app
+        .store
+        .get::<StoredEvent>(T::Pending, &keys::pending(room_id.as_str(), event_id))?
+        .map(|s| s.state))
+}

@@ -1,0 +1,260 @@
+//! Rooms: membership, ordering and invitations (SPEC §6).
+//!
+//! - [`host`]: the sequencer of rooms this server hosts: checks, assigns
+//!   `seq`, stores, and fans out through the outbox in one transaction.
+//! - [`replica`]: rooms hosted elsewhere: storing what the host sends,
+//!   queueing our participants' events to the host, acks.
+//! - [`flows`]: what a participant does (create, post, invite, accept...),
+//!   built on the two above.
+//!
+//! **Invariant:** a room's state is only changed while holding its lock from
+//! [`RoomLocks`], so `seq` assignment never races and plans read a stable
+//! view; rooms run in parallel.
+
+pub mod flows;
+pub mod host;
+pub mod replica;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::OwnedMutexGuard;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::federation::event::{Content, Event, Membership};
+use crate::ids::{RoomId, ServerName};
+use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
+
+/// One async mutex per room, created on first use.
+#[derive(Default)]
+pub struct RoomLocks(Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>);
+
+impl RoomLocks {
+    /// Lock every room in `rooms`, in sorted order so two batches never deadlock.
+    pub async fn lock_all(
+        &self,
+        rooms: impl IntoIterator<Item = RoomId>,
+    ) -> Vec<OwnedMutexGuard<()>> {
+        let sorted: BTreeSet<RoomId> = rooms.into_iter().collect();
+        let locks: Vec<_> = {
+            let mut map = self.0.lock().expect("room lock map");
+            sorted
+                .into_iter()
+                .map(|r| map.entry(r).or_default().clone())
+                .collect()
+        };
+        let mut guards = Vec::with_capacity(locks.len());
+        for l in locks {
+            guards.push(l.lock_owned().await);
+        }
+        guards
+    }
+}
+
+/// What happened to one event of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Accepted(u64),
+    Duplicate(Option<u64>),
+    Rejected(Error),
+}
+
+pub fn load_room(app: &App, room_id: &RoomId) -> Result<Option<Room>> {
+    app.store.get(T::Rooms, room_id.as_str().as_bytes())
+}
+
+pub fn load_members(app: &App, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
+    Ok(app
+        .store
+        .scan::<Member>(T::Members, &storage::prefix(room_id.as_str()))?
+        .into_iter()
+        .map(|(_, m)| (m.fqid.clone(), m))
+        .collect())
+}
+
+/// Servers other than us with at least one joined participant.
+pub fn participating_servers(
+    app: &App,
+    members: &BTreeMap<String, Member>,
+) -> BTreeSet<ServerName> {
+    members
+        .values()
+        .filter(|m| m.membership == Membership::Join)
+        .filter_map(|m| crate::ids::Fqid::parse(&m.fqid).ok())
+        .map(|f| f.server())
+        .filter(|s| *s != app.server_name)
+        .collect()
+}
+
+pub fn is_joined(members: &BTreeMap<String, Member>, fqid: &str) -> bool {
+    members
+        .get(fqid)
+        .is_some_and(|m| m.membership == Membership::Join)
+}
+
+/// A room's state while a batch is planned: changes land here first, and
+/// in the write set when the plan is done.
+pub struct Plan {
+    pub room: Room,
+    pub members: BTreeMap<String, Member>,
+    changed_members: BTreeSet<String>,
+}
+
+impl Plan {
+    pub fn load(app: &App, room_id: &RoomId) -> Result<Option<Plan>> {
+        let Some(room) = load_room(app, room_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(Plan {
+            members: load_members(app, room_id)?,
+            room,
+            changed_members: BTreeSet::new(),
+        }))
+    }
+
+    pub fn new_room(room: Room) -> Plan {
+        Plan {
+            room,
+            members: BTreeMap::new(),
+            changed_members: BTreeSet::new(),
+        }
+    }
+
+    pub fn set_member(&mut self, member: Member) {
+        self.changed_members.insert(member.fqid.clone());
+        self.members.insert(member.fqid.clone(), member);
+    }
+
+    /// Apply a membership event to the plan, and its side records (room
+    /// list of local participants, invitations) to `w`.
+    pub fn apply_membership(
+        &mut self,
+        app: &App,
+        event: &Event,
+        w: &mut WriteSet,
+        invite_expires_at_ms: Option<i64>,
+    ) -> Result<()> {
+        let Content::Member {
+            membership,
+            target,
+            room,
+            ..
+        } = &event.content
+        else {
+            return Ok(());
+        };
+        let room_id = self.room.room_id.clone();
+        let local_target = app.is_local(target);
+        let previous = self.members.get(target.as_str()).cloned();
+        let mut m = previous.clone().unwrap_or(Member {
+            fqid: target.to_string(),
+            membership: *membership,
+            display_name: None,
+            presence: None,
+            invite_expires_at_ms: None,
+        });
+        m.membership = *membership;
+        m.invite_expires_at_ms = if *membership == Membership::Invite {
+            invite_expires_at_ms
+        } else {
+            None
+        };
+        if local_target && m.display_name.is_none() {
+            if let Some(p) = app.participant(&target.local_id())? {
+                m.display_name = Some(p.display_name);
+            }
+        }
+        self.set_member(m);
+        if local_target {
+            let ur = keys::user_room(target.as_str(), &room_id);
+            match membership {
+                Membership::Join => w.put(T::UserRooms, ur, &())?,
+                Membership::Leave | Membership::Kick | Membership::Decline => {
+                    w.remove(T::UserRooms, ur)
+                }
+                Membership::Invite => {}
+            }
+            match membership {
+                Membership::Invite => {
+                    let summary = room
+                        .clone()
+                        .unwrap_or(crate::federation::event::RoomSummary {
+                            name: self.room.name.clone(),
+                            room_type: self.room.room_type.as_str().to_string(),
+                        });
+                    let inv = Invitation {
+                        invite_id: event.event_id.to_string(),
+                        room_id: room_id.clone(),
+                        room: summary,
+                        inviter: event.sender.to_string(),
+                        target: target.to_string(),
+                        expires_at_ms: invite_expires_at_ms.unwrap_or(i64::MAX),
+                    };
+                    w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
+                }
+                _ => remove_invitations_for(app, &room_id, target.as_str(), w)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Record the room and the changed members into `w`.
+    pub fn finish(&self, w: &mut WriteSet) -> Result<()> {
+        w.put(T::Rooms, self.room.room_id.as_bytes().to_vec(), &self.room)?;
+        for fqid in &self.changed_members {
+            if let Some(m) = self.members.get(fqid) {
+                w.put(T::Members, keys::member(&self.room.room_id, fqid), m)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Pending invitations of `target` to `room_id` are settled by any later
+/// membership change.
+fn remove_invitations_for(app: &App, room_id: &str, target: &str, w: &mut WriteSet) -> Result<()> {
+    for (k, inv) in app.store.scan::<Invitation>(T::Invitations, b"")? {
+        if inv.room_id == room_id && inv.target == target {
+            w.remove(T::Invitations, k);
+        }
+    }
+    Ok(())
+}
+
+/// Store `event` at `seq` (signed bytes only; `unsigned` is per copy).
+pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) -> Result<()> {
+    let room = event.room_id.as_str();
+    w.put(
+        T::Events,
+        keys::event(room, seq),
+        &StoredEvent {
+            json: event.to_wire_bytes(None),
+            state: storage::DeliveryState::Sent,
+            rejected: false,
+        },
+    )?;
+    w.put(
+        T::EventIndex,
+        keys::event_index(event.origin.as_str(), &event.event_id.to_string()),
+        &storage::EventRef {
+            room_id: room.to_string(),
+            seq: Some(seq),
+            hash,
+        },
+    )
+}
+
+/// Dedup (SPEC §2): the same (origin, event_id) with the same bytes is a
+/// duplicate; with other bytes it is a bad event.
+pub fn dedup(app: &App, event: &Event, hash: &[u8; 32]) -> Result<Option<Outcome>> {
+    let k = keys::event_index(event.origin.as_str(), &event.event_id.to_string());
+    match app.store.get::<storage::EventRef>(T::EventIndex, &k)? {
+        None => Ok(None),
+        Some(r) if r.hash == *hash => Ok(Some(Outcome::Duplicate(r.seq))),
+        Some(_) => Ok(Some(Outcome::Rejected(Error::bad_event(format!(
+            "event {} from {} was seen before with different content; an event_id names one event for ever",
+            event.event_id, event.origin
+        ))))),
+    }
+}

@@ -1,0 +1,248 @@
+//! Rooms hosted elsewhere (SPEC §6): store what the host sends (verified
+//! upstream), queue our participants' events to the host, and settle them
+//! when the host answers with a `seq`.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::app::App;
+use crate::error::{Code, Error, Result};
+use crate::federation::delivery::enqueue_event;
+use crate::federation::event::{Content, Event, Membership};
+use crate::ids::{RoomId, ServerName};
+use crate::rooms::{dedup, write_event, Outcome, Plan};
+use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
+
+/// Events from `host` for rooms it hosts, each with the `seq` it assigned.
+/// An invite for one of our participants to a room we do not know yet only
+/// creates the pending invitation (SPEC §6 step 2).
+pub async fn accept_from_host(
+    app: &App,
+    host: &ServerName,
+    batch: Vec<(Event, u64)>,
+) -> Result<Vec<Outcome>> {
+    let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
+    let _guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
+    let mut plans: HashMap<RoomId, Plan> = HashMap::new();
+    for r in &rooms {
+        if let Some(p) = Plan::load(app, r)? {
+            plans.insert(r.clone(), p);
+        }
+    }
+    let mut w = WriteSet::default();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (event, seq) in &batch {
+        let hash = event.content_hash();
+        if let Some(o) = dedup(app, event, &hash)? {
+            outcomes.push(o);
+            continue;
+        }
+        if event.room_id.host() != *host {
+            outcomes.push(Outcome::Rejected(Error::new(
+                Code::NotRoomHost,
+                format!(
+                    "{host} does not host {}; only a room's host sends its events",
+                    event.room_id
+                ),
+            )));
+            continue;
+        }
+        let Some(plan) = plans.get_mut(&event.room_id) else {
+            outcomes.push(invite_for_unknown_room(app, event, *seq, hash, &mut w)?);
+            continue;
+        };
+        if !plan.room.federate {
+            outcomes.push(Outcome::Rejected(Error::new(
+                Code::RoomNotFederated,
+                format!(
+                    "room {} has federation turned off on {}",
+                    event.room_id, app.server_name
+                ),
+            )));
+            continue;
+        }
+        if app
+            .store
+            .get::<StoredEvent>(T::Events, &keys::event(event.room_id.as_str(), *seq))?
+            .is_some()
+        {
+            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
+                "seq {seq} of {} already holds another event",
+                event.room_id
+            ))));
+            continue;
+        }
+        write_event(&mut w, event, *seq, hash)?;
+        plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+        let expires = match &event.content {
+            Content::Member { expires_at_ms, .. } => *expires_at_ms,
+            _ => None,
+        };
+        plan.apply_membership(app, event, &mut w, expires)?;
+        outcomes.push(Outcome::Accepted(*seq));
+    }
+    for plan in plans.values() {
+        plan.finish(&mut w)?;
+    }
+    app.store.commit(&w)?;
+    app.store.flush().await?;
+    Ok(outcomes)
+}
+
+fn invite_for_unknown_room(
+    app: &App,
+    event: &Event,
+    seq: u64,
+    hash: [u8; 32],
+    w: &mut WriteSet,
+) -> Result<Outcome> {
+    let Content::Member {
+        membership: Membership::Invite,
+        target,
+        room,
+        expires_at_ms,
+    } = &event.content
+    else {
+        return Ok(Outcome::Rejected(Error::new(
+            Code::RoomNotFound,
+            format!(
+                "{} does not take part in room {}",
+                app.server_name, event.room_id
+            ),
+        )));
+    };
+    if !app.is_local(target) || app.participant(&target.local_id())?.is_none() {
+        return Ok(Outcome::Rejected(Error::new(
+            Code::ParticipantNotFound,
+            format!("{target} does not exist on {}", app.server_name),
+        )));
+    }
+    let inv = storage::Invitation {
+        invite_id: event.event_id.to_string(),
+        room_id: event.room_id.to_string(),
+        room: room
+            .clone()
+            .unwrap_or(crate::federation::event::RoomSummary {
+                name: String::new(),
+                room_type: "standard".into(),
+            }),
+        inviter: event.sender.to_string(),
+        target: target.to_string(),
+        expires_at_ms: expires_at_ms.unwrap_or(i64::MAX),
+    };
+    w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
+    w.put(
+        T::EventIndex,
+        keys::event_index(event.origin.as_str(), &event.event_id.to_string()),
+        &EventRef {
+            room_id: event.room_id.to_string(),
+            seq: Some(seq),
+            hash,
+        },
+    )?;
+    Ok(Outcome::Accepted(seq))
+}
+
+/// Create the local record of a replica room before our join goes out, so
+/// events the host sends right after the join have a home.
+pub fn ensure_room(
+    app: &App,
+    room_id: &RoomId,
+    name: &str,
+    room_type: storage::RoomType,
+) -> Result<()> {
+    if crate::rooms::load_room(app, room_id)?.is_some() {
+        return Ok(());
+    }
+    let room = Room {
+        room_id: room_id.to_string(),
+        name: name.to_string(),
+        room_type,
+        federate: room_type.federable(),
+        created_at_ms: app.clock.now_ms(),
+        next_seq: 0,
+        joined_seq: None,
+        dm_pair: None,
+    };
+    app.store.put(T::Rooms, room_id.as_str().as_bytes(), &room)
+}
+
+/// Queue one of our participants' events for the host, kept as pending
+/// until the host answers with its `seq`.
+pub async fn submit(app: &App, event: &Event) -> Result<()> {
+    let _guard = app.room_locks.lock_all([event.room_id.clone()]).await;
+    let mut w = WriteSet::default();
+    let event_id = event.event_id.to_string();
+    w.put(
+        T::Pending,
+        keys::pending(event.room_id.as_str(), &event_id),
+        &StoredEvent {
+            json: event.to_wire_bytes(None),
+            state: DeliveryState::Pending,
+            rejected: false,
+        },
+    )?;
+    w.put(
+        T::EventIndex,
+        keys::event_index(event.origin.as_str(), &event_id),
+        &EventRef {
+            room_id: event.room_id.to_string(),
+            seq: None,
+            hash: event.content_hash(),
+        },
+    )?;
+    let host = event.room_id.host();
+    enqueue_event(
+        app,
+        &mut w,
+        &host,
+        event,
+        event.to_wire_bytes(None),
+        app.clock.now_ms(),
+    )?;
+    app.store.commit(&w)?;
+    app.store.flush().await?;
+    app.delivery.wake(app, &host);
+    Ok(())
+}
+
+/// The host sequenced our event at `seq`: move it from pending into the
+/// room's history and apply it.
+pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
+    let _guard = app.room_locks.lock_all([event.room_id.clone()]).await;
+    let Some(mut plan) = Plan::load(app, &event.room_id)? else {
+        return Ok(());
+    };
+    let mut w = WriteSet::default();
+    w.remove(
+        T::Pending,
+        keys::pending(event.room_id.as_str(), &event.event_id.to_string()),
+    );
+    write_event(&mut w, event, seq, event.content_hash())?;
+    plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+    if let Content::Member {
+        membership: Membership::Join,
+        target,
+        ..
+    } = &event.content
+    {
+        if app.is_local(target) && plan.room.joined_seq.is_none() {
+            plan.room.joined_seq = Some(seq);
+        }
+    }
+    plan.apply_membership(app, event, &mut w, None)?;
+    plan.finish(&mut w)?;
+    app.store.commit(&w)?;
+    app.store.flush().await
+}
+
+/// The host refused our event for good (or it aged out): mark it failed.
+pub async fn fail(app: &App, room_id: &RoomId, event_id: &str) -> Result<()> {
+    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    let k = keys::pending(room_id.as_str(), event_id);
+    if let Some(mut stored) = app.store.get::<StoredEvent>(T::Pending, &k)? {
+        stored.state = DeliveryState::Failed;
+        app.store.put(T::Pending, &k, &stored)?;
+        app.store.flush().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Starting and stopping a server: open state, first-start work, the HTTPS
+//! listener, the delivery loop and the key-rotation timer. `main` and the
+//! integration tests call the same [`start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::app::App;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// A running server.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+}
+
+impl Running {
+    /// Stop accepting, let in-flight work finish, flush, and return.
+    pub async fn stop(self) {
+        self.app.shutdown.cancel();
+        self.app.tasks.close();
+        self.app.tasks.wait().await;
+        if let Err(e) = self.app.store.flush().await {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}
+
+pub async fn start(config: Config, clock: Clock) -> Result<Running> {
+    let listener = std::net::TcpListener::bind(config.listen).map_err(|e| {
+        Error::bad_request(format!(
+            "cannot listen on {}: {e}; pick another `listen` address",
+            config.listen
+        ))
+    })?;
+    start_on(config, clock, listener).await
+}
+
+/// Start on a socket the caller bound already (tests bind every server's
+/// port first so each can be told where the others are).
+pub async fn start_on(
+    config: Config,
+    clock: Clock,
+    listener: std::net::TcpListener,
+) -> Result<Running> {
+    let app = App::open(config, clock)?;
+    app.first_start()?;
+    let (cert, key) = crate::tls::certificate_paths(
+        app.config.tls.cert.as_deref(),
+        app.config.tls.key.as_deref(),
+        &app.config.data_dir,
+        &app.server_name,
+    )?;
+    let tls = crate::tls::server_config(&cert, &key)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::internal("listener", e))?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|e| Error::internal("listener", e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal("local addr", e))?;
+    app.tasks
+        .spawn(crate::api::serve::serve(listener, tls, app.clone()));
+    app.delivery.start(&app)?;
+    app.tasks.spawn(rotation_timer(app.clone()));
+    tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
+    Ok(Running { addr, app })
+}
+
+/// Rotate the key when it reaches `key_rotation_interval` (the same
+/// function as `scaiwave admin federation key rotate`).
+async fn rotation_timer(app: Arc<App>) {
+    loop {
+        let interval = app.config.federation.key_rotation_interval;
+        let due = app.keys.rotates_at_ms(interval);
+        let wait = async {
+            match due {
+                Some(at) => app.clock.sleep_until_ms(at).await,
+                // No key yet: look again later (an admin may generate one).
+                None => tokio::time::sleep(std::time::Duration::from_secs(60)).await,
+            }
+        };
+        tokio::select! {
+            _ = wait => {}
+            _ = app.shutdown.cancelled() => return,
+        }
+        if due.is_some() {
+            if let Err(e) = rotate(&app, false) {
+                tracing::error!(error = %e, "scheduled key rotation failed");
+            }
+        }
+    }
+}
+
+/// Rotate our key and audit it.
+pub fn rotate(app: &App, revoke_previous: bool) -> Result<crate::storage::KeyRecord> {
+    let rec = app.keys.rotate(
+        app.clock.now_ms(),
+        app.config.federation.key_overlap,
+        revoke_previous,
+    )?;
+    app.audit(
+        "federation.key.rotated",
+        None,
+        None,
+        None,
+        None,
+        &format!("new key {}", rec.key_id),
+    );
+    tracing::info!(key_id = %rec.key_id, "rotated the federation signing key");
+    Ok(rec)
+}

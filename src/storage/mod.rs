@@ -1,0 +1,440 @@
+//! Storage: sled trees behind typed functions. Only this module touches sled.
+//!
+//! # Layout (one tree per entity; big-endian integers so keys sort)
+//! - `meta`: `schema_version`, `keys` (our [`KeyRing`]), `policy`.
+//! - `participants`: local_id → [`Participant`]; `tokens`: SHA-256(token) → local_id.
+//! - `rooms`: room_id → [`Room`]; `members`: room_id ‖ 0 ‖ fqid → [`Member`];
+//!   `user_rooms`: fqid ‖ 0 ‖ room_id → () (rooms a local participant is in).
+//! - `events`: room_id ‖ 0 ‖ seq → [`StoredEvent`]; `pending`: room_id ‖ 0 ‖
+//!   event_id → [`StoredEvent`] (our events in replica rooms not yet sequenced).
+//! - `event_index`: origin ‖ 0 ‖ event_id → [`EventRef`] (dedup).
+//! - `outbox`: peer ‖ 0 ‖ id → [`OutboxItem`]: a range scan per peer is its
+//!   FIFO queue; ids come from sled's monotonic `generate_id`.
+//! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖ txn_id).
+//!
+//! **Invariant:** everything one request changes is written in one
+//! [`Store::transact`] call, then [`Store::flush`] before the answer.
+
+pub mod codec;
+pub mod records;
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+pub use records::*;
+
+use crate::error::{Error, Result};
+
+/// Bump when a stored format changes; `open` refuses other versions.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const SEP: u8 = 0;
+
+/// The trees, in the order a transaction sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum T {
+    Meta,
+    Participants,
+    Tokens,
+    Rooms,
+    Members,
+    UserRooms,
+    Events,
+    Pending,
+    EventIndex,
+    Outbox,
+    Peers,
+    Audit,
+    Invitations,
+    Txns,
+}
+
+const TREE_NAMES: [&str; 14] = [
+    "meta",
+    "participants",
+    "tokens",
+    "rooms",
+    "members",
+    "user_rooms",
+    "events",
+    "pending",
+    "event_index",
+    "outbox",
+    "peers",
+    "audit",
+    "invitations",
+    "txns",
+];
+
+/// A key made of parts separated by a zero byte (ids never contain one).
+pub fn key(parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(SEP);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+/// The prefix that a range scan over `owner ‖ 0 ‖ …` uses.
+pub fn prefix(owner: &str) -> Vec<u8> {
+    let mut k = owner.as_bytes().to_vec();
+    k.push(SEP);
+    k
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    trees: Vec<sled::Tree>,
+}
+
+pub type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+
+/// Abort a transaction with a domain error.
+pub fn abort<T>(e: Error) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn sled_err(e: sled::Error) -> Error {
+    Error::internal("storage", e)
+}
+
+impl Store {
+    /// Open (or create) the database in `dir`, refusing one written by an
+    /// incompatible version.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            Error::bad_request(format!(
+                "cannot open the database in {}: {e}; is another scaiwave process using it?",
+                dir.display()
+            ))
+        })?;
+        let trees = TREE_NAMES
+            .iter()
+            .map(|n| db.open_tree(n))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(sled_err)?;
+        let store = Store { db, trees };
+        let meta = store.tree(T::Meta);
+        match meta.get(b"schema_version").map_err(sled_err)? {
+            None => {
+                meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())
+                    .map_err(sled_err)?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(Error::bad_request(format!(
+                        "the database in {} has schema version {found}, this binary reads version {SCHEMA_VERSION}; \
+                         run the scaiwave release that wrote it, or restore a backup made for this one",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn tree(&self, t: T) -> &sled::Tree {
+        &self.trees[t as usize]
+    }
+
+    /// Make every write so far durable (sled's flush: see docs/operations.md
+    /// for what that means on power loss).
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await.map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn flush_blocking(&self) -> Result<()> {
+        self.db.flush().map_err(sled_err)?;
+        Ok(())
+    }
+
+    /// Run `f` as one atomic transaction over every tree. sled may run the
+    /// closure again on conflict, so it must only read and write through `tx`.
+    pub fn transact<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
+        let trees: Vec<&sled::Tree> = self.trees.iter().collect();
+        let out = trees
+            .as_slice()
+            .transaction(|views: &Vec<TransactionalTree>| {
+                let tx = Tx { views };
+                f(&tx)
+            });
+        match out {
+            Ok(r) => Ok(r),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(sled_err(e)),
+        }
+    }
+
+    pub fn get<V: DeserializeOwned>(&self, t: T, k: &[u8]) -> Result<Option<V>> {
+        match self.tree(t).get(k).map_err(sled_err)? {
+            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
+        self.tree(t)
+            .insert(k, codec::encode(v)?)
+            .map_err(sled_err)?;
+        Ok(())
+    }
+
+    pub fn remove(&self, t: T, k: &[u8]) -> Result<()> {
+        self.tree(t).remove(k).map_err(sled_err)?;
+        Ok(())
+    }
+
+    /// Every (key, value) under `prefix`, in key order.
+    pub fn scan<V: DeserializeOwned>(&self, t: T, prefix: &[u8]) -> Result<Vec<(Vec<u8>, V)>> {
+        self.scan_limit(t, prefix, usize::MAX)
+    }
+
+    pub fn scan_limit<V: DeserializeOwned>(
+        &self,
+        t: T,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        let mut out = Vec::new();
+        for item in self.tree(t).scan_prefix(prefix).take(limit) {
+            let (k, v) = item.map_err(sled_err)?;
+            out.push((k.to_vec(), codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Values with keys in `[from, to)`, ascending, at most `limit`.
+    pub fn range<V: DeserializeOwned>(
+        &self,
+        t: T,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        let mut out = Vec::new();
+        for item in self.tree(t).range(from.to_vec()..to.to_vec()).take(limit) {
+            let (k, v) = item.map_err(sled_err)?;
+            out.push((k.to_vec(), codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Values with keys in `[from, to)`, descending, at most `limit`.
+    pub fn range_rev<V: DeserializeOwned>(
+        &self,
+        t: T,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        let mut out = Vec::new();
+        for item in self
+            .tree(t)
+            .range(from.to_vec()..to.to_vec())
+            .rev()
+            .take(limit)
+        {
+            let (k, v) = item.map_err(sled_err)?;
+            out.push((k.to_vec(), codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn count_prefix(&self, t: T, prefix: &[u8]) -> usize {
+        self.tree(t).scan_prefix(prefix).count()
+    }
+
+    /// The oldest entry under `prefix` (FIFO head).
+    pub fn first<V: DeserializeOwned>(&self, t: T, prefix: &[u8]) -> Result<Option<(Vec<u8>, V)>> {
+        Ok(self.scan_limit(t, prefix, 1)?.into_iter().next())
+    }
+
+    /// Remove every key in the list at once.
+    pub fn remove_all(&self, t: T, keys: &[Vec<u8>]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k.as_slice());
+        }
+        self.tree(t).apply_batch(batch).map_err(sled_err)
+    }
+
+    pub fn generate_id(&self) -> Result<u64> {
+        self.db.generate_id().map_err(sled_err)
+    }
+
+    /// Apply a planned [`WriteSet`] as one atomic transaction.
+    pub fn commit(&self, writes: &WriteSet) -> Result<()> {
+        if writes.ops.is_empty() {
+            return Ok(());
+        }
+        self.transact(|tx| {
+            for (t, k, v) in &writes.ops {
+                match v {
+                    Some(bytes) => {
+                        tx.view(*t).insert(k.as_slice(), bytes.as_slice())?;
+                    }
+                    None => {
+                        tx.view(*t).remove(k.as_slice())?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Writes planned outside a transaction (under the room locks that make the
+/// plan consistent) and applied together by [`Store::commit`]. Values are
+/// encoded when added, so a sled retry re-applies bytes, not logic.
+#[derive(Default, Debug)]
+pub struct WriteSet {
+    ops: Vec<(T, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteSet {
+    pub fn put<V: Serialize>(&mut self, t: T, k: Vec<u8>, v: &V) -> Result<()> {
+        self.ops.push((t, k, Some(codec::encode(v)?)));
+        Ok(())
+    }
+
+    pub fn remove(&mut self, t: T, k: Vec<u8>) {
+        self.ops.push((t, k, None));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A view of every tree inside one transaction.
+pub struct Tx<'a> {
+    views: &'a Vec<TransactionalTree>,
+}
+
+impl Tx<'_> {
+    fn view(&self, t: T) -> &TransactionalTree {
+        &self.views[t as usize]
+    }
+
+    pub fn get<V: DeserializeOwned>(&self, t: T, k: &[u8]) -> TxResult<Option<V>> {
+        match self.view(t).get(k)? {
+            Some(bytes) => match codec::decode(&bytes) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => abort(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> TxResult<()> {
+        let bytes = match codec::encode(v) {
+            Ok(b) => b,
+            Err(e) => return abort(e),
+        };
+        self.view(t).insert(k, bytes)?;
+        Ok(())
+    }
+
+    pub fn remove(&self, t: T, k: &[u8]) -> TxResult<()> {
+        self.view(t).remove(k)?;
+        Ok(())
+    }
+
+    pub fn contains(&self, t: T, k: &[u8]) -> TxResult<bool> {
+        Ok(self.view(t).get(k)?.is_some())
+    }
+
+    pub fn generate_id(&self) -> TxResult<u64> {
+        Ok(self.view(T::Outbox).generate_id()?)
+    }
+}
+
+// Typed keys, so the layout above is written down once.
+pub mod keys {
+    use super::key;
+
+    pub fn member(room_id: &str, fqid: &str) -> Vec<u8> {
+        key(&[room_id.as_bytes(), fqid.as_bytes()])
+    }
+    pub fn user_room(fqid: &str, room_id: &str) -> Vec<u8> {
+        key(&[fqid.as_bytes(), room_id.as_bytes()])
+    }
+    pub fn event(room_id: &str, seq: u64) -> Vec<u8> {
+        key(&[room_id.as_bytes(), &seq.to_be_bytes()])
+    }
+    pub fn pending(room_id: &str, event_id: &str) -> Vec<u8> {
+        key(&[room_id.as_bytes(), event_id.as_bytes()])
+    }
+    pub fn event_index(origin: &str, event_id: &str) -> Vec<u8> {
+        key(&[origin.as_bytes(), event_id.as_bytes()])
+    }
+    pub fn outbox(peer: &str, id: u64) -> Vec<u8> {
+        key(&[peer.as_bytes(), &id.to_be_bytes()])
+    }
+    pub fn audit(at_ms: i64, id: u64) -> Vec<u8> {
+        let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+    /// The trailing big-endian u64 of an `events` or `outbox` key.
+    pub fn trailing_u64(k: &[u8]) -> u64 {
+        k.len()
+            .checked_sub(8)
+            .and_then(|i| <[u8; 8]>::try_from(&k[i..]).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0)
+    }
+    pub fn txn(origin: &str, txn_id: &str) -> Vec<u8> {
+        key(&[origin.as_bytes(), txn_id.as_bytes()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_other_schema_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .tree(T::Meta)
+                .insert(b"schema_version", &99u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(err.message.contains("schema version 99"), "{}", err.message);
+    }
+
+    #[test]
+    fn transaction_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let r: Result<()> = store.transact(|tx| {
+            tx.put(T::Peers, b"a", &PeerRecord::default())?;
+            abort(Error::bad_request("stop"))
+        });
+        assert!(r.is_err());
+        assert!(store.get::<PeerRecord>(T::Peers, b"a").unwrap().is_none());
+    }
+
+    #[test]
+    fn event_keys_sort_by_seq() {
+        assert!(keys::event("!r", 2) < keys::event("!r", 10));
+        assert!(keys::outbox("p", 255) < keys::outbox("p", 256));
+    }
+}
