@@ -218,32 +218,31 @@ async fn check_from_host(app: &App, event: &Event) -> Result<()> {
     verify_event(app, event).await
 }
 
+#[derive(serde::Deserialize)]
+struct SendEnvelope<'a> {
+    txn_id: String,
+    #[serde(default, borrow)]
+    events: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    edus: Vec<&'a serde_json::value::RawValue>,
+}
+
 /// `POST /send` once §4 passed: 200 with one result per event, in order.
 pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>> {
-    let value = canonical::parse_strict(body).map_err(|e| {
-        Error::fed_bad_request(format!("the body is not acceptable JSON: {}", e.message))
+    // The envelope is parsed leniently; each event strictly on its own, so
+    // one bad event is refused alone (SPEC §5) and keeps its exact bytes.
+    let envelope: SendEnvelope = serde_json::from_slice(body).map_err(|e| {
+        Error::fed_bad_request(format!(
+            "the body is not a valid {{\"txn_id\", \"events\", \"edus\"}} object: {e}"
+        ))
     })?;
-    let obj = value.as_object().ok_or_else(|| {
-        Error::fed_bad_request("the body must be an object {\"txn_id\", \"events\", \"edus\"}")
-    })?;
-    let txn_id = obj
-        .get("txn_id")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty() && t.len() <= 256)
-        .ok_or_else(|| Error::fed_bad_request("`txn_id` must be a string of 1-256 bytes"))?;
-    let empty = Vec::new();
-    let events = match obj.get("events") {
-        None => &empty,
-        Some(v) => v
-            .as_array()
-            .ok_or_else(|| Error::fed_bad_request("`events` must be a list"))?,
-    };
-    let edus = match obj.get("edus") {
-        None => &empty,
-        Some(v) => v
-            .as_array()
-            .ok_or_else(|| Error::fed_bad_request("`edus` must be a list"))?,
-    };
+    let txn_id = envelope.txn_id.as_str();
+    if txn_id.is_empty() || txn_id.len() > 256 {
+        return Err(Error::fed_bad_request(
+            "`txn_id` must be a string of 1-256 bytes",
+        ));
+    }
+    let (events, edus) = (&envelope.events, &envelope.edus);
     if events.len() > EVENTS_PER_TRANSACTION_MAX || edus.len() > EDUS_PER_TRANSACTION_MAX {
         return Err(Error::fed_bad_request(format!(
             "at most {EVENTS_PER_TRANSACTION_MAX} events and {EDUS_PER_TRANSACTION_MAX} EDUs per transaction; split it"
@@ -261,13 +260,16 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
     let mut to_host: Vec<(usize, Event)> = Vec::new();
     let mut from_host: Vec<(usize, Event, u64)> = Vec::new();
     for (i, raw) in events.iter().enumerate() {
-        let id = raw
-            .get("event_id")
+        let value = canonical::parse_strict(raw.get().as_bytes());
+        let id = value
+            .as_ref()
+            .ok()
+            .and_then(|v| v.get("event_id"))
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
         let checked = async {
-            let (event, seq) = Event::from_value(raw.clone())?;
+            let (event, seq) = Event::from_value(value?)?;
             if event.room_id.host() == app.server_name {
                 check_for_host(app, &event).await?;
                 Ok((event, None))
@@ -314,7 +316,10 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
     }
     for edu in edus {
         // Presence is validated and accepted only from the sender's own server.
-        if let Ok(p) = PresenceEdu::from_value(edu) {
+        if let Ok(p) = serde_json::from_str::<Value>(edu.get())
+            .map_err(|e| Error::bad_event(e.to_string()))
+            .and_then(|v| PresenceEdu::from_value(&v))
+        {
             if p.sender.server() != *origin {
                 tracing::debug!(peer = %origin, "dropped a presence EDU for another server's participant");
             }

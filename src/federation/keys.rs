@@ -29,7 +29,9 @@ pub struct CurrentKey {
 /// Shows the key id only: the secret never reaches a log.
 impl std::fmt::Debug for CurrentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CurrentKey").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("CurrentKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -176,7 +176,7 @@ impl RollingCount {
     fn roll(&mut self, now_ms: i64) {
         let hour = now_ms.div_euclid(Self::HOUR_MS);
         let gap = hour - self.hour;
-        if gap >= 24 || gap < 0 {
+        if !(0..24).contains(&gap) {
             self.buckets = [0; 24];
         } else {
             for h in (self.hour + 1)..=hour {

@@ -1,0 +1,315 @@
+//! Two real servers share a room: invite, accept, messages both ways in
+//! host order, and replays answered `duplicate`.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::testnet::{self, enc, eventually, TestNet, User};
+
+pub async fn bodies(net: &TestNet, u: &User, room: &str) -> Vec<(Option<u64>, String, String)> {
+    let (s, v) = net
+        .as_user(
+            u,
+            Method::GET,
+            &format!("/v1/rooms/{}/messages", enc(room)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_u64(),
+                m["body"].as_str().unwrap().to_string(),
+                m["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// alice@a.test hosts a room; bob@b.test is invited and joins.
+pub async fn shared_room(net: &TestNet) -> (User, User, String) {
+    let alice = net.user("a.test", "alice").await;
+    let bob = net.user("b.test", "bob").await;
+    let (s, room) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "Launch", "room_type": "standard"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{room}");
+    let room_id = room["room_id"].as_str().unwrap().to_string();
+    let (s, inv) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &format!("/v1/rooms/{}/invitations", enc(&room_id)),
+            Some(json!({"fqid": bob.fqid})),
+        )
+        .await;
+    assert_eq!(s, 200, "{inv}");
+    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
+    eventually("bob sees the invitation", || async {
+        let (_, v) = net
+            .as_user(&bob, Method::GET, "/v1/me/invitations", None)
+            .await;
+        v["invitations"]
+            .as_array()
+            .and_then(|a| a.first())
+            .is_some_and(|i| {
+                i["invite_id"] == invite_id.as_str()
+                    && i["room_id"] == room_id.as_str()
+                    && i["room"]["name"] == "Launch"
+            })
+    })
+    .await;
+    let (s, v) = net
+        .as_user(
+            &bob,
+            Method::POST,
+            &format!("/v1/me/invitations/{invite_id}/accept"),
+            None,
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("joined")), "{v}");
+    (alice, bob, room_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_share_a_room_in_host_order() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+
+    // Bob sees the room with the 🌐 badge and both members.
+    let (_, rooms) = net.as_user(&bob, Method::GET, "/v1/rooms", None).await;
+    assert_eq!(rooms["rooms"][0]["room_id"], room.as_str());
+    assert_eq!(rooms["rooms"][0]["federated"], true);
+    let (_, members) = net
+        .as_user(
+            &alice,
+            Method::GET,
+            &format!("/v1/rooms/{}/members", enc(&room)),
+            None,
+        )
+        .await;
+    let bob_row = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["fqid"] == bob.fqid.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            bob_row["foreign"].clone(),
+            bob_row["membership"].clone(),
+            bob_row["display_name"].clone()
+        ),
+        (json!(true), json!("join"), json!("BOB"))
+    );
+
+    // Messages both ways, interleaved.
+    for i in 0..3 {
+        let (s, v) = net
+            .as_user(
+                &alice,
+                Method::POST,
+                &path,
+                Some(json!({"body": format!("a{i}")})),
+            )
+            .await;
+        assert_eq!((s, v["state"].as_str()), (200, Some("sent")), "{v}");
+        let (s, v) = net
+            .as_user(
+                &bob,
+                Method::POST,
+                &path,
+                Some(json!({"body": format!("b{i}")})),
+            )
+            .await;
+        assert_eq!((s, v["state"].as_str()), (200, Some("pending")), "{v}");
+    }
+    let want =
+        |v: &Vec<(Option<u64>, String, String)>| v.iter().filter(|m| m.2 == "sent").count() == 6;
+    eventually("both sides hold all six messages", || async {
+        want(&bodies(&net, &alice, &room).await) && want(&bodies(&net, &bob, &room).await)
+    })
+    .await;
+    let on_a = bodies(&net, &alice, &room).await;
+    let on_b = bodies(&net, &bob, &room).await;
+    assert_eq!(
+        on_a, on_b,
+        "both sides show the same messages in the same host order"
+    );
+    let seqs: Vec<u64> = on_a.iter().map(|m| m.0.unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "host order: {seqs:?}");
+    let a_order: Vec<&str> = on_a
+        .iter()
+        .map(|m| m.1.as_str())
+        .filter(|b| b.starts_with('a'))
+        .collect();
+    assert_eq!(a_order, ["a0", "a1", "a2"]);
+
+    // A replay of one of alice's events to b.test is `duplicate` and stores nothing.
+    let a = net.server("a.test").app().clone();
+    let (s, backfill) = {
+        let signer = a.signer().unwrap();
+        let reply = a
+            .outbound
+            .signed(
+                &signer,
+                http::Method::GET,
+                &"b.test".parse().unwrap(),
+                &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
+                None,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+        (reply.status, reply.json::<Value>().unwrap())
+    };
+    assert_eq!(s, 403, "only the host serves backfill: {backfill}");
+    assert_eq!(backfill["error"]["code"], "SW_FED_NOT_ROOM_HOST");
+    let events = crate::refusals::host_events(&net, "a.test", "b.test", &room).await;
+    let replay: Vec<Value> = events
+        .iter()
+        .filter(|e| e["content"]["body"] == "a1")
+        .cloned()
+        .collect();
+    assert_eq!(replay.len(), 1);
+    let (s, answer) = crate::refusals::send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "replay-1", "events": replay, "edus": []}),
+    )
+    .await;
+    assert_eq!(s, 200, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "duplicate", "{answer}");
+    assert_eq!(
+        bodies(&net, &bob, &room).await,
+        on_b,
+        "nothing stored twice"
+    );
+
+    // Peer rows show traffic both ways.
+    let (_, peers) = net
+        .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
+        .await;
+    let row = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["server_name"] == "b.test")
+        .cloned()
+        .unwrap();
+    assert!(row["events_sent_24h"].as_u64().unwrap() >= 3, "{row}");
+    assert!(row["events_received_24h"].as_u64().unwrap() >= 3, "{row}");
+    assert_eq!(row["status"], "ok");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiner_backfills_history_and_members() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let carol = net.user("a.test", "carol").await;
+    let bob = net.user("b.test", "bob").await;
+    let (_, room) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "History"})),
+        )
+        .await;
+    let room = room["room_id"].as_str().unwrap().to_string();
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    // A local invite and join, and history before bob arrives.
+    let (s, inv) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &format!("/v1/rooms/{}/invitations", enc(&room)),
+            Some(json!({"fqid": carol.fqid})),
+        )
+        .await;
+    assert_eq!(s, 200, "{inv}");
+    let (s, _) = net
+        .as_user(
+            &carol,
+            Method::POST,
+            &format!(
+                "/v1/me/invitations/{}/accept",
+                inv["invite_id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    for b in ["early-1", "early-2"] {
+        net.as_user(&carol, Method::POST, &path, Some(json!({"body": b})))
+            .await;
+    }
+    let (_, inv) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &format!("/v1/rooms/{}/invitations", enc(&room)),
+            Some(json!({"fqid": bob.fqid})),
+        )
+        .await;
+    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
+    eventually("invite arrives", || async {
+        !net.as_user(&bob, Method::GET, "/v1/me/invitations", None)
+            .await
+            .1["invitations"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let (s, v) = net
+        .as_user(
+            &bob,
+            Method::POST,
+            &format!("/v1/me/invitations/{invite_id}/accept"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let seen: Vec<String> = bodies(&net, &bob, &room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(
+        seen,
+        ["early-1", "early-2"],
+        "bob sees the history from before his join"
+    );
+    let (_, members) = net
+        .as_user(
+            &bob,
+            Method::GET,
+            &format!("/v1/rooms/{}/members", enc(&room)),
+            None,
+        )
+        .await;
+    let names: Vec<&str> = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["fqid"].as_str().unwrap())
+        .collect();
+    for who in [&alice.fqid, &carol.fqid, &bob.fqid] {
+        assert!(names.contains(&who.as_str()), "{who} in {names:?}");
+    }
+    net.stop_all().await;
+}

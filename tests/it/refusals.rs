@@ -1,0 +1,674 @@
+//! Every refusal of SPEC §4/§8/§9 through real HTTPS: status, `SW_*` code,
+//! and no state changed.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use reqwest::Method;
+use scaiwave::federation::event::{Content, Event};
+use scaiwave::federation::httpsig;
+use scaiwave::ids::{Fqid, KeyId, RoomId};
+use serde_json::{json, Value};
+
+use crate::federation::{bodies, shared_room};
+use crate::testnet::{self, enc, TestNet};
+
+/// A signed S2S request from `from`'s real client and key.
+pub async fn s2s(
+    net: &TestNet,
+    from: &str,
+    to: &str,
+    method: http::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let app = net.server(from).app().clone();
+    let reply = app
+        .outbound
+        .signed(
+            &app.signer().unwrap(),
+            method,
+            &to.parse().unwrap(),
+            path,
+            body.map(|b| serde_json::to_vec(&b).unwrap()),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    (
+        reply.status,
+        serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
+    )
+}
+
+pub async fn send_as(net: &TestNet, from: &str, to: &str, body: Value) -> (u16, Value) {
+    s2s(
+        net,
+        from,
+        to,
+        http::Method::POST,
+        "/_scaiwave/federation/v1/send",
+        Some(body),
+    )
+    .await
+}
+
+/// The events of `room` as its host serves them to `asker`.
+pub async fn host_events(net: &TestNet, host: &str, asker: &str, room: &str) -> Vec<Value> {
+    let (s, v) = s2s(
+        net,
+        asker,
+        host,
+        http::Method::GET,
+        &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(room)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["events"].as_array().unwrap().clone()
+}
+
+/// A hand-built signed request, so a test can break one thing at a time.
+struct Raw {
+    origin: String,
+    key_id: KeyId,
+    key: ed25519_dalek::SigningKey,
+    created: i64,
+    path: String,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn from_server(net: &TestNet, from: &str, body: &Value) -> Raw {
+        let app = net.server(from).app();
+        let k = app.keys.current().unwrap();
+        Raw {
+            origin: from.into(),
+            key_id: k.key_id,
+            key: k.signing,
+            created: app.clock.now_secs(),
+            path: "/_scaiwave/federation/v1/send".into(),
+            body: serde_json::to_vec(body).unwrap(),
+        }
+    }
+
+    /// Headers a correct signer would send to `to`.
+    fn headers(&self, to: &str) -> Vec<(String, String)> {
+        let digest = httpsig::content_digest(&self.body);
+        let parts = httpsig::RequestParts {
+            method: "POST",
+            authority: to,
+            path: &self.path,
+            query: None,
+            origin: &self.origin,
+            content_digest: Some(&digest),
+        };
+        let sig = httpsig::sign(&parts, &self.key_id, &self.key, self.created);
+        vec![
+            ("scaiwave-origin".into(), self.origin.clone()),
+            ("content-digest".into(), digest),
+            ("signature-input".into(), sig.signature_input),
+            ("signature".into(), sig.signature),
+            ("content-type".into(), "application/json".into()),
+        ]
+    }
+
+    async fn send(
+        &self,
+        net: &TestNet,
+        to: &str,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut req = net
+            .http
+            .post(format!("https://{to}{}", self.path))
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(k, v);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("")
+}
+
+/// A fresh message event from alice in `room`, signed by a.test.
+fn new_event(net: &TestNet, room: &str, alice: &str, body: &str) -> Value {
+    let app = net.server("a.test").app();
+    let k = app.keys.current().unwrap();
+    let e = Event::create(
+        RoomId::parse(room).unwrap(),
+        Fqid::parse(alice).unwrap(),
+        app.clock.now_ms(),
+        Content::Message {
+            body: body.into(),
+            thread_root: None,
+            reply_to: None,
+            mentions: vec![],
+        },
+        &k.key_id,
+        &k.signing,
+    );
+    e.to_wire_value(Some(999))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_request_refusals_follow_the_spec_order_and_change_nothing() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let before = bodies(&net, &bob, &room).await;
+    let body = json!({"txn_id": "t-refused", "events": [new_event(&net, &room, &alice.fqid, "must not land")], "edus": []});
+    let raw = Raw::from_server(&net, "a.test", &body);
+    let good = raw.headers("b.test");
+    let without = |name: &str| {
+        good.iter()
+            .filter(|(k, _)| k != name)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let with = |name: &str, value: String| {
+        let mut h = without(name);
+        h.push((name.into(), value));
+        h
+    };
+
+    // 1. missing / malformed headers, wrong label, tag, alg, uncovered component.
+    let sig_input = good
+        .iter()
+        .find(|(k, _)| k == "signature-input")
+        .unwrap()
+        .1
+        .clone();
+    let cases: Vec<(&str, Vec<(String, String)>)> = vec![
+        ("no Signature", without("signature")),
+        ("no Signature-Input", without("signature-input")),
+        ("no ScaiWave-Origin", without("scaiwave-origin")),
+        (
+            "wrong label",
+            with("signature-input", sig_input.replacen("sw=", "xx=", 1)),
+        ),
+        (
+            "wrong tag",
+            with(
+                "signature-input",
+                sig_input.replace("scaiwave-v1", "other-v1"),
+            ),
+        ),
+        (
+            "wrong alg",
+            with(
+                "signature-input",
+                sig_input.replace("\"ed25519\"", "\"rsa-v1_5-sha256\""),
+            ),
+        ),
+        (
+            "uncovered @query",
+            with("signature-input", sig_input.replace("\"@query\" ", "")),
+        ),
+        ("garbage", with("signature-input", "sw=(((".into())),
+    ];
+    for (what, headers) in cases {
+        let (s, v) = raw.send(&net, "b.test", headers, raw.body.clone()).await;
+        assert_eq!(
+            (s, code(&v)),
+            (401, "SW_FED_SIGNATURE_MISMATCH"),
+            "{what}: {v}"
+        );
+        assert!(
+            v["error"]["message"].as_str().unwrap().len() > 10,
+            "{what}: the message says what to do"
+        );
+    }
+
+    // 2. wrong authority → 421 (the Host names no tenant here).
+    let mut wrong_host = good.clone();
+    wrong_host.push(("host".into(), "elsewhere.test".into()));
+    let (s, v) = raw.send(&net, "b.test", wrong_host, raw.body.clone()).await;
+    assert_eq!((s, code(&v)), (421, "SW_FED_WRONG_DESTINATION"), "{v}");
+
+    // 3. clock skew.
+    let mut old = Raw::from_server(&net, "a.test", &body);
+    old.created -= 3600;
+    let (s, v) = old
+        .send(&net, "b.test", old.headers("b.test"), old.body.clone())
+        .await;
+    assert_eq!(
+        (s, code(&v), v["error"]["reason"].as_str()),
+        (401, "SW_FED_SIGNATURE_MISMATCH", Some("clock_skew")),
+        "{v}"
+    );
+
+    // 4. digest: the body changed after signing.
+    let mut tampered = raw.body.clone();
+    tampered.extend_from_slice(b" ");
+    let (s, v) = raw.send(&net, "b.test", good.clone(), tampered).await;
+    assert_eq!(
+        (s, code(&v), v["error"]["reason"].as_str()),
+        (401, "SW_FED_SIGNATURE_MISMATCH", Some("digest")),
+        "{v}"
+    );
+
+    // 6. a signature by another key under a.test's key_id.
+    let mut forged = Raw::from_server(&net, "a.test", &body);
+    forged.key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let (s, v) = forged
+        .send(
+            &net,
+            "b.test",
+            forged.headers("b.test"),
+            forged.body.clone(),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (401, "SW_FED_SIGNATURE_MISMATCH"), "{v}");
+
+    // Nothing of all that changed b.test's room.
+    assert_eq!(bodies(&net, &bob, &room).await, before);
+    // The well-formed request itself is accepted (as a non-host sender it is refused per event).
+    let (s, v) = raw.send(&net, "b.test", good, raw.body.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
+    // c.test resolves to a listener that counts connections: a descriptor
+    // fetch would show up there.
+    let counter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let counter_addr = counter.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let hits2 = hits.clone();
+    std::thread::spawn(move || {
+        for c in counter.incoming() {
+            if c.is_ok() {
+                hits2.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let extra = BTreeMap::from([("c.test".to_string(), counter_addr)]);
+    let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
+    let (s, v) = net
+        .admin(
+            "b.test",
+            Method::PUT,
+            "/v1/admin/federation/policy",
+            Some(json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let body = json!({"txn_id": "x", "events": [], "edus": []});
+    let mut raw = Raw::from_server(&net, "a.test", &body);
+    raw.origin = "c.test".into();
+    raw.key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
+    raw.key_id = KeyId::derive(&raw.key.verifying_key().to_bytes());
+    let (s, v) = raw
+        .send(&net, "b.test", raw.headers("b.test"), raw.body.clone())
+        .await;
+    assert_eq!((s, code(&v)), (403, "SW_FED_PEER_UNKNOWN"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("allowed_peers"),
+        "{v}"
+    );
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "no descriptor fetch for a refused origin"
+    );
+    // Audited as a policy refusal.
+    let (_, audit) = net
+        .admin(
+            "b.test",
+            Method::GET,
+            "/v1/admin/audit?action=federation.policy_rejected&limit=5",
+            None,
+        )
+        .await;
+    assert_eq!(audit["rows"][0]["peer"], "c.test", "{audit}");
+    // closed refuses everyone, denied_peers wins.
+    net.admin(
+        "b.test",
+        Method::PUT,
+        "/v1/admin/federation/policy",
+        Some(json!({"default_mode": "open", "denied_peers": ["a.test"]})),
+    )
+    .await;
+    let raw = Raw::from_server(&net, "a.test", &body);
+    let (s, v) = raw
+        .send(&net, "b.test", raw.headers("b.test"), raw.body.clone())
+        .await;
+    assert_eq!((s, code(&v)), (403, "SW_FED_POLICY_REJECTED"), "{v}");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_body_and_event_refusals() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let before = bodies(&net, &bob, &room).await;
+
+    // Oversized body: 413 before it is buffered.
+    let resp = net
+        .http
+        .post("https://b.test/_scaiwave/federation/v1/send")
+        .header("content-length", (9 * 1024 * 1024).to_string())
+        .body(vec![b' '; 9 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "SW_FED_TOO_LARGE");
+
+    // Malformed JSON and too many events: 400 SW_FED_BAD_REQUEST.
+    let raw_bad = |bytes: &[u8]| {
+        let mut r = Raw::from_server(&net, "a.test", &json!({}));
+        r.body = bytes.to_vec();
+        r
+    };
+    let r = raw_bad(b"{\"txn_id\": \"x\", \"events\": [");
+    let (s, v) = r
+        .send(&net, "b.test", r.headers("b.test"), r.body.clone())
+        .await;
+    assert_eq!((s, code(&v)), (400, "SW_FED_BAD_REQUEST"), "{v}");
+    let many = json!({"txn_id": "many", "events": vec![json!({}); 101], "edus": []});
+    let (s, v) = send_as(&net, "a.test", "b.test", many).await;
+    assert_eq!((s, code(&v)), (400, "SW_FED_BAD_REQUEST"), "{v}");
+
+    // Per event: a forged signature, a non-host sender, a float, an unknown field.
+    let mut forged = new_event(&net, &room, &alice.fqid, "forged");
+    forged["content"]["body"] = json!("changed after signing");
+    let from_b = {
+        let app = net.server("b.test").app();
+        let k = app.keys.current().unwrap();
+        Event::create(
+            RoomId::parse(&room).unwrap(),
+            Fqid::parse(&bob.fqid).unwrap(),
+            app.clock.now_ms(),
+            Content::Message {
+                body: "x".into(),
+                thread_root: None,
+                reply_to: None,
+                mentions: vec![],
+            },
+            &k.key_id,
+            &k.signing,
+        )
+        .to_wire_value(Some(50))
+    };
+    let mut float = new_event(&net, &room, &alice.fqid, "float");
+    float["content"]["n"] = json!(1.5);
+    let mut unknown = new_event(&net, &room, &alice.fqid, "unknown");
+    unknown["colour"] = json!("blue");
+    let (s, v) = send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "per-event", "events": [forged, float, unknown], "edus": []}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let codes: Vec<&str> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["error"]["code"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "SW_FED_SIGNATURE_MISMATCH",
+            "SW_FED_BAD_EVENT",
+            "SW_FED_BAD_EVENT"
+        ],
+        "{v}"
+    );
+    assert!(v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["status"] == "rejected"));
+    // b.test is not the host of a room hosted by a.test: it refuses b's relays.
+    let (s, v) = send_as(
+        &net,
+        "b.test",
+        "a.test",
+        json!({"txn_id": "relay", "events": [from_b], "edus": []}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["results"][0]["status"], "accepted",
+        "a replica's own event goes to the host: {v}"
+    );
+    // a.test relaying an event of a room hosted by c.test: not its host.
+    let elsewhere = new_event(
+        &net,
+        "!ElsewhereRoom0000000:c.test",
+        &alice.fqid,
+        "via a non-host",
+    );
+    let (s, v) = send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "not-host", "events": [elsewhere], "edus": []}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["results"][0]["error"]["code"], "SW_FED_NOT_ROOM_HOST",
+        "{v}"
+    );
+
+    // Nothing refused was stored on b.test (the accepted relay reached a.test only so far).
+    let after: Vec<String> = bodies(&net, &bob, &room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert!(
+        !after.iter().any(|b| b == "forged"
+            || b == "changed after signing"
+            || b == "float"
+            || b == "unknown"
+            || b == "via a non-host"),
+        "{after:?}"
+    );
+    assert!(after.len() >= before.len());
+    let (_, audit) = net
+        .admin(
+            "b.test",
+            Method::GET,
+            "/v1/admin/audit?action=federation.event.*&limit=10",
+            None,
+        )
+        .await;
+    assert!(
+        audit["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "federation.event.rejected"),
+        "{audit}"
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_key_state_answers_no_key() {
+    let mut net = testnet::start(&["a.test", "b.test"], |name, c| {
+        if name == "b.test" {
+            c.federation.generate_key_on_start = false;
+        }
+    })
+    .await;
+    let (s, d) = net
+        .call(
+            "b.test",
+            Method::GET,
+            "/.well-known/scaiwave/server",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, d["public_key"].as_str(), d["key_id"].as_str()),
+        (200, Some(""), Some("")),
+        "{d}"
+    );
+    let (s, v) = send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "k", "events": [], "edus": []}),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v), v["error"]["retryable"].as_bool()),
+        (503, "SW_FED_NO_KEY", Some(true)),
+        "{v}"
+    );
+    // Generating the key (same function as the CLI) makes it federate.
+    net.server("b.test").app().keys.generate(0).unwrap();
+    let (s, _) = send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "k2", "events": [], "edus": []}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_api_refusals() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let (s, v) = net
+        .call("a.test", Method::GET, "/v1/rooms", None, None)
+        .await;
+    assert_eq!((s, code(&v)), (401, "SW_UNAUTHENTICATED"));
+    let (s, v) = net
+        .as_user(&alice, Method::GET, "/v1/admin/federation/peers", None)
+        .await;
+    assert_eq!((s, code(&v)), (403, "SW_FORBIDDEN"));
+    let (_, room) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "r"})),
+        )
+        .await;
+    let invitations = format!(
+        "/v1/rooms/{}/invitations",
+        enc(room["room_id"].as_str().unwrap())
+    );
+    for bad in ["bob@b.test", "@Bob:b.test", "@bob:", "@bob:B.test"] {
+        let (s, v) = net
+            .as_user(
+                &alice,
+                Method::POST,
+                &invitations,
+                Some(json!({"fqid": bad})),
+            )
+            .await;
+        assert_eq!((s, code(&v)), (400, "SW_BAD_REQUEST"), "{bad}: {v}");
+    }
+    // Unknown participant on the peer: its error comes back at once.
+    let (s, v) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &invitations,
+            Some(json!({"fqid": "@nobody:b.test"})),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (404, "SW_FED_PARTICIPANT_NOT_FOUND"), "{v}");
+    // Incognito rooms never federate: 409 with the reason.
+    let (_, inc) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "secret", "room_type": "incognito"})),
+        )
+        .await;
+    let (s, v) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &format!(
+                "/v1/rooms/{}/invitations",
+                enc(inc["room_id"].as_str().unwrap())
+            ),
+            Some(json!({"fqid": "@bob:b.test"})),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (409, "SW_FED_ROOM_TYPE_FORBIDDEN"), "{v}");
+    // Policy: a bad value names the field and changes nothing.
+    let (_, before) = net
+        .admin("a.test", Method::GET, "/v1/admin/federation/policy", None)
+        .await;
+    for (patch, field) in [
+        (
+            json!({"default_mode": "maybe", "allowed_peers": ["x.test"]}),
+            "default_mode",
+        ),
+        (
+            json!({"max_backfill_events_per_request": -4}),
+            "max_backfill_events_per_request",
+        ),
+        (json!({"nope": 1}), "nope"),
+    ] {
+        let (s, v) = net
+            .admin(
+                "a.test",
+                Method::PUT,
+                "/v1/admin/federation/policy",
+                Some(patch),
+            )
+            .await;
+        assert_eq!((s, code(&v)), (400, "SW_BAD_REQUEST"));
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
+    let (_, after) = net
+        .admin("a.test", Method::GET, "/v1/admin/federation/policy", None)
+        .await;
+    assert_eq!(before, after);
+    assert_eq!(after["default_mode"], "open");
+    // Outbound policy: we never send to a server we would refuse.
+    net.admin(
+        "a.test",
+        Method::PUT,
+        "/v1/admin/federation/policy",
+        Some(json!({"default_mode": "closed"})),
+    )
+    .await;
+    let bob = net.user("b.test", "bob").await;
+    let (s, v) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &invitations,
+            Some(json!({"fqid": bob.fqid})),
+        )
+        .await;
+    assert_eq!((s, code(&v)), (409, "SW_FED_POLICY_REJECTED"), "{v}");
+    net.stop_all().await;
+}

@@ -1,0 +1,280 @@
+//! `TestNet`: real scaiwave servers on 127.0.0.1:0 with temporary sled
+//! databases and real TLS from a throwaway CA (rcgen), each told where the
+//! others are through `federation.resolve`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use scaiwave::clock::Clock;
+use scaiwave::config::Config;
+use scaiwave::ids::ServerName;
+use scaiwave::server::Running;
+use serde_json::{json, Value};
+
+pub struct Ca {
+    dir: tempfile::TempDir,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    pub fn new() -> Ca {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "scaiwave test CA");
+        let issuer =
+            rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+                .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).unwrap();
+        Ca { dir, issuer }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A leaf for `host`, written as `<host>.pem` / `<host>.key`.
+    pub fn leaf(&self, host: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let (c, k) = (
+            self.dir.path().join(format!("{host}.pem")),
+            self.dir.path().join(format!("{host}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+pub struct Server {
+    pub name: ServerName,
+    pub running: Option<Running>,
+    /// Kept so the data dir lives as long as the server.
+    _data: tempfile::TempDir,
+    pub admin_token: String,
+}
+
+impl Server {
+    pub fn app(&self) -> &Arc<scaiwave::app::App> {
+        &self.running.as_ref().expect("server is running").app
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+}
+
+/// Resolves every test name to its loopback address, port included.
+struct TestResolver(BTreeMap<String, SocketAddr>);
+
+impl Resolve for TestResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let addr = self.0.get(name.as_str()).copied();
+        Box::pin(async move {
+            let addr = addr.ok_or("unknown test name")?;
+            Ok(Box::new(std::iter::once(addr)) as Addrs)
+        })
+    }
+}
+
+pub struct TestNet {
+    /// Kept so the certificate files live as long as the servers.
+    _ca: Ca,
+    pub servers: Vec<Server>,
+    pub http: reqwest::Client,
+}
+
+/// Builds a net; `tweak` may change each server's config before start.
+pub async fn start(names: &[&str], tweak: impl Fn(&str, &mut Config)) -> TestNet {
+    start_with_extra(names, BTreeMap::new(), tweak).await
+}
+
+/// `extra` maps more names (not scaiwave servers) to loopback addresses.
+pub async fn start_with_extra(
+    names: &[&str],
+    extra: BTreeMap<String, SocketAddr>,
+    tweak: impl Fn(&str, &mut Config),
+) -> TestNet {
+    let ca = Ca::new();
+    let listeners: Vec<std::net::TcpListener> = names
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: BTreeMap<String, SocketAddr> = names
+        .iter()
+        .zip(&listeners)
+        .map(|(n, l)| (n.to_string(), l.local_addr().unwrap()))
+        .collect();
+    let mut all = addrs.clone();
+    all.extend(extra.clone());
+    let mut servers = Vec::new();
+    for (name, listener) in names.iter().zip(listeners) {
+        let data = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf(name);
+        let mut config = Config::default_embedded();
+        config.server_name = ServerName::parse(name).unwrap();
+        config.listen = listener.local_addr().unwrap();
+        config.data_dir = data.path().to_path_buf();
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+        config.tls.trust_roots = vec![ca.ca_path()];
+        config.federation.retry_initial = Duration::from_millis(100);
+        config.federation.retry_max_interval = Duration::from_secs(1);
+        for (other, addr) in &all {
+            if other != name {
+                config
+                    .federation
+                    .resolve
+                    .insert(ServerName::parse(other).unwrap(), *addr);
+            }
+        }
+        tweak(name, &mut config);
+        let clock = Clock::system();
+        let running = scaiwave::server::start_on(config.clone(), clock.clone(), listener)
+            .await
+            .unwrap();
+        let admin_token = std::fs::read_to_string(data.path().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        servers.push(Server {
+            name: config.server_name.clone(),
+            running: Some(running),
+            _data: data,
+            admin_token,
+        });
+    }
+    scaiwave::tls::install_crypto_provider();
+    let ca_pem = std::fs::read(ca.ca_path()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
+        .dns_resolver(Arc::new(TestResolver(all)))
+        .build()
+        .unwrap();
+    TestNet {
+        _ca: ca,
+        servers,
+        http,
+    }
+}
+
+/// A participant on a server, with its token.
+#[derive(Clone)]
+pub struct User {
+    pub server: String,
+    pub fqid: String,
+    pub token: String,
+}
+
+impl TestNet {
+    pub fn server(&self, name: &str) -> &Server {
+        self.servers
+            .iter()
+            .find(|s| s.name.as_str() == name)
+            .expect("known server")
+    }
+
+    /// An HTTPS call to a server's local API (`token` as bearer, if any).
+    pub async fn call(
+        &self,
+        server: &str,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("https://{server}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&b).unwrap());
+        }
+        let resp = req.send().await.expect("request reaches the server");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    pub async fn admin(
+        &self,
+        server: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let token = self.server(server).admin_token.clone();
+        self.call(server, method, path, Some(&token), body).await
+    }
+
+    pub async fn user(&self, server: &str, local: &str) -> User {
+        let (status, v) = self
+            .admin(
+                server,
+                reqwest::Method::POST,
+                "/v1/admin/participants",
+                Some(json!({"local_id": local, "display_name": local.to_uppercase()})),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        User {
+            server: server.into(),
+            fqid: v["fqid"].as_str().unwrap().into(),
+            token: v["token"].as_str().unwrap().into(),
+        }
+    }
+
+    pub async fn as_user(
+        &self,
+        u: &User,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.call(&u.server, method, path, Some(&u.token), body)
+            .await
+    }
+
+    pub async fn stop_all(&mut self) {
+        for s in &mut self.servers {
+            s.stop().await;
+        }
+    }
+}
+
+pub fn enc(id: &str) -> String {
+    scaiwave::api::encode_segment(id)
+}
+
+/// Wait (bounded) until `check` holds; never a fixed sleep.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
