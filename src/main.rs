@@ -39,7 +39,12 @@ fn main() -> ExitCode {
     init_logging(config.log.format);
     let result = match cli.command {
         Command::Serve => serve(config),
-        Command::Admin(cmd) => scaiwave::cli::run_admin(config, cmd).map_err(anyhow::Error::from),
+        Command::Admin(cmd) => {
+            let argv = admin_argv();
+            scaiwave::cli::run_admin(config, argv, cmd)
+                .map(|out| println!("{out}"))
+                .map_err(anyhow::Error::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,6 +53,29 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// The admin part of the command line (from `admin` on), which is what the
+/// running server re-parses; global options were already applied here.
+fn admin_argv() -> Vec<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for a in args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        if a == "--config" || a == "--log-format" {
+            skip_value = true;
+            continue;
+        }
+        if a.starts_with("--config=") || a.starts_with("--log-format=") {
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

@@ -66,6 +66,7 @@ pub async fn start_on(
         .spawn(crate::api::serve::serve(listener, tls, app.clone()));
     app.delivery.start(&app)?;
     app.tasks.spawn(rotation_timer(app.clone()));
+    app.tasks.spawn(crate::cli::serve_socket(app.clone()));
     tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
     Ok(Running { addr, app })
 }

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::{Config, LogFormat};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ids::{LocalId, ServerName};
 use crate::storage::PowerLevel;
 
@@ -94,66 +94,91 @@ pub enum ParticipantCmd {
     },
 }
 
-/// Run an admin command against the database in `config.data_dir`.
-pub fn run_admin(config: Config, cmd: Admin) -> Result<()> {
+/// The admin socket in the data dir: while `serve` runs, admin commands
+/// are executed by the server through it (sled allows one process).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+
+/// An admin command line as it travels over the socket.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SocketRequest {
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SocketAnswer {
+    pub ok: bool,
+    pub output: String,
+}
+
+/// Run an admin command: through the running server's socket if there is
+/// one, else against the database directly. Either way [`execute`] runs it.
+pub fn run_admin(config: Config, argv: Vec<String>, cmd: Admin) -> Result<String> {
+    let socket = config.data_dir.join(ADMIN_SOCKET);
+    if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+        return through_socket(stream, argv);
+    }
     let app = App::open(config, Clock::system())?;
-    match cmd {
+    let out = execute(&app, cmd);
+    app.store.flush_blocking()?;
+    out
+}
+
+fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>) -> Result<String> {
+    use std::io::{BufRead, Write};
+    let io = |e: std::io::Error| Error::internal("admin socket", e);
+    let mut line =
+        serde_json::to_vec(&SocketRequest { argv }).map_err(|e| Error::internal("encode", e))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).map_err(io)?;
+    let answer: SocketAnswer =
+        serde_json::from_str(&answer).map_err(|e| Error::internal("admin socket answer", e))?;
+    if answer.ok {
+        Ok(answer.output)
+    } else {
+        Err(Error::bad_request(answer.output))
+    }
+}
+
+/// Parse an argv received over the socket into an admin command.
+pub fn parse_admin_argv(argv: &[String]) -> std::result::Result<Admin, String> {
+    let cli =
+        Cli::try_parse_from(std::iter::once("scaiwave".to_string()).chain(argv.iter().cloned()))
+            .map_err(|e| e.to_string())?;
+    match cli.command {
+        Command::Admin(a) => Ok(a),
+        Command::Serve => Err("only admin commands go through the admin socket".into()),
+    }
+}
+
+/// Execute one admin command against a running (or just opened) app.
+pub fn execute(app: &App, cmd: Admin) -> Result<String> {
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
+    Ok(match cmd {
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
             let rec = app.keys.generate(app.clock.now_ms())?;
-            println!("generated key {}", rec.key_id);
+            format!("generated key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Rotate(a))) => {
-            let rec = crate::server::rotate(&app, a.revoke_previous)?;
-            println!("rotated; new key {}", rec.key_id);
+            let rec = crate::server::rotate(app, a.revoke_previous)?;
+            format!("rotated; new key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Show)) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&crate::api::admin::identity(&app))
-                    .unwrap_or_default()
-            );
+            pretty(&crate::api::admin::identity(app))
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Show)) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&app.policy()).unwrap_or_default()
-            );
+            pretty(&serde_json::to_value(app.policy()).unwrap_or_default())
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Set { json })) => {
-            let patch: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
-                crate::error::Error::bad_request(format!("the policy update is not JSON: {e}"))
-            })?;
+            let patch: serde_json::Value = serde_json::from_str(&json)
+                .map_err(|e| Error::bad_request(format!("the policy update is not JSON: {e}")))?;
             let next = app.policy().patched(&patch)?;
             app.set_policy(next.clone())?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&next).unwrap_or_default()
-            );
+            pretty(&serde_json::to_value(next).unwrap_or_default())
         }
-        Admin::Federation(Federation::Peers) => {
-            println!(
-                "{:<32} {:<8} {:>6} {:>6} {:>6}  {:<25} LAST_ERROR",
-                "SERVER_NAME", "STATUS", "QUEUE", "SENT", "RECV", "LAST_SEEN"
-            );
-            for p in crate::api::admin::peers(&app)? {
-                let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
-                let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                let err = p
-                    .get("last_error")
-                    .and_then(|e| e.get("code"))
-                    .and_then(|c| c.as_str())
-                    .unwrap_or("-");
-                println!(
-                    "{:<32} {:<8} {:>6} {:>6} {:>6}  {:<25} {err}",
-                    s("server_name"),
-                    s("status"),
-                    n("queue_depth"),
-                    n("events_sent_24h"),
-                    n("events_received_24h"),
-                    s("last_seen")
-                );
-            }
-        }
+        Admin::Federation(Federation::Peers) => peers_table(&crate::api::admin::peers(app)?),
         Admin::Participant(ParticipantCmd::Create {
             local_id,
             admin,
@@ -170,11 +195,93 @@ pub fn run_admin(config: Config, cmd: Admin) -> Result<()> {
                 display_name.as_deref().unwrap_or(&local_id),
                 power,
             )?;
-            println!("{}\n{token}", app.fqid(&local));
+            format!("{}\n{token}", app.fqid(&local))
         }
+    })
+}
+
+fn peers_table(peers: &[serde_json::Value]) -> String {
+    let mut out = format!(
+        "{:<32} {:<8} {:>6} {:>6} {:>6}  {:<22} {:<22} LAST_ERROR\n",
+        "SERVER_NAME", "STATUS", "QUEUE", "SENT", "RECV", "LAST_SEEN", "NEXT_RETRY"
+    );
+    for p in peers {
+        let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+        let n = |k: &str| p.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let err = p
+            .get("last_error")
+            .and_then(|e| e.get("code"))
+            .and_then(|c| c.as_str())
+            .unwrap_or("-");
+        out.push_str(&format!(
+            "{:<32} {:<8} {:>6} {:>6} {:>6}  {:<22} {:<22} {err}\n",
+            s("server_name"),
+            s("status"),
+            n("queue_depth"),
+            n("events_sent_24h"),
+            n("events_received_24h"),
+            s("last_seen"),
+            s("next_retry_at"),
+        ));
     }
-    app.store.flush_blocking()?;
-    Ok(())
+    out
+}
+
+/// Serve the admin socket until shutdown. The socket file is created
+/// with mode 0600 inside the data dir: only the server's user may use it.
+pub async fn serve_socket(app: std::sync::Arc<App>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let path = app.config.data_dir.join(ADMIN_SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = match tokio::net::UnixListener::bind(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no admin socket; admin commands need the server stopped");
+            return;
+        }
+    };
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    loop {
+        let (stream, _) = tokio::select! {
+            a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            _ = app.shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let mut reader = tokio::io::BufReader::new(read);
+            if reader.read_line(&mut line).await.is_err() {
+                return;
+            }
+            let answer = match serde_json::from_str::<SocketRequest>(&line) {
+                Err(e) => SocketAnswer {
+                    ok: false,
+                    output: format!("bad admin request: {e}"),
+                },
+                Ok(req) => match parse_admin_argv(&req.argv) {
+                    Err(e) => SocketAnswer {
+                        ok: false,
+                        output: e,
+                    },
+                    Ok(cmd) => match execute(&app, cmd) {
+                        Ok(output) => SocketAnswer { ok: true, output },
+                        Err(e) => SocketAnswer {
+                            ok: false,
+                            output: e.to_string(),
+                        },
+                    },
+                },
+            };
+            let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
+            bytes.push(b'\n');
+            let _ = write.write_all(&bytes).await;
+        });
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// Validate a server name given on the command line.

@@ -1,0 +1,221 @@
+//! The real binary as an operator runs it: embedded default, first-start
+//! files, admin commands through the running server's socket, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_scaiwave");
+
+/// A `scaiwave serve` child in `dir`, with its JSON log lines.
+pub struct Process {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Process {
+    pub fn serve(dir: &std::path::Path, envs: &[(&str, String)]) -> Process {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--log-format", "json"])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Process {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// Wait (bounded) for a log line whose message contains `needle`.
+    pub fn wait_for(&mut self, needle: &str) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.log.push(line.clone());
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(needle))
+                    {
+                        return v;
+                    }
+                }
+            }
+        }
+        panic!("no log line with {needle:?}; log so far: {:#?}", self.log);
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.try_recv() {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn admin(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("admin")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_first_start_admin_socket_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Process::serve(
+        dir.path(),
+        &[
+            ("SCAIWAVE_LISTEN", "127.0.0.1:0".into()),
+            ("SCAIWAVE_SERVER_NAME", "localhost:8448".into()),
+        ],
+    );
+    let started = p.wait_for("scaiwave is serving HTTPS");
+    let addr: std::net::SocketAddr = started["fields"]["addr"].as_str().unwrap().parse().unwrap();
+
+    // First-start files: the admin token is 0600 and never logged.
+    let data = dir.path().join("scaiwave-data");
+    let token_path = data.join("admin-token");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(token.len(), 64, "256-bit token in hex");
+    assert!(
+        p.log.iter().all(|l| !l.contains(&token)),
+        "the token never reaches the log"
+    );
+    assert!(
+        p.log.iter().any(|l| l.contains("admin-token")),
+        "the token's path is logged"
+    );
+
+    // The descriptor over HTTPS with the self-signed certificate.
+    scaiwave::tls::install_crypto_provider();
+    let cert = std::fs::read(data.join("tls-cert.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&cert).unwrap()])
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let url = format!(
+        "https://localhost:{}/.well-known/scaiwave/server",
+        addr.port()
+    );
+    let descriptor = |http: reqwest::Client, url: String| async move {
+        let r = http
+            .get(url)
+            .header("host", "localhost:8448")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["cache-control"], "max-age=300");
+        serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
+    };
+    let d = descriptor(http.clone(), url.clone()).await;
+    assert_eq!(d["server_name"], "localhost:8448");
+    let first_key = d["key_id"].as_str().unwrap().to_string();
+
+    // Admin commands go through the running server (sled allows one process).
+    let (code, out, err) = admin(dir.path(), &["federation", "key", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&first_key), "{out}");
+    let (code, out, err) = admin(dir.path(), &["federation", "key", "rotate"]);
+    assert_eq!(code, 0, "{err}");
+    let d = descriptor(http.clone(), url.clone()).await;
+    assert_ne!(
+        d["key_id"],
+        first_key.as_str(),
+        "the running server signs with the new key at once"
+    );
+    assert!(out.contains(d["key_id"].as_str().unwrap()), "{out}");
+    assert_eq!(d["old_keys"][0]["key_id"], first_key.as_str());
+    let (code, out, _) = admin(dir.path(), &["federation", "peers"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("SERVER_NAME"), "{out}");
+
+    // SIGTERM: drain, flush, exit 0.
+    p.signal(15);
+    let status = p.wait_exit();
+    assert_eq!(status.code(), Some(0), "{:#?}", p.log);
+
+    // Stopped: the same command opens the database directly.
+    let (code, out, err) = admin(dir.path(), &["federation", "key", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(d["key_id"].as_str().unwrap()), "{out}");
+}
+
+#[test]
+fn configuration_errors_exit_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("SCAIWAVE_FEDERATION__MAX_CLOCK_SKEW", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("federation.max_clock_skew"));
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "[federation]\nretry_intial = \"2s\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "c.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("federation.retry_intial"));
+    assert!(
+        !dir.path().join("scaiwave-data").exists(),
+        "a configuration error changes nothing on disk"
+    );
+}
