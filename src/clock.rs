@@ -80,9 +80,12 @@ impl Clock {
 }
 
 /// RFC 3339 UTC text of a millisecond timestamp (SPEC §2: JSON times).
+/// Milliseconds are kept: a key's `rotated_at` decides which events it may
+/// verify, and truncating it to the second would refuse events signed
+/// just before a rotation.
 pub fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[cfg(test)]
@@ -100,6 +103,6 @@ mod tests {
 
     #[test]
     fn formats_rfc3339() {
-        assert_eq!(rfc3339(1_764_000_000_000), "2025-11-24T16:00:00Z");
+        assert_eq!(rfc3339(1_764_000_000_123), "2025-11-24T16:00:00.123Z");
     }
 }

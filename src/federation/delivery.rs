@@ -263,6 +263,7 @@ async fn give_up(
         Code::parse(code),
         &format!("{code}: {why}"),
     );
+    app.peer_failure(peer, code, why);
     if let Err(e) = app.store.remove(T::Outbox, key) {
         tracing::error!(error = %e, "could not drop a given-up outbox row");
     }

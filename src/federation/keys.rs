@@ -100,6 +100,25 @@ impl Keys {
         })
     }
 
+    /// One of our own keys, by id, for verifying our own events (history
+    /// that comes back by backfill): the current key always; an old one
+    /// for events made before it was rotated out.
+    pub fn own_key_for_event(
+        &self,
+        key_id: &KeyId,
+        origin_ts_ms: i64,
+    ) -> Option<ed25519_dalek::VerifyingKey> {
+        let ring = self.ring.read().expect("key ring lock");
+        let current = ring.current.iter().filter(|c| c.key_id == key_id.as_str());
+        let old = ring.old.iter().filter(|k| {
+            k.key_id == key_id.as_str() && k.rotated_at_ms.is_some_and(|r| origin_ts_ms < r)
+        });
+        current
+            .chain(old)
+            .next()
+            .map(|k| SigningKey::from_bytes(&k.seed).verifying_key())
+    }
+
     pub fn has_key(&self) -> bool {
         self.ring.read().expect("key ring lock").current.is_some()
     }

@@ -337,7 +337,17 @@ pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid)
             )
             .as_conflict());
         }
-        if !room.federate || !app.config.federation.enabled {
+        if !app.config.federation.enabled {
+            return Err(Error::new(
+                Code::TenantDisabled,
+                format!(
+                    "federation is disabled on {}; set federation.enabled = true to federate",
+                    app.server_name
+                ),
+            )
+            .as_conflict());
+        }
+        if !room.federate {
             return Err(Error::new(Code::RoomNotFederated, "federation is off for this room; an admin can enable it with PUT /v1/admin/rooms/{room_id}/federate").as_conflict());
         }
         let server = target.server();

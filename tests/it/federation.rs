@@ -313,3 +313,246 @@ async fn joiner_backfills_history_and_members() {
     }
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_is_seen_from_the_other_side() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    let count = |n: usize| {
+        let (net, bob, room) = (&net, &bob, &room);
+        move || async move { bodies(net, bob, room).await.len() == n }
+    };
+    net.as_user(
+        &alice,
+        Method::POST,
+        &path,
+        Some(json!({"body": "before rotation"})),
+    )
+    .await;
+    eventually("first message reaches b", count(1)).await;
+
+    let a = net.server("a.test").app().clone();
+    let old = a.keys.current().unwrap().key_id;
+    scaiwave::server::rotate(&a, false).unwrap();
+    assert_ne!(a.keys.current().unwrap().key_id, old);
+    net.as_user(
+        &alice,
+        Method::POST,
+        &path,
+        Some(json!({"body": "after rotation"})),
+    )
+    .await;
+    eventually(
+        "a message signed with the new key is verified on b",
+        count(2),
+    )
+    .await;
+
+    // History signed with the old key still verifies (backfill re-verifies every event).
+    let (s, v) = net
+        .admin(
+            "b.test",
+            Method::POST,
+            &format!("/v1/admin/rooms/{}/federation/backfill", enc(&room)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["rejected"], 0, "{v}");
+    assert!(v["fetched"].as_u64().unwrap() >= 3, "{v}");
+    assert_eq!(v["stored"], 0, "nothing new: b had it all");
+    let (_, audit) = net
+        .admin(
+            "a.test",
+            Method::GET,
+            "/v1/admin/audit?action=federation.key.*",
+            None,
+        )
+        .await;
+    assert_eq!(
+        audit["rows"][0]["action"], "federation.key.rotated",
+        "{audit}"
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decline_and_refused_events_end_in_failed_state() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let dave = net.user("b.test", "dave").await;
+
+    // dave declines: the invitation is gone on both sides.
+    let (_, inv) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            &format!("/v1/rooms/{}/invitations", enc(&room)),
+            Some(json!({"fqid": dave.fqid})),
+        )
+        .await;
+    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
+    eventually("dave sees it", || async {
+        !net.as_user(&dave, Method::GET, "/v1/me/invitations", None)
+            .await
+            .1["invitations"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    let (s, v) = net
+        .as_user(
+            &dave,
+            Method::POST,
+            &format!("/v1/me/invitations/{invite_id}/decline"),
+            None,
+        )
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("declined")), "{v}");
+    assert!(net
+        .as_user(&dave, Method::GET, "/v1/me/invitations", None)
+        .await
+        .1["invitations"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let (_, members) = net
+        .as_user(
+            &alice,
+            Method::GET,
+            &format!("/v1/rooms/{}/members", enc(&room)),
+            None,
+        )
+        .await;
+    assert!(
+        !members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["fqid"] == dave.fqid.as_str()),
+        "{members}"
+    );
+    // Accepting a declined invitation is refused.
+    let (s, _) = net
+        .as_user(
+            &dave,
+            Method::POST,
+            &format!("/v1/me/invitations/{invite_id}/accept"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 404);
+
+    // The host turns federation off for the room: bob's next message is refused
+    // for good, marked failed, and audited; nothing is retried.
+    let (s, v) = net
+        .admin(
+            "a.test",
+            Method::PUT,
+            &format!("/v1/admin/rooms/{}/federate", enc(&room)),
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    let (_, posted) = net
+        .as_user(
+            &bob,
+            Method::POST,
+            &path,
+            Some(json!({"body": "into the void"})),
+        )
+        .await;
+    eventually("bob's message is marked failed", || async {
+        bodies(&net, &bob, &room)
+            .await
+            .iter()
+            .any(|m| m.1 == "into the void" && m.2 == "failed")
+    })
+    .await;
+    let (_, audit) = net
+        .admin(
+            "b.test",
+            Method::GET,
+            "/v1/admin/audit?action=federation.send.failed",
+            None,
+        )
+        .await;
+    let row = &audit["rows"][0];
+    assert_eq!(
+        (row["event_id"].as_str(), row["code"].as_str()),
+        (
+            posted["event_id"].as_str(),
+            Some("SW_FED_ROOM_NOT_FEDERATED")
+        ),
+        "{audit}"
+    );
+    let (_, peers) = net
+        .admin("b.test", Method::GET, "/v1/admin/federation/peers", None)
+        .await;
+    let a_row = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["server_name"] == "a.test")
+        .cloned()
+        .unwrap();
+    assert_eq!(a_row["queue_depth"], 0, "{a_row}");
+    assert_eq!(
+        a_row["last_error"]["code"], "SW_FED_ROOM_NOT_FEDERATED",
+        "{a_row}"
+    );
+    assert!(!bodies(&net, &alice, &room)
+        .await
+        .iter()
+        .any(|m| m.1 == "into the void"));
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_federation_disabled_refuses_both_ways() {
+    let mut net = testnet::start(&["a.test", "b.test"], |name, c| {
+        c.federation.enabled = name != "b.test"
+    })
+    .await;
+    let (s, v) = crate::refusals::send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "t", "events": [], "edus": []}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("SW_FED_TENANT_DISABLED")),
+        "{v}"
+    );
+    let bob = net.user("b.test", "bob").await;
+    let (_, room) = net
+        .as_user(
+            &bob,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "local only"})),
+        )
+        .await;
+    let (s, v) = net
+        .as_user(
+            &bob,
+            Method::POST,
+            &format!(
+                "/v1/rooms/{}/invitations",
+                enc(room["room_id"].as_str().unwrap())
+            ),
+            Some(json!({"fqid": "@alice:a.test"})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("SW_FED_TENANT_DISABLED")),
+        "{v}"
+    );
+    net.stop_all().await;
+}
