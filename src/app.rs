@@ -12,7 +12,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Code, Error, Result};
 use crate::federation::client::{Outbound, Signer};
-use crate::federation::delivery::Delivery;
+use crate::federation::delivery::{Delivery, HttpsTransport, Transport};
 use crate::federation::event::{Presence, PresenceStatus};
 use crate::federation::keys::Keys;
 use crate::federation::policy::Policy;
@@ -37,6 +37,8 @@ pub struct App {
     policy: RwLock<Policy>,
     pub room_locks: RoomLocks,
     pub delivery: Delivery,
+    /// How the delivery loop reaches peers (HTTPS; scripted in tests).
+    pub transport: Arc<dyn Transport>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -59,6 +61,15 @@ impl App {
     /// Open the data dir and load state. `first_start` work (key, admin
     /// token) is done by [`App::first_start`].
     pub fn open(config: Config, clock: Clock) -> Result<Arc<App>> {
+        App::open_with(config, clock, Arc::new(HttpsTransport))
+    }
+
+    /// [`App::open`] with another delivery transport (tests script one).
+    pub fn open_with(
+        config: Config,
+        clock: Clock,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<App>> {
         crate::tls::install_crypto_provider();
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             Error::bad_request(format!(
@@ -82,6 +93,7 @@ impl App {
             policy: RwLock::new(policy),
             room_locks: RoomLocks::default(),
             delivery: Delivery::default(),
+            transport,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }))

@@ -175,7 +175,7 @@ pub fn peers(app: &App) -> Result<Vec<Value>> {
             "events_sent_24h": rec.sent.total(now),
             "events_received_24h": rec.received.total(now),
             "queue_depth": depth,
-            "next_retry_at": Value::Null,
+            "next_retry_at": app.delivery.next_retry_at_ms(&name).filter(|_| depth > 0).map(rfc3339),
             "protocol_versions": rec.protocol_versions,
         }));
     }

@@ -7,8 +7,11 @@
 //! the delivered rows re-sends the same transaction, which receivers answer
 //! as `duplicate`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use futures_util::future::BoxFuture;
 use std::time::Duration;
 
 use rand::Rng;
@@ -48,10 +51,66 @@ pub fn enqueue_event(
 }
 
 struct PeerSignals {
-    /// New rows were queued.
+    /// New rows (or EDUs) were queued.
     queued: Notify,
     /// The peer talked to us: if we are backing off, try again now.
     inbound: Notify,
+    /// When the task will try again (ms), 0 when it is not backing off.
+    next_retry_at_ms: AtomicI64,
+    /// Presence EDUs waiting for this peer: latest per sender, kept in memory
+    /// only (they are ephemeral) and dropped after [`EDU_TTL_MS`].
+    edus: Mutex<BTreeMap<String, (i64, serde_json::Value)>>,
+}
+
+/// A presence update older than this is not worth delivering any more.
+pub const EDU_TTL_MS: i64 = 5 * 60 * 1000;
+
+/// How a transaction reaches a peer. Production uses signed HTTPS; tests
+/// of the delivery loop script the answers and drive time.
+pub trait Transport: Send + Sync {
+    fn send<'a>(
+        &'a self,
+        app: &'a App,
+        peer: &'a ServerName,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Attempt>;
+}
+
+/// Signed HTTPS `POST /send` through [`crate::federation::client::Outbound`].
+pub struct HttpsTransport;
+
+impl Transport for HttpsTransport {
+    fn send<'a>(
+        &'a self,
+        app: &'a App,
+        peer: &'a ServerName,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Attempt> {
+        Box::pin(async move {
+            let signer = match app.signer() {
+                Ok(s) => s,
+                Err(e) => {
+                    return Attempt::Retry {
+                        code: e.code.as_str().into(),
+                        message: e.message,
+                        retry_after_secs: None,
+                    }
+                }
+            };
+            let reply = app
+                .outbound
+                .signed(
+                    &signer,
+                    http::Method::POST,
+                    peer,
+                    "/_scaiwave/federation/v1/send",
+                    Some(body),
+                    Duration::from_secs(DELIVERY_TIMEOUT_SECS),
+                )
+                .await;
+            classify(reply)
+        })
+    }
 }
 
 #[derive(Default)]
@@ -104,6 +163,8 @@ impl Delivery {
         let s = Arc::new(PeerSignals {
             queued: Notify::new(),
             inbound: Notify::new(),
+            next_retry_at_ms: AtomicI64::new(0),
+            edus: Mutex::new(BTreeMap::new()),
         });
         map.insert(peer.clone(), s.clone());
         if let Some(app_arc) = self.app.get().and_then(Weak::upgrade) {
@@ -116,6 +177,24 @@ impl Delivery {
     /// New rows are queued for `peer`.
     pub fn wake(&self, app: &App, peer: &ServerName) {
         self.signals(app, peer).queued.notify_one();
+    }
+
+    /// Queue a presence EDU for `peer`, replacing an older one of the same sender.
+    pub fn queue_edu(&self, app: &App, peer: &ServerName, sender: &str, edu: serde_json::Value) {
+        let s = self.signals(app, peer);
+        s.edus
+            .lock()
+            .expect("edu lock")
+            .insert(sender.to_string(), (app.clock.now_ms(), edu));
+        s.queued.notify_one();
+    }
+
+    /// When `peer`'s task will try again, if it is backing off.
+    pub fn next_retry_at_ms(&self, peer: &ServerName) -> Option<i64> {
+        let map = self.peers.lock().expect("delivery map lock");
+        map.get(peer)
+            .map(|s| s.next_retry_at_ms.load(Ordering::Relaxed))
+            .filter(|t| *t > 0)
     }
 
     /// `peer` just talked to us: cut its backoff short.
@@ -197,46 +276,29 @@ pub fn classify(
     }
 }
 
-async fn send_batch(app: &App, peer: &ServerName, items: &[(Vec<u8>, OutboxItem)]) -> Attempt {
-    let signer = match app.signer() {
-        Ok(s) => s,
-        Err(e) => {
-            return Attempt::Retry {
-                code: e.code.as_str().into(),
-                message: e.message,
-                retry_after_secs: None,
-            }
-        }
-    };
+fn transaction_body(items: &[(Vec<u8>, OutboxItem)], edus: Vec<serde_json::Value>) -> Vec<u8> {
     let events: Vec<serde_json::Value> = items
         .iter()
         .filter_map(|(_, it)| match &it.kind {
             OutboxKind::Event { wire, .. } => serde_json::from_slice(wire).ok(),
         })
         .collect();
-    let txn_id = format!(
-        "{:x}-{:x}",
-        keys::trailing_u64(&items[0].0),
-        keys::trailing_u64(&items[items.len() - 1].0)
-    );
-    let body = serde_json::to_vec(&SendBody {
+    // The ids of the first and last row name the transaction: a re-send of
+    // the same rows after a crash is the same transaction.
+    let txn_id = match (items.first(), items.last()) {
+        (Some(first), Some(last)) => format!(
+            "{:x}-{:x}",
+            keys::trailing_u64(&first.0),
+            keys::trailing_u64(&last.0)
+        ),
+        _ => format!("edu-{}", uuid::Uuid::now_v7()),
+    };
+    serde_json::to_vec(&SendBody {
         txn_id,
         events,
-        edus: Vec::new(),
+        edus,
     })
-    .unwrap_or_default();
-    let reply = app
-        .outbound
-        .signed(
-            &signer,
-            http::Method::POST,
-            peer,
-            "/_scaiwave/federation/v1/send",
-            Some(body),
-            Duration::from_secs(DELIVERY_TIMEOUT_SECS),
-        )
-        .await;
-    classify(reply)
+    .unwrap_or_default()
 }
 
 /// Drop a queued item for good: audit it, log it, and mark our own event failed.
@@ -327,6 +389,7 @@ async fn apply_answer(
 /// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
 async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
     let fed = app.config.federation.clone();
+    let max_age_ms = fed.retry_max_age.as_millis() as i64;
     let mut failures: u32 = 0;
     loop {
         if app.shutdown.is_cancelled() {
@@ -343,14 +406,19 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
                 Vec::new()
             }
         };
-        if items.is_empty() {
+        let now = app.clock.now_ms();
+        let edus: Vec<serde_json::Value> = {
+            let mut map = signals.edus.lock().expect("edu lock");
+            map.retain(|_, (at, _)| now - *at < EDU_TTL_MS);
+            map.values().map(|(_, v)| v.clone()).collect()
+        };
+        if items.is_empty() && edus.is_empty() {
+            signals.next_retry_at_ms.store(0, Ordering::Relaxed);
             tokio::select! {
                 _ = signals.queued.notified() => continue,
                 _ = app.shutdown.cancelled() => return,
             }
         }
-        let now = app.clock.now_ms();
-        let max_age_ms = fed.retry_max_age.as_millis() as i64;
         let (aged, live): (Vec<_>, Vec<_>) = items
             .into_iter()
             .partition(|(_, it)| now - it.queued_at_ms >= max_age_ms);
@@ -365,37 +433,58 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             )
             .await;
         }
-        if live.is_empty() {
+        if !aged.is_empty() && live.is_empty() {
             continue;
         }
-        let delay = match send_batch(&app, &peer, &live).await {
-            Attempt::Answered(answer) => match apply_answer(&app, &peer, &live, &answer).await {
-                Ok(n) => {
-                    failures = 0;
-                    tracing::info!(name: "federation.send.success", peer = %peer, events = n, "federation.send.success");
-                    app.peer_success(&peer, n, 0);
-                    if n > 0
-                        || answer
+        let sent_edus = edus.len();
+        let attempt = app
+            .transport
+            .send(&app, &peer, transaction_body(&live, edus))
+            .await;
+        let delay = match attempt {
+            Attempt::Answered(answer) => {
+                if sent_edus > 0 {
+                    signals
+                        .edus
+                        .lock()
+                        .expect("edu lock")
+                        .retain(|_, (at, _)| *at > now);
+                }
+                match apply_answer(&app, &peer, &live, &answer).await {
+                    Ok(n) => {
+                        tracing::info!(name: "federation.send.success", peer = %peer, events = n, "federation.send.success");
+                        app.peer_success(&peer, n, 0);
+                        let stuck = answer
                             .results
                             .iter()
-                            .all(|r| r.status != SendStatus::Rejected)
-                    {
-                        continue;
+                            .any(|r| r.status == SendStatus::Rejected)
+                            && n == 0;
+                        if !stuck {
+                            failures = 0;
+                            signals.next_retry_at_ms.store(0, Ordering::Relaxed);
+                            continue;
+                        }
+                        // Only retryable rejections are left: back off before resending them.
+                        failures = failures.saturating_add(1);
+                        backoff(
+                            fed.retry_initial,
+                            fed.retry_max_interval,
+                            failures,
+                            rand::rng().random(),
+                        )
                     }
-                    // Only retryable rejections left: back off before resending them.
-                    failures = failures.saturating_add(1);
-                    backoff(
-                        fed.retry_initial,
-                        fed.retry_max_interval,
-                        failures,
-                        rand::rng().random(),
-                    )
+                    Err(e) => {
+                        tracing::error!(error = %e, peer = %peer, "could not record a delivery");
+                        failures = failures.saturating_add(1);
+                        backoff(
+                            fed.retry_initial,
+                            fed.retry_max_interval,
+                            failures,
+                            rand::rng().random(),
+                        )
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, peer = %peer, "could not record a delivery");
-                    Duration::from_secs(1)
-                }
-            },
+            }
             Attempt::Retry {
                 code,
                 message,
@@ -414,14 +503,27 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             }
             Attempt::Refused { code, message } => {
                 app.peer_failure(&peer, &code, &message);
+                signals
+                    .edus
+                    .lock()
+                    .expect("edu lock")
+                    .retain(|_, (at, _)| *at > now);
                 for (k, it) in &live {
                     give_up(&app, &peer, k, it, &code, &message).await;
                 }
                 continue;
             }
         };
+        // Wake at the retry time, or when the oldest row reaches its
+        // give-up age if that comes first (so give-up happens on time).
+        let now = app.clock.now_ms();
+        let mut wake_at = now + delay.as_millis() as i64;
+        if let Some((_, oldest)) = live.first() {
+            wake_at = wake_at.min(oldest.queued_at_ms + max_age_ms);
+        }
+        signals.next_retry_at_ms.store(wake_at, Ordering::Relaxed);
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = app.clock.sleep_until_ms(wake_at) => {}
             _ = signals.inbound.notified() => {}
             _ = app.shutdown.cancelled() => return,
         }

@@ -1,0 +1,488 @@
+//! The delivery loop under controlled time: a scripted transport answers,
+//! tokio's paused clock moves, and the real queue (sled) is checked.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use proptest::prelude::*;
+use scaiwave::app::App;
+use scaiwave::clock::Clock;
+use scaiwave::config::Config;
+use scaiwave::federation::delivery::{enqueue_event, Attempt, Transport};
+use scaiwave::federation::event::{Content, Event};
+use scaiwave::federation::wire::{SendAnswer, SendResult, SendStatus};
+use scaiwave::ids::{Fqid, RoomId, ServerName};
+use scaiwave::storage::{self, WriteSet, T};
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// What the scripted peer does with one transaction.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Answer {
+    AcceptAll,
+    Network,
+    RetryAfter(u64),
+    RefuseWhole,
+    /// Reject the first event with a code; accept the rest.
+    RejectFirst {
+        retryable: bool,
+    },
+}
+
+#[derive(Default)]
+pub struct Script {
+    pub answers: Mutex<VecDeque<Answer>>,
+    pub fallback: Mutex<Option<Answer>>,
+    /// (when, event ids) of every attempt.
+    pub attempts: Mutex<Vec<(Instant, Vec<String>)>>,
+    /// Event ids the peer accepted, in order.
+    pub delivered: Mutex<Vec<String>>,
+    /// Event ids refused with a retryable per-event error (they go later).
+    pub held: Mutex<Vec<String>>,
+}
+
+fn event_ids(body: &[u8]) -> Vec<String> {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+impl Transport for Script {
+    fn send<'a>(
+        &'a self,
+        _app: &'a App,
+        _peer: &'a ServerName,
+        body: Vec<u8>,
+    ) -> BoxFuture<'a, Attempt> {
+        let ids = event_ids(&body);
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((Instant::now(), ids.clone()));
+        let answer = self
+            .answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .or(*self.fallback.lock().unwrap())
+            .unwrap_or(Answer::Network);
+        let result = |id: &String, status: SendStatus, error: Option<(&str, bool)>| SendResult {
+            event_id: id.clone(),
+            status,
+            seq: None,
+            error: error.map(|(c, r)| scaiwave::error::WireErrorInner {
+                code: c.into(),
+                message: "scripted".into(),
+                reason: None,
+                retryable: r,
+            }),
+        };
+        let attempt = match answer {
+            Answer::AcceptAll => {
+                self.delivered.lock().unwrap().extend(ids.iter().cloned());
+                Attempt::Answered(SendAnswer {
+                    results: ids
+                        .iter()
+                        .map(|i| result(i, SendStatus::Accepted, None))
+                        .collect(),
+                })
+            }
+            Answer::Network => Attempt::Retry {
+                code: "network".into(),
+                message: "connection refused".into(),
+                retry_after_secs: None,
+            },
+            Answer::RetryAfter(s) => Attempt::Retry {
+                code: "SW_FED_RATE_LIMITED".into(),
+                message: "slow down".into(),
+                retry_after_secs: Some(s),
+            },
+            Answer::RefuseWhole => Attempt::Refused {
+                code: "SW_FED_POLICY_REJECTED".into(),
+                message: "go away".into(),
+            },
+            Answer::RejectFirst { retryable } => {
+                let code = if retryable {
+                    "SW_FED_SIGNATURE_MISMATCH"
+                } else {
+                    "SW_FED_NOT_MEMBER"
+                };
+                let mut results = Vec::new();
+                for (i, id) in ids.iter().enumerate() {
+                    if i == 0 {
+                        if retryable {
+                            self.held.lock().unwrap().push(id.clone());
+                        }
+                        results.push(result(id, SendStatus::Rejected, Some((code, retryable))));
+                    } else {
+                        self.delivered.lock().unwrap().push(id.clone());
+                        results.push(result(id, SendStatus::Accepted, None));
+                    }
+                }
+                Attempt::Answered(SendAnswer { results })
+            }
+        };
+        Box::pin(async move { attempt })
+    }
+}
+
+pub const PEER: &str = "b.test";
+pub const T0: i64 = 1_800_000_000_000;
+
+pub fn config(dir: &std::path::Path) -> Config {
+    let mut c = Config::default_embedded();
+    c.server_name = ServerName::parse("a.test").unwrap();
+    c.data_dir = dir.to_path_buf();
+    c
+}
+
+pub fn open(dir: &std::path::Path, script: Arc<Script>, clock: Clock) -> Arc<App> {
+    let app = App::open_with(config(dir), clock, script).unwrap();
+    if !app.keys.has_key() {
+        app.keys.generate(T0).unwrap();
+    }
+    app.delivery.start(&app).unwrap();
+    app
+}
+
+/// Queue `n` new events (in a room the peer hosts) for the peer.
+pub fn enqueue(app: &Arc<App>, n: usize) -> Vec<String> {
+    let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
+    let sender = Fqid::parse("@alice:a.test").unwrap();
+    let key = app.keys.current().unwrap();
+    let mut w = WriteSet::default();
+    let peer = ServerName::parse(PEER).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let e = Event::create(
+            room.clone(),
+            sender.clone(),
+            app.clock.now_ms(),
+            Content::Message {
+                body: format!("m{i}"),
+                thread_root: None,
+                reply_to: None,
+                mentions: vec![],
+            },
+            &key.key_id,
+            &key.signing,
+        );
+        enqueue_event(
+            app,
+            &mut w,
+            &peer,
+            &e,
+            e.to_wire_bytes(None),
+            app.clock.now_ms(),
+        )
+        .unwrap();
+        ids.push(e.event_id.to_string());
+    }
+    app.store.commit(&w).unwrap();
+    app.delivery.wake(app, &peer);
+    ids
+}
+
+pub fn queue_depth(app: &App) -> usize {
+    app.store.count_prefix(T::Outbox, &storage::prefix(PEER))
+}
+
+async fn settle() {
+    // Let the delivery task run without moving time much.
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn stop(app: Arc<App>) {
+    app.shutdown.cancel();
+    app.tasks.close();
+    app.tasks.wait().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_doubles_with_jitter_one_probe_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    enqueue(&app, 1);
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    let times: Vec<Instant> = script
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.0)
+        .collect();
+    let (initial, max) = (
+        app.config.federation.retry_initial,
+        app.config.federation.retry_max_interval,
+    );
+    for (k, w) in times.windows(2).enumerate() {
+        let gap = w[1] - w[0];
+        let base = initial.saturating_mul(1 << k.min(30)).min(max);
+        assert!(
+            gap >= base / 2 && gap <= base + Duration::from_millis(1),
+            "gap {k}: {gap:?} not in [{:?}, {base:?}]",
+            base / 2
+        );
+    }
+    // 2+4+…+2048 s ≈ 68 min to reach the cap, then at most one probe per
+    // 30-60 min: never a storm.
+    assert!(
+        times.len() >= 13 && times.len() <= 20,
+        "{} attempts in 3 h",
+        times.len()
+    );
+    assert_eq!(queue_depth(&app), 1, "nothing lost while retrying");
+
+    // New rows during backoff do not cause an extra attempt...
+    let before = script.attempts.lock().unwrap().len();
+    enqueue(&app, 2);
+    settle().await;
+    assert_eq!(script.attempts.lock().unwrap().len(), before);
+    // ...but the peer talking to us wakes the queue at once.
+    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
+    let now = Instant::now();
+    app.delivery
+        .peer_is_back(&app, &ServerName::parse(PEER).unwrap());
+    settle().await;
+    let attempts = script.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), before + 1);
+    assert_eq!(attempts.last().unwrap().0, now, "woken without waiting");
+    assert_eq!(
+        attempts.last().unwrap().1.len(),
+        3,
+        "one transaction with all three, FIFO"
+    );
+    assert_eq!(queue_depth(&app), 0);
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    script
+        .answers
+        .lock()
+        .unwrap()
+        .push_back(Answer::RetryAfter(120));
+    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    enqueue(&app, 1);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let a = script.attempts.lock().unwrap().clone();
+    assert_eq!(a.len(), 2);
+    assert!(a[1].0 - a[0].0 >= Duration::from_secs(120));
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    // bob... here alice@a.test posts into a room b.test hosts: pending until b answers.
+    let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
+    scaiwave::rooms::replica::ensure_room(&app, &room, "r", storage::RoomType::Standard).unwrap();
+    let key = app.keys.current().unwrap();
+    let e = Event::create(
+        room.clone(),
+        Fqid::parse("@alice:a.test").unwrap(),
+        app.clock.now_ms(),
+        Content::Message {
+            body: "hello?".into(),
+            thread_root: None,
+            reply_to: None,
+            mentions: vec![],
+        },
+        &key.key_id,
+        &key.signing,
+    );
+    let queued_at = app.clock.now_ms();
+    scaiwave::rooms::replica::submit(&app, &e).await.unwrap();
+    let max_age = app.config.federation.retry_max_age.as_millis() as i64;
+
+    tokio::time::sleep(Duration::from_millis(max_age as u64 - 1)).await;
+    assert_eq!(
+        queue_depth(&app),
+        1,
+        "still queued 1 ms before the deadline"
+    );
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    settle().await;
+    assert_eq!(queue_depth(&app), 0, "dropped at the deadline");
+    let state =
+        scaiwave::rooms::flows::pending_state(&app, &room, &e.event_id.to_string()).unwrap();
+    assert_eq!(state, Some(storage::DeliveryState::Failed));
+    let rows: Vec<storage::AuditRow> = app
+        .store
+        .scan(T::Audit, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    let row = rows
+        .iter()
+        .find(|r| r.action == "federation.send.failed")
+        .expect("audited");
+    assert_eq!(
+        row.at_ms - queued_at,
+        max_age,
+        "given up exactly at retry_max_age"
+    );
+    assert_eq!(
+        row.event_id.as_deref(),
+        Some(e.event_id.to_string().as_str())
+    );
+    let attempts = script.attempts.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
+    assert_eq!(
+        script.attempts.lock().unwrap().len(),
+        attempts,
+        "a given-up event is never sent again"
+    );
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fifo_batches_of_100_and_per_event_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    // Queue first, then let the task run: 250 rows go as 100 + 100 + 50.
+    let ids = enqueue(&app, 250);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let sizes: Vec<usize> = script
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.1.len())
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 250);
+    assert!(sizes.iter().all(|s| *s <= 100), "{sizes:?}");
+    assert_eq!(*script.delivered.lock().unwrap(), ids, "FIFO");
+
+    // A retryable per-event rejection keeps only that event; a final one drops it.
+    script.delivered.lock().unwrap().clear();
+    script.answers.lock().unwrap().extend([
+        Answer::RejectFirst { retryable: true },
+        Answer::RejectFirst { retryable: false },
+    ]);
+    let ids = enqueue(&app, 3);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(queue_depth(&app), 0);
+    // First answer: ids[1], ids[2] accepted; ids[0] kept. Second: ids[0] refused for good.
+    assert_eq!(
+        *script.delivered.lock().unwrap(),
+        vec![ids[1].clone(), ids[2].clone()]
+    );
+    let rows: Vec<storage::AuditRow> = app
+        .store
+        .scan(T::Audit, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert!(rows
+        .iter()
+        .any(|r| r.action == "federation.send.failed"
+            && r.event_id.as_deref() == Some(ids[0].as_str())));
+    stop(app).await;
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Enqueue(usize),
+    Answer(Answer),
+    Restart,
+    AdvanceSecs(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (1usize..30).prop_map(Op::Enqueue),
+        prop_oneof![
+            Just(Answer::AcceptAll),
+            Just(Answer::Network),
+            Just(Answer::RefuseWhole),
+            Just(Answer::RejectFirst { retryable: true }),
+            Just(Answer::RejectFirst { retryable: false }),
+        ]
+        .prop_map(Op::Answer),
+        Just(Op::Restart),
+        prop_oneof![
+            Just(1u64),
+            Just(30),
+            Just(3600),
+            Just(6 * 3600),
+            Just(20 * 3600)
+        ]
+        .prop_map(Op::AdvanceSecs),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    /// Any interleaving of enqueue / answers / restart / time keeps FIFO
+    /// order among delivered events, loses nothing before give-up, and
+    /// never delivers a given-up event.
+    #[test]
+    fn queue_model(ops in proptest::collection::vec(op(), 1..25)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        rt.block_on(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let script = Arc::new(Script::default());
+            *script.fallback.lock().unwrap() = Some(Answer::Network);
+            let clock = Clock::starting_at(T0);
+            let mut app = open(dir.path(), script.clone(), clock.clone());
+            let mut enqueued: Vec<String> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Enqueue(n) => enqueued.extend(enqueue(&app, n)),
+                    Op::Answer(a) => script.answers.lock().unwrap().push_back(a),
+                    Op::Restart => {
+                        stop(app.clone()).await;
+                        drop(app);
+                        app = open(dir.path(), script.clone(), clock.clone());
+                    }
+                    Op::AdvanceSecs(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+                }
+                settle().await;
+            }
+            *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
+            app.delivery.peer_is_back(&app, &ServerName::parse(PEER).unwrap());
+            tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
+
+            let delivered = script.delivered.lock().unwrap().clone();
+            let rows: Vec<storage::AuditRow> = app.store.scan(T::Audit, b"").unwrap().into_iter().map(|(_, r)| r).collect();
+            let failed: std::collections::BTreeSet<String> = rows.iter().filter(|r| r.action == "federation.send.failed").filter_map(|r| r.event_id.clone()).collect();
+            // Nothing lost: every event was delivered or given up (audited), and nothing is left.
+            assert_eq!(queue_depth(&app), 0);
+            for id in &enqueued {
+                assert!(delivered.contains(id) || failed.contains(id), "event {id} was lost");
+            }
+            // Never delivered after being given up.
+            for id in &failed {
+                assert!(!delivered.contains(id), "given-up event {id} was delivered");
+            }
+            // FIFO: delivered events keep their enqueue order, except those a
+            // retryable per-event rejection held back (they go later).
+            let position = |id: &String| enqueued.iter().position(|e| e == id).unwrap();
+            let held = script.held.lock().unwrap().clone();
+            let in_order: Vec<usize> = delivered.iter().filter(|id| !held.contains(id)).map(position).collect();
+            assert!(in_order.windows(2).all(|w| w[0] < w[1]), "FIFO broken: {in_order:?}");
+            stop(app).await;
+        });
+    }
+}
