@@ -1,0 +1,328 @@
+//! Crash safety with real processes and SIGKILL: queued events survive a
+//! hard kill of the sender, and accepted events survive a hard kill of the
+//! receiver right after it answered 200; every event arrives exactly once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::process::Process;
+use crate::testnet::{enc, Ca};
+
+struct Node {
+    name: &'static str,
+    dir: tempfile::TempDir,
+    proc: Option<Process>,
+}
+
+struct Fixed(BTreeMap<String, SocketAddr>);
+
+impl Resolve for Fixed {
+    fn resolve(&self, name: Name) -> Resolving {
+        let addr = self.0.get(name.as_str()).copied();
+        Box::pin(async move { Ok(Box::new(addr.into_iter()) as Addrs) })
+    }
+}
+
+struct ProcNet {
+    _ca: Ca,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+}
+
+impl ProcNet {
+    fn new(names: &[&'static str]) -> ProcNet {
+        let ca = Ca::new();
+        // Ports are picked up front so each config can name the others.
+        let addrs: Vec<SocketAddr> = names
+            .iter()
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let (cert, key) = ca.leaf(name);
+            let mut resolve = String::new();
+            for (j, other) in names.iter().enumerate() {
+                if i != j {
+                    resolve.push_str(&format!("\"{other}\" = \"{}\"\n", addrs[j]));
+                }
+            }
+            let toml = format!(
+                "server_name = \"{name}\"\nlisten = \"{}\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\ntrust_roots = [\"{}\"]\n[federation]\nretry_initial = \"100ms\"\nretry_max_interval = \"500ms\"\n[federation.resolve]\n{resolve}",
+                addrs[i],
+                dir.path().join("data").display(),
+                cert.display(),
+                key.display(),
+                ca.ca_path().display()
+            );
+            std::fs::write(dir.path().join("scaiwave.toml"), toml).unwrap();
+            nodes.push(Node {
+                name,
+                dir,
+                proc: None,
+            });
+        }
+        scaiwave::tls::install_crypto_provider();
+        let ca_pem = std::fs::read(ca.ca_path()).unwrap();
+        let map = names
+            .iter()
+            .zip(&addrs)
+            .map(|(n, a)| (n.to_string(), *a))
+            .collect();
+        let http = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
+            .dns_resolver(Arc::new(Fixed(map)))
+            .build()
+            .unwrap();
+        ProcNet {
+            _ca: ca,
+            nodes,
+            http,
+        }
+    }
+
+    fn node(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    }
+
+    fn start(&mut self, name: &str) {
+        let node = self.node(name);
+        let config = node.dir.path().join("scaiwave.toml");
+        let mut p = Process::serve(
+            node.dir.path(),
+            &[("SCAIWAVE_CONFIG", config.display().to_string())],
+        );
+        p.wait_for("scaiwave is serving HTTPS");
+        node.proc = Some(p);
+    }
+
+    fn kill9(&mut self, name: &str) {
+        let mut p = self.node(name).proc.take().expect("running");
+        p.signal(9);
+        let status = p.wait_exit();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+    }
+
+    fn token(&self, name: &str) -> String {
+        let node = self.nodes.iter().find(|n| n.name == name).unwrap();
+        std::fs::read_to_string(node.dir.path().join("data/admin-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    async fn call(
+        &self,
+        server: &str,
+        method: Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("https://{server}{path}"))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.body(serde_json::to_vec(&b).unwrap());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn queue_depth(&self, server: &str, peer: &str) -> u64 {
+        let token = self.token(server);
+        let (_, v) = self
+            .call(
+                server,
+                Method::GET,
+                "/v1/admin/federation/peers",
+                &token,
+                None,
+            )
+            .await;
+        v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["server_name"] == peer)
+            .map(|p| p["queue_depth"].as_u64().unwrap())
+            .unwrap_or(0)
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..600 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out: {what}");
+}
+
+async fn bodies(net: &ProcNet, token: &str, path: &str) -> Vec<String> {
+    let (s, v) = net.call("b.test", Method::GET, path, token, None).await;
+    if s != 200 {
+        return Vec::new();
+    }
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
+    let mut net = ProcNet::new(&["a.test", "b.test"]);
+    net.start("a.test");
+    net.start("b.test");
+    let (ta, tb) = (net.token("a.test"), net.token("b.test"));
+    let (_, alice) = net
+        .call(
+            "a.test",
+            Method::POST,
+            "/v1/admin/participants",
+            &ta,
+            Some(json!({"local_id": "alice"})),
+        )
+        .await;
+    let (_, bob) = net
+        .call(
+            "b.test",
+            Method::POST,
+            "/v1/admin/participants",
+            &tb,
+            Some(json!({"local_id": "bob"})),
+        )
+        .await;
+    let (alice_t, bob_t) = (
+        alice["token"].as_str().unwrap().to_string(),
+        bob["token"].as_str().unwrap().to_string(),
+    );
+    let (_, room) = net
+        .call(
+            "a.test",
+            Method::POST,
+            "/v1/rooms",
+            &alice_t,
+            Some(json!({"name": "crash"})),
+        )
+        .await;
+    let room = room["room_id"].as_str().unwrap().to_string();
+    let (s, inv) = net
+        .call(
+            "a.test",
+            Method::POST,
+            &format!("/v1/rooms/{}/invitations", enc(&room)),
+            &alice_t,
+            Some(json!({"fqid": "@bob:b.test"})),
+        )
+        .await;
+    assert_eq!(s, 200, "{inv}");
+    let invite = inv["invite_id"].as_str().unwrap().to_string();
+    let mut tries = 0;
+    loop {
+        let (s, v) = net
+            .call(
+                "b.test",
+                Method::POST,
+                &format!("/v1/me/invitations/{invite}/accept"),
+                &bob_t,
+                None,
+            )
+            .await;
+        if s == 200 {
+            break;
+        }
+        tries += 1;
+        assert!(tries < 200, "accept never worked: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let messages = format!("/v1/rooms/{}/messages?limit=1000", enc(&room));
+
+    // Receiver down: alice's messages queue on a.test.
+    net.kill9("b.test");
+    for i in 0..20 {
+        let (s, _) = net
+            .call(
+                "a.test",
+                Method::POST,
+                &format!("/v1/rooms/{}/messages", enc(&room)),
+                &alice_t,
+                Some(json!({"body": format!("m{i:02}")})),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    assert_eq!(net.queue_depth("a.test", "b.test").await, 20);
+    // Sender killed hard with its queue full; both come back.
+    net.kill9("a.test");
+    net.start("a.test");
+    net.start("b.test");
+    let (net_ref, bob_ref, msg_ref) = (&net, &bob_t, &messages);
+    wait_until("a's queue drains to b", || async move {
+        bodies(net_ref, bob_ref, msg_ref).await.len() == 20
+    })
+    .await;
+    let want: Vec<String> = (0..20).map(|i| format!("m{i:02}")).collect();
+    assert_eq!(
+        bodies(&net, &bob_t, &messages).await,
+        want,
+        "all 20, once each, in host order"
+    );
+
+    // Receiver killed hard right after it answered 200 for a second batch.
+    for i in 20..40 {
+        net.call(
+            "a.test",
+            Method::POST,
+            &format!("/v1/rooms/{}/messages", enc(&room)),
+            &alice_t,
+            Some(json!({"body": format!("m{i:02}")})),
+        )
+        .await;
+    }
+    let net_ref = &net;
+    wait_until("a's queue is empty (b answered 200)", || async move {
+        net_ref.queue_depth("a.test", "b.test").await == 0
+    })
+    .await;
+    net.kill9("b.test");
+    net.start("b.test");
+    let want: Vec<String> = (0..40).map(|i| format!("m{i:02}")).collect();
+    assert_eq!(
+        bodies(&net, &bob_t, &messages).await,
+        want,
+        "what b accepted survived the kill, once each"
+    );
+    for n in ["a.test", "b.test"] {
+        if let Some(mut p) = net.node(n).proc.take() {
+            p.signal(15);
+            assert_eq!(p.wait_exit().code(), Some(0));
+        }
+    }
+}
