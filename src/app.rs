@@ -243,6 +243,16 @@ impl App {
         }
     }
 
+    /// Drop audit rows older than `audit.retention`; answers how many.
+    pub fn prune_audit(&self) -> Result<usize> {
+        let cutoff = self.clock.now_ms() - self.config.audit.retention.as_millis() as i64;
+        if cutoff <= 0 {
+            return Ok(0);
+        }
+        self.store
+            .remove_range(T::Audit, &[], &keys::audit(cutoff, 0))
+    }
+
     pub fn peer_record(&self, peer: &ServerName) -> Result<PeerRecord> {
         Ok(self
             .store

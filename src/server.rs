@@ -67,6 +67,7 @@ pub async fn start_on(
     app.delivery.start(&app)?;
     app.tasks.spawn(rotation_timer(app.clone()));
     app.tasks.spawn(crate::cli::serve_socket(app.clone()));
+    app.tasks.spawn(audit_retention(app.clone()));
     tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
     Ok(Running { addr, app })
 }
@@ -92,6 +93,24 @@ async fn rotation_timer(app: Arc<App>) {
             if let Err(e) = rotate(&app, false) {
                 tracing::error!(error = %e, "scheduled key rotation failed");
             }
+        }
+    }
+}
+
+/// How often old audit rows are pruned.
+const AUDIT_PRUNE_INTERVAL_SECS: u64 = 3600;
+
+/// Keep the audit log within `audit.retention` (SPEC §11).
+async fn audit_retention(app: Arc<App>) {
+    loop {
+        match app.prune_audit() {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "pruned audit rows past audit.retention"),
+            Err(e) => tracing::error!(error = %e, "audit pruning failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(AUDIT_PRUNE_INTERVAL_SECS)) => {}
+            _ = app.shutdown.cancelled() => return,
         }
     }
 }

@@ -182,7 +182,20 @@ pub fn peers(app: &App) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-fn audit(app: &App, req: &Request) -> Result<Vec<AuditRow>> {
+/// An audit row as the API shows it (times in RFC 3339).
+fn audit_view(row: &AuditRow) -> Value {
+    json!({
+        "at": rfc3339(row.at_ms),
+        "action": row.action,
+        "peer": row.peer,
+        "event_id": row.event_id,
+        "room_id": row.room_id,
+        "code": row.code,
+        "detail": row.detail,
+    })
+}
+
+fn audit(app: &App, req: &Request) -> Result<Vec<Value>> {
     let limit = req
         .query_param("limit")
         .map(|l| {
@@ -201,15 +214,11 @@ fn audit(app: &App, req: &Request) -> Result<Vec<AuditRow>> {
         },
     };
     let mut rows = Vec::new();
-    for item in app.store.tree(T::Audit).iter().rev() {
-        let (_, v) = item.map_err(|e| Error::internal("audit scan", e))?;
-        let row: AuditRow = storage::codec::decode(&v)?;
+    app.store.scan_rev_while::<AuditRow>(T::Audit, |row| {
         if matches(&row.action) {
-            rows.push(row);
-            if rows.len() >= limit {
-                break;
-            }
+            rows.push(audit_view(row));
         }
-    }
+        rows.len() < limit
+    })?;
     Ok(rows)
 }

@@ -534,6 +534,66 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
 mod tests {
     use super::*;
 
+    fn reply(
+        status: u16,
+        code: Option<&str>,
+        retry_after: Option<u64>,
+    ) -> std::result::Result<
+        crate::federation::client::Reply,
+        crate::federation::client::NetworkError,
+    > {
+        let body = code
+            .map(|c| {
+                serde_json::to_vec(
+                    &crate::error::Error::new(Code::parse(c).unwrap(), "x").to_body(),
+                )
+                .unwrap()
+            })
+            .unwrap_or_default();
+        Ok(crate::federation::client::Reply {
+            status,
+            retry_after_secs: retry_after,
+            body: body.into(),
+        })
+    }
+
+    #[test]
+    fn retry_classes_follow_spec_section_10() {
+        let retry = |r| matches!(classify(r), Attempt::Retry { .. });
+        assert!(retry(Err(crate::federation::client::NetworkError(
+            "refused".into()
+        ))));
+        assert!(retry(reply(500, None, None)));
+        assert!(retry(reply(503, Some("SW_FED_NO_KEY"), None)));
+        assert!(retry(reply(408, None, None)));
+        assert!(retry(reply(401, Some("SW_FED_SIGNATURE_MISMATCH"), None)));
+        assert!(retry(reply(403, Some("SW_FED_PEER_UNKNOWN"), None)));
+        match classify(reply(429, Some("SW_FED_RATE_LIMITED"), Some(30))) {
+            Attempt::Retry {
+                retry_after_secs, ..
+            } => assert_eq!(retry_after_secs, Some(30)),
+            other => panic!("{other:?}"),
+        }
+        for (status, code) in [
+            (403, "SW_FED_POLICY_REJECTED"),
+            (400, "SW_FED_BAD_REQUEST"),
+            (421, "SW_FED_WRONG_DESTINATION"),
+            (403, "SW_FED_TENANT_DISABLED"),
+        ] {
+            assert!(
+                matches!(
+                    classify(reply(status, Some(code), None)),
+                    Attempt::Refused { .. }
+                ),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            classify(reply(404, None, None)),
+            Attempt::Refused { .. }
+        ));
+    }
+
     #[test]
     fn backoff_doubles_caps_and_jitters() {
         let (i, m) = (Duration::from_secs(2), Duration::from_secs(3600));

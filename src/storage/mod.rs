@@ -274,6 +274,33 @@ impl Store {
         self.db.generate_id().map_err(sled_err)
     }
 
+    /// Remove every key in `[from, to)`; answers how many went.
+    pub fn remove_range(&self, t: T, from: &[u8], to: &[u8]) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for item in self.tree(t).range(from.to_vec()..to.to_vec()).keys() {
+            batch.remove(item.map_err(sled_err)?);
+            n += 1;
+        }
+        self.tree(t).apply_batch(batch).map_err(sled_err)?;
+        Ok(n)
+    }
+
+    /// Values of a whole tree, newest key first, while `keep` says so.
+    pub fn scan_rev_while<V: DeserializeOwned>(
+        &self,
+        t: T,
+        mut keep: impl FnMut(&V) -> bool,
+    ) -> Result<()> {
+        for item in self.tree(t).iter().rev() {
+            let (_, v) = item.map_err(sled_err)?;
+            if !keep(&codec::decode(&v)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Apply a planned [`WriteSet`] as one atomic transaction.
     pub fn commit(&self, writes: &WriteSet) -> Result<()> {
         if writes.ops.is_empty() {

@@ -143,7 +143,19 @@ pub fn config(dir: &std::path::Path) -> Config {
 }
 
 pub fn open(dir: &std::path::Path, script: Arc<Script>, clock: Clock) -> Arc<App> {
-    let app = App::open_with(config(dir), clock, script).unwrap();
+    // After a restart, sled's background flusher of the previous handle may
+    // hold the file lock for up to its flush interval: wait for it (bounded).
+    let mut tries = 0;
+    let app = loop {
+        match App::open_with(config(dir), clock.clone(), script.clone()) {
+            Ok(app) => break app,
+            Err(e) if e.message.contains("could not acquire lock") && tries < 300 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     if !app.keys.has_key() {
         app.keys.generate(T0).unwrap();
     }
@@ -485,4 +497,48 @@ proptest! {
             stop(app).await;
         });
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn audit_rows_are_kept_for_audit_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Clock::starting_at(T0);
+    let app = open(dir.path(), Arc::new(Script::default()), clock.clone());
+    app.audit(
+        "federation.event.accepted",
+        None,
+        Some("old"),
+        None,
+        None,
+        "",
+    );
+    clock.advance(Duration::from_secs(60 * 86400));
+    app.audit(
+        "federation.event.accepted",
+        None,
+        Some("recent"),
+        None,
+        None,
+        "",
+    );
+    clock.advance(Duration::from_secs(30 * 86400 + 1));
+    assert_eq!(
+        app.prune_audit().unwrap(),
+        1,
+        "only the row older than 90 d goes"
+    );
+    let rows: Vec<storage::AuditRow> = app
+        .store
+        .scan(T::Audit, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.event_id.clone().unwrap())
+            .collect::<Vec<_>>(),
+        ["recent"]
+    );
+    stop(app).await;
 }

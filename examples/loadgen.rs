@@ -1,0 +1,616 @@
+//! Load generator (SPEC §15): plays a peer server and sends signed events to
+//! a target's `/_scaiwave/federation/v1/send`, or, with `--bound`, measures
+//! this machine's ceiling for the same work without HTTP.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- --events N --batch B --concurrency C [--rooms R] [--bound]
+//! ```
+//!
+//! Without `--target` everything runs in this process over loopback HTTPS:
+//! a throwaway CA (rcgen), the target server `target.test` and the load
+//! generator's own peer server `peer.test` (whose key signs every event and
+//! whose descriptor the target fetches), each with a temporary data dir and
+//! `federation.resolve` pointing at the other. Rooms are set up the way a
+//! real peer would: a participant on the target creates each room and
+//! invites `@load:peer.test`, who accepts from the peer server.
+//!
+//! Exactly one JSON line goes to stdout:
+//! `{"events","seconds","events_per_s","p50_ms","p99_ms","rejected",…}`.
+//! Logs go to stderr (set `RUST_LOG` for the servers' own tracing).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+
+use scaiwave::app::App;
+use scaiwave::clock::Clock;
+use scaiwave::config::Config;
+use scaiwave::federation::canonical;
+use scaiwave::federation::event::{Content, Event};
+use scaiwave::federation::wire::{SendAnswer, SendBody, SendStatus};
+use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
+use scaiwave::rooms::flows;
+use scaiwave::server::Running;
+use scaiwave::storage::{PowerLevel, Store, WriteSet};
+
+const TARGET_NAME: &str = "target.test";
+const PEER_NAME: &str = "peer.test";
+const SEND_PATH: &str = "/_scaiwave/federation/v1/send";
+/// SPEC §8: at most 100 events per transaction.
+const BATCH_MAX: usize = 100;
+/// One `/send` may take this long before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Setup steps (an invitation arriving) wait at most this long.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug)]
+#[command(about = "ScaiWave federation load generator (SPEC §15)")]
+struct Args {
+    /// Number of sw.message events to send.
+    #[arg(long, default_value_t = 10_000)]
+    events: usize,
+    /// Events per /send transaction (1-100).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// /send requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Rooms to spread the events over (round-robin).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// A remote target `https://HOST:PORT` (not implemented yet).
+    #[arg(long)]
+    target: Option<String>,
+    /// Measure the ceiling without HTTP: JCS parse + Ed25519 verify + sled
+    /// write, one flush per batch.
+    #[arg(long)]
+    bound: bool,
+    /// Worker threads for `--bound`.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    init_logs();
+    match run(&args) {
+        Ok(line) => {
+            println!("{line}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<Value> {
+    if args.events == 0 {
+        bail!("--events must be at least 1");
+    }
+    if args.batch == 0 || args.batch > BATCH_MAX {
+        bail!("--batch must be 1-{BATCH_MAX} (SPEC §8 caps a transaction at {BATCH_MAX} events)");
+    }
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if args.rooms == 0 {
+        bail!("--rooms must be at least 1");
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    if args.bound {
+        run_bound(args)
+    } else if let Some(target) = &args.target {
+        bail!(
+            "--target {target}: a remote target is not implemented yet; \
+             run without --target to start the target in-process"
+        );
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(run_inprocess(args))
+    }
+}
+
+fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// Milliseconds at quantile `q` (nearest rank) of sorted latencies.
+fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted.len()) - 1;
+    round3(sorted[i].as_secs_f64() * 1000.0)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn message(i: usize) -> Content {
+    Content::Message {
+        body: format!("loadgen message {i}"),
+        thread_root: None,
+        reply_to: None,
+        mentions: Vec::new(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// In-process mode: two real servers over loopback HTTPS.
+// ---------------------------------------------------------------------------
+
+/// A throwaway CA writing PEM files into a temporary directory.
+struct Ca {
+    dir: tempfile::TempDir,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Result<Ca> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "scaiwave loadgen CA");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        let dir = tempfile::tempdir().context("temp dir for the CA")?;
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem())?;
+        Ok(Ca { dir, issuer })
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A leaf certificate for `host`: (cert path, key path).
+    fn leaf(&self, host: &str) -> Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert =
+            rcgen::CertificateParams::new(vec![host.to_string()])?.signed_by(&key, &self.issuer)?;
+        let c = self.dir.path().join(format!("{host}.pem"));
+        let k = self.dir.path().join(format!("{host}.key"));
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
+    }
+}
+
+struct Node {
+    running: Running,
+    /// Kept so the data dir outlives the server.
+    _data: tempfile::TempDir,
+}
+
+impl Node {
+    fn app(&self) -> &Arc<App> {
+        &self.running.app
+    }
+}
+
+/// Start `names` on 127.0.0.1:0, each trusting the CA and resolving the others.
+async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
+    let listeners = names
+        .iter()
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("binding a loopback port")?;
+    let mut addrs: BTreeMap<&str, SocketAddr> = BTreeMap::new();
+    for (name, l) in names.iter().zip(&listeners) {
+        addrs.insert(name, l.local_addr()?);
+    }
+    let mut nodes = Vec::new();
+    for (name, listener) in names.iter().zip(listeners) {
+        let data = tempfile::tempdir().context("temp data dir")?;
+        let (cert, key) = ca.leaf(name)?;
+        let mut config = Config::default_embedded();
+        config.server_name = ServerName::parse(name)?;
+        config.listen = listener.local_addr()?;
+        config.data_dir = data.path().to_path_buf();
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+        config.tls.trust_roots = vec![ca.ca_path()];
+        config.federation.retry_initial = Duration::from_millis(100);
+        config.federation.retry_max_interval = Duration::from_secs(1);
+        for (other, addr) in &addrs {
+            if other != name {
+                config
+                    .federation
+                    .resolve
+                    .insert(ServerName::parse(other)?, *addr);
+            }
+        }
+        let running = scaiwave::server::start_on(config, Clock::system(), listener)
+            .await
+            .with_context(|| format!("starting {name}"))?;
+        eprintln!("loadgen: {name} serving on {}", running.addr);
+        nodes.push(Node {
+            running,
+            _data: data,
+        });
+    }
+    Ok(nodes)
+}
+
+/// Create `rooms` rooms on the target, invite `@load:peer.test` to each and
+/// accept from the peer. Returns the room ids and the peer's participant.
+async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<RoomId>, Fqid)> {
+    let owner_id = LocalId::parse("owner")?;
+    target.create_participant(&owner_id, "Load owner", PowerLevel::Member)?;
+    let owner = target
+        .participant(&owner_id)?
+        .context("the owner participant was just created")?;
+    let load_id = LocalId::parse("load")?;
+    peer.create_participant(&load_id, "Load", PowerLevel::Member)?;
+    let load = peer
+        .participant(&load_id)?
+        .context("the load participant was just created")?;
+    let load_fqid = flows::fqid_of(peer, &load);
+
+    let mut ids = Vec::with_capacity(rooms);
+    for r in 0..rooms {
+        let room = flows::create_room(target, &owner, &format!("load {r}"), "standard").await?;
+        let room_id = RoomId::parse(&room.room_id)?;
+        let invite_id = flows::invite(target, &owner, &room_id, &load_fqid).await?;
+        // The invite reaches the peer through the target's delivery loop.
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        loop {
+            let arrived = flows::invitations(peer, &load)?
+                .iter()
+                .any(|i| i.invite_id == invite_id);
+            if arrived {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("invitation {invite_id} to {room_id} did not reach {PEER_NAME} within {SETUP_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (status, answer) = flows::answer_invitation(peer, &load, &invite_id, true).await?;
+        if status != 200 {
+            bail!("joining {room_id} answered {status} {answer}; expected an immediate join");
+        }
+        ids.push(room_id);
+    }
+    Ok((ids, load_fqid))
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    accepted: u64,
+    duplicate: u64,
+    rejected: u64,
+    /// Events in requests that got no 200 answer.
+    unanswered: u64,
+    failed_requests: u64,
+    /// First few distinct rejection / failure reasons, for stderr.
+    reasons: Vec<String>,
+}
+
+impl Tally {
+    fn note(&mut self, reason: String) {
+        if self.reasons.len() < 5 && !self.reasons.contains(&reason) {
+            self.reasons.push(reason);
+        }
+    }
+
+    fn merge(&mut self, other: Tally) {
+        self.latencies.extend(other.latencies);
+        self.accepted += other.accepted;
+        self.duplicate += other.duplicate;
+        self.rejected += other.rejected;
+        self.unanswered += other.unanswered;
+        self.failed_requests += other.failed_requests;
+        for r in other.reasons {
+            self.note(r);
+        }
+    }
+}
+
+async fn run_inprocess(args: &Args) -> Result<Value> {
+    let ca = Ca::new()?;
+    let mut nodes = start_nodes(&ca, &[TARGET_NAME, PEER_NAME]).await?;
+    let outcome = drive(args, nodes[0].app().clone(), nodes[1].app().clone()).await;
+    // Stop both whatever happened, so the program always ends by itself.
+    while let Some(node) = nodes.pop() {
+        node.running.stop().await;
+    }
+    drop(ca);
+    outcome
+}
+
+async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
+    let (rooms, sender) = setup_rooms(&target, &peer, args.rooms).await?;
+    eprintln!(
+        "loadgen: {} room(s) on {TARGET_NAME} joined by {sender}",
+        rooms.len()
+    );
+
+    // Pre-build every signed event and every transaction body.
+    let key = peer.keys.current()?;
+    let now = peer.clock.now_ms();
+    let events: Vec<Value> = (0..args.events)
+        .map(|i| {
+            Event::create(
+                rooms[i % rooms.len()].clone(),
+                sender.clone(),
+                now,
+                message(i),
+                &key.key_id,
+                &key.signing,
+            )
+            .to_wire_value(None)
+        })
+        .collect();
+    let run_tag = format!("loadgen-{now}");
+    let bodies: Vec<(usize, Vec<u8>)> = events
+        .chunks(args.batch)
+        .enumerate()
+        .map(|(t, chunk)| {
+            let body = SendBody {
+                txn_id: format!("{run_tag}-{t}"),
+                events: chunk.to_vec(),
+                edus: Vec::new(),
+            };
+            serde_json::to_vec(&body).map(|b| (chunk.len(), b))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    drop(events);
+    let requests = bodies.len();
+    eprintln!(
+        "loadgen: sending {} events in {requests} transactions of ≤{}, {} in flight",
+        args.events, args.batch, args.concurrency
+    );
+
+    let queue = Arc::new(Mutex::new(bodies.into_iter()));
+    let target_name = ServerName::parse(TARGET_NAME)?;
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.concurrency.min(requests) {
+        let queue = queue.clone();
+        let peer = peer.clone();
+        let target_name = target_name.clone();
+        workers.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            loop {
+                let next = queue.lock().expect("queue lock").next();
+                let Some((count, body)) = next else {
+                    break;
+                };
+                let signer = match peer.signer() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tally.failed_requests += 1;
+                        tally.unanswered += count as u64;
+                        tally.note(format!("no signer: {e}"));
+                        continue;
+                    }
+                };
+                let t0 = Instant::now();
+                let reply = peer
+                    .outbound
+                    .signed(
+                        &signer,
+                        http::Method::POST,
+                        &target_name,
+                        SEND_PATH,
+                        Some(body),
+                        REQUEST_TIMEOUT,
+                    )
+                    .await;
+                tally.latencies.push(t0.elapsed());
+                match reply {
+                    Ok(r) if r.status == 200 => match r.json::<SendAnswer>() {
+                        Ok(answer) => {
+                            for res in answer.results {
+                                match res.status {
+                                    SendStatus::Accepted => tally.accepted += 1,
+                                    SendStatus::Duplicate => tally.duplicate += 1,
+                                    SendStatus::Rejected => {
+                                        tally.rejected += 1;
+                                        if let Some(e) = res.error {
+                                            tally.note(format!("{}: {}", e.code, e.message));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tally.failed_requests += 1;
+                            tally.unanswered += count as u64;
+                            tally.note(e);
+                        }
+                    },
+                    Ok(r) => {
+                        tally.failed_requests += 1;
+                        tally.unanswered += count as u64;
+                        tally.note(format!(
+                            "HTTP {}: {}",
+                            r.status,
+                            String::from_utf8_lossy(&r.body)
+                        ));
+                    }
+                    Err(e) => {
+                        tally.failed_requests += 1;
+                        tally.unanswered += count as u64;
+                        tally.note(format!("network: {e}"));
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    let mut tally = Tally::default();
+    for w in workers {
+        tally.merge(w.await.context("a sender task panicked")?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    for r in &tally.reasons {
+        eprintln!("loadgen: refused or failed: {r}");
+    }
+    if tally.unanswered > 0 {
+        eprintln!(
+            "loadgen: {} request(s) failed, {} event(s) unanswered",
+            tally.failed_requests, tally.unanswered
+        );
+    }
+    tally.latencies.sort_unstable();
+    Ok(json!({
+        "mode": "inprocess",
+        "events": args.events,
+        "seconds": round3(seconds),
+        "events_per_s": (args.events as f64 / seconds).round(),
+        "p50_ms": percentile_ms(&tally.latencies, 0.50),
+        "p99_ms": percentile_ms(&tally.latencies, 0.99),
+        "rejected": tally.rejected,
+        "accepted": tally.accepted,
+        "duplicate": tally.duplicate,
+        "unanswered": tally.unanswered,
+        "requests": requests,
+        "failed_requests": tally.failed_requests,
+        "batch": args.batch,
+        "concurrency": args.concurrency,
+        "rooms": args.rooms,
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// Bound mode: the same per-event work without HTTP.
+// ---------------------------------------------------------------------------
+
+fn run_bound(args: &Args) -> Result<Value> {
+    use rand::RngCore;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let signing = SigningKey::from_bytes(&seed);
+    let verifying = signing.verifying_key();
+    let key_id = KeyId::derive(&verifying.to_bytes());
+    let target = ServerName::parse(TARGET_NAME)?;
+    let sender = Fqid::new(&LocalId::parse("load")?, &ServerName::parse(PEER_NAME)?);
+    let rooms: Vec<RoomId> = (0..args.rooms).map(|_| RoomId::generate(&target)).collect();
+    let now = Clock::system().now_ms();
+
+    // Pre-built wire bytes, as they would sit inside a /send body.
+    let wire: Vec<Vec<u8>> = (0..args.events)
+        .map(|i| {
+            Event::create(
+                rooms[i % rooms.len()].clone(),
+                sender.clone(),
+                now,
+                message(i),
+                &key_id,
+                &signing,
+            )
+            .to_wire_bytes(None)
+        })
+        .collect();
+    let batches: Vec<&[Vec<u8>]> = wire.chunks(args.batch).collect();
+
+    let data = tempfile::tempdir().context("temp dir for sled")?;
+    let store = Store::open(&data.path().join("db"))?;
+    let next_batch = AtomicU64::new(0);
+    let next_seq = AtomicU64::new(1);
+    eprintln!(
+        "loadgen: bound: {} events in batches of ≤{} on {} thread(s)",
+        args.events, args.batch, args.threads
+    );
+
+    let started = Instant::now();
+    let results: Vec<Result<(Vec<Duration>, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..args.threads)
+            .map(|_| {
+                s.spawn(|| -> Result<(Vec<Duration>, u64)> {
+                    let mut latencies = Vec::new();
+                    let mut rejected = 0u64;
+                    loop {
+                        let b = next_batch.fetch_add(1, Ordering::Relaxed) as usize;
+                        let Some(batch) = batches.get(b) else {
+                            break;
+                        };
+                        let t0 = Instant::now();
+                        let mut w = WriteSet::default();
+                        for bytes in batch.iter() {
+                            let checked = canonical::parse_strict(bytes)
+                                .and_then(Event::from_value)
+                                .and_then(|(event, _)| {
+                                    event
+                                        .verify(|id| (*id == key_id).then_some(verifying))
+                                        .map(|()| event)
+                                });
+                            match checked {
+                                Ok(event) => {
+                                    let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                                    scaiwave::rooms::write_event(
+                                        &mut w,
+                                        &event,
+                                        seq,
+                                        event.content_hash(),
+                                    )?;
+                                }
+                                Err(_) => rejected += 1,
+                            }
+                        }
+                        store.commit(&w)?;
+                        store.flush_blocking()?;
+                        latencies.push(t0.elapsed());
+                    }
+                    Ok((latencies, rejected))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a bound worker panicked")))
+            })
+            .collect()
+    });
+    let seconds = started.elapsed().as_secs_f64();
+
+    let mut latencies = Vec::new();
+    let mut rejected = 0;
+    for r in results {
+        let (l, n) = r?;
+        latencies.extend(l);
+        rejected += n;
+    }
+    drop(store);
+    drop(data);
+    latencies.sort_unstable();
+    Ok(json!({
+        "mode": "bound",
+        "events": args.events,
+        "seconds": round3(seconds),
+        "events_per_s": (args.events as f64 / seconds).round(),
+        "p50_ms": percentile_ms(&latencies, 0.50),
+        "p99_ms": percentile_ms(&latencies, 0.99),
+        "rejected": rejected,
+        "batch": args.batch,
+        "threads": args.threads,
+        "rooms": args.rooms,
+    }))
+}
