@@ -76,6 +76,11 @@ struct Args {
     /// Worker threads for `--bound`.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Measure delivery instead: the target builds a backlog of `--events`
+    /// events for the peer while the peer refuses it, then the peer lets it
+    /// in and the drain of the target's queue is timed (issue 4's figure).
+    #[arg(long)]
+    drain: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +116,12 @@ fn run(args: &Args) -> Result<Value> {
     }
     if args.bound {
         run_bound(args)
+    } else if args.drain {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("tokio runtime")?
+            .block_on(run_drain(args))
     } else if let Some(target) = &args.target {
         bail!(
             "--target {target}: a remote target is not implemented yet; \
@@ -339,6 +350,95 @@ async fn run_inprocess(args: &Args) -> Result<Value> {
     }
     drop(ca);
     outcome
+}
+
+async fn run_drain(args: &Args) -> Result<Value> {
+    let ca = Ca::new()?;
+    let mut nodes = start_nodes(&ca, &[TARGET_NAME, PEER_NAME]).await?;
+    let outcome = drain(args, nodes[0].app().clone(), nodes[1].app().clone()).await;
+    while let Some(node) = nodes.pop() {
+        node.running.stop().await;
+    }
+    drop(ca);
+    outcome
+}
+
+/// The target hosts one room the peer has joined. While the peer's policy
+/// refuses the target (a retryable `SW_FED_PEER_UNKNOWN`), the target
+/// sequences `--events` messages, all queued for the peer; then the peer
+/// opens up, the target is told the peer is back, and the drain is timed.
+async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
+    use scaiwave::federation::policy::Policy;
+    use scaiwave::rooms::host::{self, Source};
+    let (rooms, _) = setup_rooms(&target, &peer, 1).await?;
+    let room = rooms[0].clone();
+    let peer_name = ServerName::parse(PEER_NAME)?;
+    let mut closed = Policy::default();
+    closed.default_mode = scaiwave::federation::policy::Mode::InviteOnly;
+    peer.set_policy(closed)?;
+
+    let owner_id = LocalId::parse("owner")?;
+    let owner = target.participant(&owner_id)?.context("owner exists")?;
+    let sender = flows::fqid_of(&target, &owner);
+    let key = target.keys.current()?;
+    let mut built = 0;
+    while built < args.events {
+        let n = (args.events - built).min(BATCH_MAX);
+        let batch: Vec<(Event, Source)> = (built..built + n)
+            .map(|i| {
+                let e = Event::create(
+                    room.clone(),
+                    sender.clone(),
+                    target.clock.now_ms(),
+                    message(i),
+                    &key.key_id,
+                    &key.signing,
+                );
+                (e, Source::Local)
+            })
+            .collect();
+        host::commit(&target, batch).await?;
+        built += n;
+    }
+    let queued = target.store.count_prefix(
+        scaiwave::storage::T::Outbox,
+        &scaiwave::storage::prefix(PEER_NAME),
+    );
+    eprintln!("loadgen: {queued} events queued for {PEER_NAME}; opening the peer");
+    peer.set_policy(Policy::default())?;
+
+    let start = Instant::now();
+    target.delivery.peer_is_back(&target, &peer_name);
+    let deadline = start + Duration::from_secs(600);
+    let outbox = scaiwave::storage::prefix(PEER_NAME);
+    loop {
+        // Only look at the head: counting the whole queue would cost more
+        // than the delivery being measured.
+        let head = target.store.scan_limit::<scaiwave::storage::OutboxItem>(
+            scaiwave::storage::T::Outbox,
+            &outbox,
+            1,
+        )?;
+        if head.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("events still queued after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let stored = peer.store.count_prefix(
+        scaiwave::storage::T::Events,
+        &scaiwave::storage::prefix(room.as_str()),
+    );
+    Ok(json!({
+        "mode": "drain",
+        "events": queued,
+        "seconds": round3(seconds),
+        "events_per_s": (queued as f64 / seconds).round(),
+        "stored_on_peer": stored,
+    }))
 }
 
 async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {

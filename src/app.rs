@@ -225,7 +225,21 @@ impl App {
         code: Option<Code>,
         detail: &str,
     ) {
-        let row = AuditRow {
+        self.audit_many(vec![
+            self.audit_row(action, peer, event_id, room_id, code, detail)
+        ]);
+    }
+
+    pub fn audit_row(
+        &self,
+        action: &str,
+        peer: Option<&ServerName>,
+        event_id: Option<&str>,
+        room_id: Option<&str>,
+        code: Option<Code>,
+        detail: &str,
+    ) -> AuditRow {
+        AuditRow {
             at_ms: self.clock.now_ms(),
             action: action.to_string(),
             peer: peer.map(|p| p.to_string()),
@@ -233,13 +247,18 @@ impl App {
             room_id: room_id.map(str::to_string),
             code: code.map(|c| c.as_str().to_string()),
             detail: detail.to_string(),
-        };
-        let written = self
-            .store
-            .generate_id()
-            .and_then(|id| self.store.put(T::Audit, &keys::audit(row.at_ms, id), &row));
-        if let Err(e) = written {
-            tracing::error!(error = %e, action, "could not write an audit row");
+        }
+    }
+
+    /// Write audit rows in one batch. Audit rows are a log, not state: they
+    /// ride on the next flush rather than costing one of their own.
+    pub fn audit_many(&self, rows: Vec<AuditRow>) {
+        let keyed: Result<Vec<(Vec<u8>, AuditRow)>> = rows
+            .into_iter()
+            .map(|row| Ok((keys::audit(row.at_ms, self.store.generate_id()?), row)))
+            .collect();
+        if let Err(e) = keyed.and_then(|items| self.store.put_many(T::Audit, &items)) {
+            tracing::error!(error = %e, "could not write audit rows");
         }
     }
 

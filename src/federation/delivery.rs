@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use crate::app::App;
 use crate::error::{Code, Result};
 use crate::federation::event::Event;
-use crate::federation::wire::{SendAnswer, SendBody, SendStatus};
+use crate::federation::wire::{SendAnswer, SendStatus};
 use crate::ids::{RoomId, ServerName};
 use crate::limits::{DELIVERY_TIMEOUT_SECS, EVENTS_PER_TRANSACTION_MAX};
 use crate::storage::{self, keys, OutboxItem, OutboxKind, WriteSet, T};
@@ -277,12 +277,6 @@ pub fn classify(
 }
 
 fn transaction_body(items: &[(Vec<u8>, OutboxItem)], edus: Vec<serde_json::Value>) -> Vec<u8> {
-    let events: Vec<serde_json::Value> = items
-        .iter()
-        .filter_map(|(_, it)| match &it.kind {
-            OutboxKind::Event { wire, .. } => serde_json::from_slice(wire).ok(),
-        })
-        .collect();
     // The ids of the first and last row name the transaction: a re-send of
     // the same rows after a crash is the same transaction.
     let txn_id = match (items.first(), items.last()) {
@@ -293,12 +287,24 @@ fn transaction_body(items: &[(Vec<u8>, OutboxItem)], edus: Vec<serde_json::Value
         ),
         _ => format!("edu-{}", uuid::Uuid::now_v7()),
     };
-    serde_json::to_vec(&SendBody {
-        txn_id,
-        events,
-        edus,
-    })
-    .unwrap_or_default()
+    // Queued events are already JSON in wire form: splice them in as they
+    // are instead of parsing and re-serialising each one.
+    let mut body =
+        Vec::with_capacity(items.iter().map(|(_, it)| it.wire_len() + 1).sum::<usize>() + 128);
+    body.extend_from_slice(b"{\"txn_id\":");
+    body.extend_from_slice(&serde_json::to_vec(&txn_id).unwrap_or_default());
+    body.extend_from_slice(b",\"events\":[");
+    for (i, (_, it)) in items.iter().enumerate() {
+        let OutboxKind::Event { wire, .. } = &it.kind;
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(wire);
+    }
+    body.extend_from_slice(b"],\"edus\":");
+    body.extend_from_slice(&serde_json::to_vec(&edus).unwrap_or_default());
+    body.push(b'}');
+    body
 }
 
 /// Drop a queued item for good: audit it, log it, and mark our own event failed.
@@ -437,10 +443,12 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             continue;
         }
         let sent_edus = edus.len();
+        let started = tokio::time::Instant::now();
         let attempt = app
             .transport
             .send(&app, &peer, transaction_body(&live, edus))
             .await;
+        let sent_ms = started.elapsed().as_secs_f64() * 1000.0;
         let delay = match attempt {
             Attempt::Answered(answer) => {
                 if sent_edus > 0 {
@@ -452,7 +460,8 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
                 }
                 match apply_answer(&app, &peer, &live, &answer).await {
                     Ok(n) => {
-                        tracing::info!(name: "federation.send.success", peer = %peer, events = n, "federation.send.success");
+                        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+                        tracing::info!(name: "federation.send.success", peer = %peer, events = n, sent_ms, total_ms, "federation.send.success");
                         app.peer_success(&peer, n, 0);
                         let stuck = answer
                             .results

@@ -361,6 +361,9 @@ pub struct Event {
     pub origin_ts_ms: i64,
     pub content: Content,
     json: Map<String, Value>,
+    /// SHA-256 of the canonical event without `unsigned`, computed once
+    /// (it is needed for the size check anyway, and again for dedup).
+    hash: [u8; 32],
 }
 
 impl Event {
@@ -420,7 +423,9 @@ impl Event {
         };
         let signed = Value::Object(json);
         canonical::check_value(&signed)?;
-        let size = canonical::canonical_bytes(&signed).len();
+        let canonical_form = canonical::canonical_bytes(&signed);
+        let size = canonical_form.len();
+        let hash: [u8; 32] = Sha256::digest(&canonical_form).into();
         if size > EVENT_CANONICAL_BYTES_MAX {
             return Err(Error::bad_event(format!(
                 "event is {size} bytes in canonical form; \
@@ -465,6 +470,7 @@ impl Event {
                 origin_ts_ms,
                 content,
                 json,
+                hash,
             },
             seq,
         ))
@@ -506,6 +512,7 @@ impl Event {
         let mut signatures = Map::new();
         signatures.insert(origin.as_str().into(), Value::Object(by_key));
         json.insert("signatures".into(), Value::Object(signatures));
+        let hash = Sha256::digest(canonical::canonical_bytes(&Value::Object(json.clone()))).into();
         Event {
             event_id,
             room_id,
@@ -514,6 +521,7 @@ impl Event {
             origin_ts_ms,
             content,
             json,
+            hash,
         }
     }
 
@@ -529,8 +537,7 @@ impl Event {
     /// included): equal hashes mean a true duplicate, different hashes for
     /// the same (origin, event_id) mean a conflicting copy (SPEC §2).
     pub fn content_hash(&self) -> [u8; 32] {
-        let bytes = canonical::canonical_bytes(&Value::Object(self.json.clone()));
-        Sha256::digest(bytes).into()
+        self.hash
     }
 
     /// The origin server's signatures as (key id, signature bytes). Entries

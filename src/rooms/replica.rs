@@ -83,8 +83,15 @@ pub async fn accept_from_host(
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
+    let t0 = std::time::Instant::now();
     app.store.commit(&w)?;
+    let t1 = t0.elapsed();
     app.store.flush().await?;
+    tracing::debug!(
+        commit_us = t1.as_micros() as u64,
+        flush_us = (t0.elapsed() - t1).as_micros() as u64,
+        "replica store timings"
+    );
     Ok(outcomes)
 }
 

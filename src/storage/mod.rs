@@ -274,6 +274,15 @@ impl Store {
         self.db.generate_id().map_err(sled_err)
     }
 
+    /// Insert many values at once (one sled batch, no flush).
+    pub fn put_many<V: Serialize>(&self, t: T, items: &[(Vec<u8>, V)]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in items {
+            batch.insert(k.as_slice(), codec::encode(v)?);
+        }
+        self.tree(t).apply_batch(batch).map_err(sled_err)
+    }
+
     /// Remove every key in `[from, to)`; answers how many went.
     pub fn remove_range(&self, t: T, from: &[u8], to: &[u8]) -> Result<usize> {
         let mut batch = sled::Batch::default();

@@ -145,6 +145,14 @@ pub struct OutboxItem {
     pub kind: OutboxKind,
 }
 
+impl OutboxItem {
+    pub fn wire_len(&self) -> usize {
+        match &self.kind {
+            OutboxKind::Event { wire, .. } => wire.len(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum OutboxKind {
     /// A room event in wire form (with `unsigned.seq` when we host it).
