@@ -373,9 +373,10 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     let (rooms, _) = setup_rooms(&target, &peer, 1).await?;
     let room = rooms[0].clone();
     let peer_name = ServerName::parse(PEER_NAME)?;
-    let mut closed = Policy::default();
-    closed.default_mode = scaiwave::federation::policy::Mode::InviteOnly;
-    peer.set_policy(closed)?;
+    peer.set_policy(Policy {
+        default_mode: scaiwave::federation::policy::Mode::InviteOnly,
+        ..Policy::default()
+    })?;
 
     let owner_id = LocalId::parse("owner")?;
     let owner = target.participant(&owner_id)?.context("owner exists")?;
