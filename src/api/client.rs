@@ -55,6 +55,12 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
             200,
             &json!({"fqid": flows::fqid_of(app, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
         )),
+        ("PUT", ["me", "presence"]) => {
+            let presence: crate::federation::event::Presence = serde_json::from_value(req.json()?)
+                .map_err(|e| Error::bad_request(format!("send {{\"status\": \"online\"|\"idle\"|\"dnd\"|\"offline\", \"status_msg\"?}}: {e}")))?;
+            crate::rooms::presence::set(app, &me, presence.clone())?;
+            Ok(json_reply(200, &json!({ "presence": presence })))
+        }
         ("GET", ["me", "invitations"]) => Ok(json_reply(
             200,
             &json!({"invitations": flows::invitations(app, &me)?}),
@@ -99,13 +105,16 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
                 .values()
                 .filter(|m| matches!(m.membership, Membership::Join | Membership::Invite))
                 .map(|m| {
-                    let foreign = Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f));
+                    let fqid = Fqid::parse(&m.fqid).ok();
+                    let foreign = fqid.as_ref().is_some_and(|f| !app.is_local(f));
+                    let presence =
+                        fqid.and_then(|f| crate::rooms::presence::of(app, &f).ok().flatten());
                     json!({
                         "fqid": m.fqid,
                         "display_name": m.display_name,
                         "membership": m.membership.as_str(),
                         "foreign": foreign,
-                        "presence": m.presence,
+                        "presence": presence,
                     })
                 })
                 .collect();

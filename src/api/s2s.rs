@@ -58,7 +58,7 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
             200,
             inbound::send(app, &origin, &req.body).await?,
         )),
-        ["profile", local] => profile(app, local),
+        ["profile", local] => profile(app, &origin, local),
         ["rooms", room, what] => {
             let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
             let members = hosted_room_for(app, &origin, &room_id)?;
@@ -88,7 +88,7 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
     }
 }
 
-fn profile(app: &App, local: &str) -> Result<Response> {
+fn profile(app: &App, origin: &ServerName, local: &str) -> Result<Response> {
     let not_found = || {
         Error::new(
             Code::ParticipantNotFound,
@@ -100,12 +100,19 @@ fn profile(app: &App, local: &str) -> Result<Response> {
     };
     let local = LocalId::parse(local).map_err(|_| not_found())?;
     let p = app.participant(&local)?.ok_or_else(not_found)?;
+    let fqid = Fqid::new(&local, &app.server_name);
+    // Presence only for servers that share a room (SPEC §5).
+    let presence = if crate::rooms::presence::shares_room(app, &fqid, origin)? {
+        serde_json::to_value(&p.presence).ok()
+    } else {
+        None
+    };
     Ok(json_reply(
         200,
         &ProfileAnswer {
-            fqid: Fqid::new(&local, &app.server_name).to_string(),
+            fqid: fqid.to_string(),
             display_name: p.display_name,
-            presence: None,
+            presence,
         },
     ))
 }

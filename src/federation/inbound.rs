@@ -383,14 +383,17 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
     }
     let t_stored = t0.elapsed();
     for edu in edus {
-        // Presence is validated and accepted only from the sender's own server.
-        if let Ok(p) = serde_json::from_str::<Value>(edu.get())
+        // EDUs are ephemeral: a malformed or foreign one is dropped, never an error.
+        let parsed = serde_json::from_str::<Value>(edu.get())
             .map_err(|e| Error::bad_event(e.to_string()))
-            .and_then(|v| PresenceEdu::from_value(&v))
-        {
-            if p.sender.server() != *origin {
-                tracing::debug!(peer = %origin, "dropped a presence EDU for another server's participant");
+            .and_then(|v| PresenceEdu::from_value(&v));
+        match parsed {
+            Ok(p) => {
+                if !crate::rooms::presence::receive(app, origin, &p)? {
+                    tracing::debug!(peer = %origin, sender = %p.sender, "dropped a stale or foreign presence EDU");
+                }
             }
+            Err(e) => tracing::debug!(peer = %origin, error = %e, "dropped a malformed EDU"),
         }
     }
     let results: Vec<SendResult> = results

@@ -597,7 +597,6 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
             fqid: f.to_string(),
             membership,
             display_name: None,
-            presence: None,
             invite_expires_at_ms: None,
         });
         member.membership = membership;

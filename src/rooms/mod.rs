@@ -13,6 +13,7 @@
 
 pub mod flows;
 pub mod host;
+pub mod presence;
 pub mod replica;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -151,7 +152,6 @@ impl Plan {
             fqid: target.to_string(),
             membership: *membership,
             display_name: None,
-            presence: None,
             invite_expires_at_ms: None,
         });
         m.membership = *membership;

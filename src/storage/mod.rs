@@ -11,6 +11,7 @@
 //! - `outbox`: peer ‖ 0 ‖ id → [`OutboxItem`]: a range scan per peer is its
 //!   FIFO queue; ids come from sled's monotonic `generate_id`.
 //! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖ txn_id).
+//! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins).
 //!
 //! **Invariant:** everything one request changes is written in one
 //! [`Store::transact`] call, then [`Store::flush`] before the answer.
@@ -51,9 +52,10 @@ pub enum T {
     Audit,
     Invitations,
     Txns,
+    Presence,
 }
 
-const TREE_NAMES: [&str; 14] = [
+const TREE_NAMES: [&str; 15] = [
     "meta",
     "participants",
     "tokens",
@@ -68,6 +70,7 @@ const TREE_NAMES: [&str; 14] = [
     "audit",
     "invitations",
     "txns",
+    "presence",
 ];
 
 /// A key made of parts separated by a zero byte (ids never contain one).

@@ -96,7 +96,6 @@ pub struct Member {
     pub fqid: String,
     pub membership: Membership,
     pub display_name: Option<String>,
-    pub presence: Option<Presence>,
     /// For `Invite`: when the invitation lapses (the host's own clock).
     pub invite_expires_at_ms: Option<i64>,
 }
@@ -240,4 +239,11 @@ pub struct Invitation {
 pub struct TxnRecord {
     pub at_ms: i64,
     pub answer: Vec<u8>,
+}
+
+/// The last presence a participant's own server told us.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ForeignPresence {
+    pub ts_ms: i64,
+    pub presence: Presence,
 }

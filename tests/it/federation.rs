@@ -556,3 +556,168 @@ async fn a_tenant_with_federation_disabled_refuses_both_ways() {
     );
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_travels_both_ways_and_the_newest_wins() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let carol = net.user("b.test", "carol").await;
+    let members = format!("/v1/rooms/{}/members", enc(&room));
+    let presence_of = |viewer: User, who: String| {
+        let (net, members) = (&net, members.clone());
+        async move {
+            let (_, v) = net.as_user(&viewer, Method::GET, &members, None).await;
+            v["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["fqid"] == who.as_str())
+                .map(|m| m["presence"].clone())
+                .unwrap_or(Value::Null)
+        }
+    };
+    let (s, _) = net
+        .as_user(
+            &alice,
+            Method::PUT,
+            "/v1/me/presence",
+            Some(json!({"status": "dnd", "status_msg": "launching"})),
+        )
+        .await;
+    assert_eq!(s, 200);
+    eventually("bob sees alice's presence", || async {
+        presence_of(bob.clone(), alice.fqid.clone()).await["status"] == "dnd"
+    })
+    .await;
+    assert_eq!(
+        presence_of(bob.clone(), alice.fqid.clone()).await["status_msg"],
+        "launching"
+    );
+    net.as_user(
+        &bob,
+        Method::PUT,
+        "/v1/me/presence",
+        Some(json!({"status": "idle"})),
+    )
+    .await;
+    eventually("alice sees bob's presence", || async {
+        presence_of(alice.clone(), bob.fqid.clone()).await["status"] == "idle"
+    })
+    .await;
+
+    // Older or foreign EDUs change nothing.
+    let stale = json!({"type": "sw.presence", "sender": alice.fqid, "ts": 1, "content": {"status": "offline"}});
+    let foreign = json!({"type": "sw.presence", "sender": carol.fqid, "ts": 4_000_000_000_000i64, "content": {"status": "offline"}});
+    let (s, _) = crate::refusals::send_as(
+        &net,
+        "a.test",
+        "b.test",
+        json!({"txn_id": "edus", "events": [], "edus": [stale, foreign]}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        presence_of(bob.clone(), alice.fqid.clone()).await["status"],
+        "dnd"
+    );
+
+    // The profile carries presence only for servers that share a room.
+    let (s, p) = crate::refusals::s2s(
+        &net,
+        "a.test",
+        "b.test",
+        http::Method::GET,
+        "/_scaiwave/federation/v1/profile/bob",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, p["presence"]["status"].as_str()),
+        (200, Some("idle")),
+        "{p}"
+    );
+    let (s, p) = crate::refusals::s2s(
+        &net,
+        "a.test",
+        "b.test",
+        http::Method::GET,
+        "/_scaiwave/federation/v1/profile/carol",
+        None,
+    )
+    .await;
+    assert_eq!((s, p["presence"].clone()), (200, Value::Null), "{p}");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    // b.test goes away; something at its address answers 500, then 429.
+    net.server_mut("b.test").stop().await;
+    let addr = net.server("b.test").addr;
+    let (hits, stop) = testnet::scripted_peer(
+        &net.ca,
+        "b.test",
+        addr,
+        vec![(500, None), (429, Some(1)), (503, None)],
+    )
+    .await;
+    for i in 0..3 {
+        net.as_user(
+            &alice,
+            Method::POST,
+            &path,
+            Some(json!({"body": format!("while down {i}")})),
+        )
+        .await;
+    }
+    eventually("a.test retried several times", || async {
+        hits.load(std::sync::atomic::Ordering::SeqCst) >= 3
+    })
+    .await;
+    let (_, peers) = net
+        .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
+        .await;
+    let row = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["server_name"] == "b.test")
+        .cloned()
+        .unwrap();
+    assert_eq!(row["queue_depth"], 3, "{row}");
+    assert_eq!(row["status"], "backoff", "{row}");
+    assert!(row["next_retry_at"].is_string(), "{row}");
+    assert!(
+        row["last_error"]["code"]
+            .as_str()
+            .unwrap()
+            .starts_with("http_")
+            || row["last_error"]["code"] == "SW_FED_RATE_LIMITED",
+        "{row}"
+    );
+    // The real b.test comes back: everything arrives once, in order.
+    stop.send(()).unwrap();
+    net.server_mut("b.test").restart().await;
+    // Inbound traffic from b wakes a's queue at once.
+    crate::refusals::send_as(
+        &net,
+        "b.test",
+        "a.test",
+        json!({"txn_id": "hello-again", "events": [], "edus": []}),
+    )
+    .await;
+    eventually("queued messages reach b", || async {
+        bodies(&net, &bob, &room).await.len() == 3
+    })
+    .await;
+    let got: Vec<String> = bodies(&net, &bob, &room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert_eq!(got, ["while down 0", "while down 1", "while down 2"]);
+    net.stop_all().await;
+}

@@ -58,6 +58,8 @@ impl Ca {
 
 pub struct Server {
     pub name: ServerName,
+    pub addr: SocketAddr,
+    pub config: Config,
     pub running: Option<Running>,
     /// Kept so the data dir lives as long as the server.
     _data: tempfile::TempDir,
@@ -73,6 +75,33 @@ impl Server {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+    }
+
+    /// Start again on the same port and data (after `stop`).
+    pub async fn restart(&mut self) {
+        let mut tries = 0;
+        let running = loop {
+            // Whatever held the port before may take a moment to let go.
+            let listener = match std::net::TcpListener::bind(self.addr) {
+                Ok(l) => l,
+                Err(_) if tries < 300 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            match scaiwave::server::start_on(self.config.clone(), Clock::system(), listener).await {
+                Ok(r) => break r,
+                // sled's flusher may hold the lock a moment after stop.
+                Err(e) if e.message.contains("could not acquire lock") && tries < 300 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        self.running = Some(running);
     }
 }
 
@@ -90,8 +119,7 @@ impl Resolve for TestResolver {
 }
 
 pub struct TestNet {
-    /// Kept so the certificate files live as long as the servers.
-    _ca: Ca,
+    pub ca: Ca,
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
 }
@@ -151,6 +179,8 @@ pub async fn start_with_extra(
             .to_string();
         servers.push(Server {
             name: config.server_name.clone(),
+            addr: running.addr,
+            config,
             running: Some(running),
             _data: data,
             admin_token,
@@ -163,11 +193,7 @@ pub async fn start_with_extra(
         .dns_resolver(Arc::new(TestResolver(all)))
         .build()
         .unwrap();
-    TestNet {
-        _ca: ca,
-        servers,
-        http,
-    }
+    TestNet { ca, servers, http }
 }
 
 /// A participant on a server, with its token.
@@ -182,6 +208,13 @@ impl TestNet {
     pub fn server(&self, name: &str) -> &Server {
         self.servers
             .iter()
+            .find(|s| s.name.as_str() == name)
+            .expect("known server")
+    }
+
+    pub fn server_mut(&mut self, name: &str) -> &mut Server {
+        self.servers
+            .iter_mut()
             .find(|s| s.name.as_str() == name)
             .expect("known server")
     }
@@ -277,4 +310,71 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// A stand-in for a peer at `addr` that answers every request with the
+/// next scripted status (the last one repeats), over real TLS with a
+/// certificate for `host`. Returns the request counter and a stop switch.
+pub async fn scripted_peer(
+    ca: &Ca,
+    host: &str,
+    addr: SocketAddr,
+    statuses: Vec<(u16, Option<u64>)>,
+) -> (
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (cert, key) = ca.leaf(host);
+    let tls = scaiwave::tls::server_config(&cert, &key).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        // Connections die with the stand-in, so no pooled client keeps
+        // talking to it after the real server is back.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let (tcp, _) = tokio::select! {
+                a = listener.accept() => a.unwrap(),
+                _ = &mut stopped => {
+                    connections.abort_all();
+                    return;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let counter = counter.clone();
+            let statuses = statuses.clone();
+            connections.spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| {
+                        let n = counter.fetch_add(1, Ordering::SeqCst);
+                        let (status, retry_after) = statuses[n.min(statuses.len() - 1)];
+                        async move {
+                            let mut resp = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"{}"),
+                            ));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            if let Some(secs) = retry_after {
+                                resp.headers_mut()
+                                    .insert("retry-after", secs.to_string().parse().unwrap());
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    (hits, stop)
 }

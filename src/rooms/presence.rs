@@ -1,0 +1,118 @@
+//! Presence (SPEC §5): our participants' status goes as an ephemeral EDU to
+//! every server that shares a joined room with them; a peer's EDUs are
+//! taken only for its own participants, and the newest `ts` wins.
+
+use std::collections::BTreeSet;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::federation::event::{Membership, Presence, PresenceEdu};
+use crate::ids::{Fqid, RoomId, ServerName};
+use crate::limits::SHORT_TEXT_BYTES_MAX;
+use crate::rooms::{flows, load_members};
+use crate::storage::{self, ForeignPresence, Participant, T};
+
+/// Rooms a local participant has joined.
+pub fn rooms_of(app: &App, fqid: &Fqid) -> Result<Vec<RoomId>> {
+    Ok(app
+        .store
+        .scan::<()>(T::UserRooms, &storage::prefix(fqid.as_str()))?
+        .into_iter()
+        .filter_map(|(k, ())| {
+            RoomId::parse(&String::from_utf8_lossy(&k[fqid.as_str().len() + 1..])).ok()
+        })
+        .collect())
+}
+
+/// Other servers with a joined participant in a room `fqid` has joined.
+pub fn servers_sharing_a_room(app: &App, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
+    let mut servers = BTreeSet::new();
+    for room in rooms_of(app, fqid)? {
+        servers.extend(crate::rooms::participating_servers(
+            app,
+            &load_members(app, &room)?,
+        ));
+    }
+    Ok(servers)
+}
+
+/// `PUT /v1/me/presence`: store it and tell the servers that share a room.
+pub fn set(app: &App, p: &Participant, presence: Presence) -> Result<()> {
+    if presence
+        .status_msg
+        .as_ref()
+        .is_some_and(|m| m.len() > SHORT_TEXT_BYTES_MAX)
+    {
+        return Err(Error::bad_request(format!(
+            "`status_msg` is limited to {SHORT_TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    let mut updated = p.clone();
+    updated.presence = presence.clone();
+    app.store
+        .put(T::Participants, p.local_id.as_bytes(), &updated)?;
+    let me = flows::fqid_of(app, p);
+    let edu = PresenceEdu {
+        sender: me.clone(),
+        ts_ms: app.clock.now_ms(),
+        presence,
+    }
+    .to_value();
+    let policy = app.policy();
+    for server in servers_sharing_a_room(app, &me)? {
+        if policy.admit(&server).is_ok() {
+            app.delivery
+                .queue_edu(app, &server, me.as_str(), edu.clone());
+        }
+    }
+    Ok(())
+}
+
+/// A presence EDU from `origin`: kept if the sender is `origin`'s own and
+/// it is newer than what we hold.
+pub fn receive(app: &App, origin: &ServerName, edu: &PresenceEdu) -> Result<bool> {
+    if edu.sender.server() != *origin {
+        return Ok(false);
+    }
+    let key = edu.sender.as_str().as_bytes();
+    let held: Option<ForeignPresence> = app.store.get(T::Presence, key)?;
+    if held.is_some_and(|h| h.ts_ms >= edu.ts_ms) {
+        return Ok(false);
+    }
+    app.store.put(
+        T::Presence,
+        key,
+        &ForeignPresence {
+            ts_ms: edu.ts_ms,
+            presence: edu.presence.clone(),
+        },
+    )?;
+    Ok(true)
+}
+
+/// What we know of anyone's presence: ours from the participant row,
+/// foreign from the last EDU.
+pub fn of(app: &App, fqid: &Fqid) -> Result<Option<Presence>> {
+    if app.is_local(fqid) {
+        return Ok(app.participant(&fqid.local_id())?.map(|p| p.presence));
+    }
+    Ok(app
+        .store
+        .get::<ForeignPresence>(T::Presence, fqid.as_str().as_bytes())?
+        .map(|f| f.presence))
+}
+
+/// Does `server` share a joined room with our participant `fqid`?
+pub fn shares_room(app: &App, fqid: &Fqid, server: &ServerName) -> Result<bool> {
+    for room in rooms_of(app, fqid)? {
+        let members = load_members(app, &room)?;
+        let shared = members.values().any(|m| {
+            m.membership == Membership::Join
+                && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *server)
+        });
+        if shared {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
