@@ -392,6 +392,117 @@ async fn apply_answer(
     Ok(count)
 }
 
+/// Transactions in flight at once to one peer, when the order of arrival
+/// cannot matter (every event carries the `seq` we gave it as host).
+pub const PIPELINE_DEPTH: usize = 3;
+
+/// What one round of sending came to.
+#[derive(Default)]
+struct Round {
+    delivered: u64,
+    /// A transaction came back with only retryable per-event refusals.
+    stuck: bool,
+    /// The last retryable failure, with its Retry-After.
+    retry: Option<(String, String, Option<u64>)>,
+}
+
+/// Rows we can send in parallel transactions: events of rooms we host
+/// carry their `seq`, so the receiver orders them whatever comes first.
+/// Our own events to another host are sequenced by arrival: one at a time.
+fn chunks_for(app: &App, live: &[(Vec<u8>, OutboxItem)]) -> Vec<std::ops::Range<usize>> {
+    let hosted = |it: &OutboxItem| match &it.kind {
+        OutboxKind::Event { room_id, .. } => {
+            RoomId::parse(room_id).is_ok_and(|r| r.host() == app.server_name)
+        }
+    };
+    let parallel = live.iter().all(|(_, it)| hosted(it));
+    let step = EVENTS_PER_TRANSACTION_MAX;
+    let take = if parallel {
+        live.len()
+    } else {
+        live.len().min(step)
+    };
+    if take == 0 {
+        // EDUs only: one transaction without events.
+        return vec![0..0];
+    }
+    (0..take)
+        .step_by(step)
+        .map(|start| start..(start + step).min(take))
+        .collect()
+}
+
+async fn send_round(
+    app: &App,
+    peer: &ServerName,
+    signals: &PeerSignals,
+    live: &[(Vec<u8>, OutboxItem)],
+    edus: Vec<serde_json::Value>,
+    now: i64,
+) -> Round {
+    let chunks = chunks_for(app, live);
+    let started = tokio::time::Instant::now();
+    let mut edus = Some(edus);
+    let sends = chunks.iter().map(|r| {
+        // EDUs ride on the first transaction only.
+        let body = transaction_body(&live[r.clone()], edus.take().unwrap_or_default());
+        app.transport.send(app, peer, body)
+    });
+    let attempts = futures_util::future::join_all(sends).await;
+    let mut round = Round::default();
+    for (range, attempt) in chunks.into_iter().zip(attempts) {
+        let part = &live[range];
+        match attempt {
+            Attempt::Answered(answer) => {
+                signals
+                    .edus
+                    .lock()
+                    .expect("edu lock")
+                    .retain(|_, (at, _)| *at > now);
+                match apply_answer(app, peer, part, &answer).await {
+                    Ok(n) => {
+                        round.delivered += n;
+                        round.stuck |= n == 0
+                            && answer
+                                .results
+                                .iter()
+                                .any(|r| r.status == SendStatus::Rejected);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, peer = %peer, "could not record a delivery");
+                        round.retry = Some(("internal".into(), e.message, None));
+                    }
+                }
+            }
+            Attempt::Retry {
+                code,
+                message,
+                retry_after_secs,
+            } => {
+                app.peer_failure(peer, &code, &message);
+                round.retry = Some((code, message, retry_after_secs));
+            }
+            Attempt::Refused { code, message } => {
+                app.peer_failure(peer, &code, &message);
+                signals
+                    .edus
+                    .lock()
+                    .expect("edu lock")
+                    .retain(|_, (at, _)| *at > now);
+                for (k, it) in part {
+                    give_up(app, peer, k, it, &code, &message).await;
+                }
+            }
+        }
+    }
+    if round.delivered > 0 {
+        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(name: "federation.send.success", peer = %peer, events = round.delivered, total_ms, "federation.send.success");
+        app.peer_success(peer, round.delivered, 0);
+    }
+    round
+}
+
 /// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
 async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
     let fed = app.config.federation.clone();
@@ -401,17 +512,15 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         if app.shutdown.is_cancelled() {
             return;
         }
-        let items: Vec<(Vec<u8>, OutboxItem)> = match app.store.scan_limit(
+        let scan = app.store.scan_limit(
             T::Outbox,
             &storage::prefix(peer.as_str()),
-            EVENTS_PER_TRANSACTION_MAX,
-        ) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
-                Vec::new()
-            }
-        };
+            EVENTS_PER_TRANSACTION_MAX * PIPELINE_DEPTH,
+        );
+        let items: Vec<(Vec<u8>, OutboxItem)> = scan.unwrap_or_else(|e| {
+            tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
+            Vec::new()
+        });
         let now = app.clock.now_ms();
         let edus: Vec<serde_json::Value> = {
             let mut map = signals.edus.lock().expect("edu lock");
@@ -442,85 +551,28 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         if !aged.is_empty() && live.is_empty() {
             continue;
         }
-        let sent_edus = edus.len();
-        let started = tokio::time::Instant::now();
-        let attempt = app
-            .transport
-            .send(&app, &peer, transaction_body(&live, edus))
-            .await;
-        let sent_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let delay = match attempt {
-            Attempt::Answered(answer) => {
-                if sent_edus > 0 {
-                    signals
-                        .edus
-                        .lock()
-                        .expect("edu lock")
-                        .retain(|_, (at, _)| *at > now);
-                }
-                match apply_answer(&app, &peer, &live, &answer).await {
-                    Ok(n) => {
-                        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-                        tracing::info!(name: "federation.send.success", peer = %peer, events = n, sent_ms, total_ms, "federation.send.success");
-                        app.peer_success(&peer, n, 0);
-                        let stuck = answer
-                            .results
-                            .iter()
-                            .any(|r| r.status == SendStatus::Rejected)
-                            && n == 0;
-                        if !stuck {
-                            failures = 0;
-                            signals.next_retry_at_ms.store(0, Ordering::Relaxed);
-                            continue;
-                        }
-                        // Only retryable rejections are left: back off before resending them.
-                        failures = failures.saturating_add(1);
-                        backoff(
-                            fed.retry_initial,
-                            fed.retry_max_interval,
-                            failures,
-                            rand::rng().random(),
-                        )
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, peer = %peer, "could not record a delivery");
-                        failures = failures.saturating_add(1);
-                        backoff(
-                            fed.retry_initial,
-                            fed.retry_max_interval,
-                            failures,
-                            rand::rng().random(),
-                        )
-                    }
-                }
+        let round = send_round(&app, &peer, &signals, &live, edus, now).await;
+        let delay = match (&round.retry, round.stuck) {
+            (None, false) => {
+                failures = 0;
+                signals.next_retry_at_ms.store(0, Ordering::Relaxed);
+                continue;
             }
-            Attempt::Retry {
-                code,
-                message,
-                retry_after_secs,
-            } => {
+            (retry, _) => {
+                // A retryable failure, or only retryable refusals left: back off.
                 failures = failures.saturating_add(1);
-                tracing::warn!(peer = %peer, code = %code, attempt = failures, "delivery failed, will retry: {message}");
-                app.peer_failure(&peer, &code, &message);
                 let d = backoff(
                     fed.retry_initial,
                     fed.retry_max_interval,
                     failures,
                     rand::rng().random(),
                 );
-                d.max(Duration::from_secs(retry_after_secs.unwrap_or(0)))
-            }
-            Attempt::Refused { code, message } => {
-                app.peer_failure(&peer, &code, &message);
-                signals
-                    .edus
-                    .lock()
-                    .expect("edu lock")
-                    .retain(|_, (at, _)| *at > now);
-                for (k, it) in &live {
-                    give_up(&app, &peer, k, it, &code, &message).await;
+                if let Some((code, message, _)) = retry {
+                    tracing::warn!(peer = %peer, code = %code, attempt = failures, "delivery failed, will retry: {message}");
                 }
-                continue;
+                d.max(Duration::from_secs(
+                    retry.as_ref().and_then(|r| r.2).unwrap_or(0),
+                ))
             }
         };
         // Wake at the retry time, or when the oldest row reaches its

@@ -165,7 +165,11 @@ pub fn open(dir: &std::path::Path, script: Arc<Script>, clock: Clock) -> Arc<App
 
 /// Queue `n` new events (in a room the peer hosts) for the peer.
 pub fn enqueue(app: &Arc<App>, n: usize) -> Vec<String> {
-    let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
+    enqueue_in(app, "!RoomHostedOnPeer0000:b.test", n)
+}
+
+pub fn enqueue_in(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
+    let room = RoomId::parse(room).unwrap();
     let sender = Fqid::parse("@alice:a.test").unwrap();
     let key = app.keys.current().unwrap();
     let mut w = WriteSet::default();
@@ -409,6 +413,33 @@ async fn fifo_batches_of_100_and_per_event_outcomes() {
         .iter()
         .any(|r| r.action == "federation.send.failed"
             && r.event_id.as_deref() == Some(ids[0].as_str())));
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn events_we_host_go_in_parallel_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    // Events of a room we host carry their seq: arrival order cannot matter.
+    let ids = enqueue_in(&app, "!RoomHostedHere000000:a.test", 250);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let attempts = script.attempts.lock().unwrap().clone();
+    assert_eq!(
+        attempts.iter().map(|a| a.1.len()).collect::<Vec<_>>(),
+        [100, 100, 50]
+    );
+    assert!(
+        attempts.iter().all(|a| a.0 == attempts[0].0),
+        "sent together"
+    );
+    let mut delivered = script.delivered.lock().unwrap().clone();
+    delivered.sort();
+    let mut want = ids;
+    want.sort();
+    assert_eq!(delivered, want);
+    assert_eq!(queue_depth(&app), 0);
     stop(app).await;
 }
 
