@@ -424,7 +424,7 @@ fn chunks_for(app: &App, live: &[(Vec<u8>, OutboxItem)]) -> Vec<std::ops::Range<
     };
     if take == 0 {
         // EDUs only: one transaction without events.
-        return vec![0..0];
+        return vec![std::ops::Range { start: 0, end: 0 }];
     }
     (0..take)
         .step_by(step)
