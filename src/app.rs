@@ -22,6 +22,16 @@ use crate::rooms::RoomLocks;
 use crate::storage::{keys, AuditRow, Participant, PeerError, PeerRecord, PowerLevel, Store, T};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Live events buffered per stream before a slow reader starts losing them.
+const LIVE_EVENTS_BUFFERED: usize = 1024;
+
+/// A room event just stored, as live streams see it.
+#[derive(Debug, Clone)]
+pub struct LiveEvent {
+    pub room_id: String,
+    pub seq: u64,
+    pub wire: Arc<Vec<u8>>,
+}
 const POLICY: &[u8] = b"policy";
 
 pub struct App {
@@ -39,6 +49,9 @@ pub struct App {
     pub delivery: Delivery,
     /// How the delivery loop reaches peers (HTTPS; scripted in tests).
     pub transport: Arc<dyn Transport>,
+    /// New room events, for `GET /v1/events` streams (lagging readers
+    /// lose the oldest; the stream is a hint, history is the truth).
+    pub live: tokio::sync::broadcast::Sender<LiveEvent>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -94,6 +107,7 @@ impl App {
             room_locks: RoomLocks::default(),
             delivery: Delivery::default(),
             transport,
+            live: tokio::sync::broadcast::channel(LIVE_EVENTS_BUFFERED).0,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         }))
@@ -114,6 +128,18 @@ impl App {
             tracing::info!(path = %path.display(), "wrote the first admin token (mode 0600)");
         }
         Ok(())
+    }
+
+    /// Tell live streams about stored events (after their commit).
+    pub fn publish(&self, events: impl IntoIterator<Item = (String, u64, Vec<u8>)>) {
+        for (room_id, seq, wire) in events {
+            // No receivers is fine: nobody is listening.
+            let _ = self.live.send(LiveEvent {
+                room_id,
+                seq,
+                wire: Arc::new(wire),
+            });
+        }
     }
 
     pub fn admin_token_path(&self) -> PathBuf {

@@ -16,6 +16,13 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
     match (req.method.as_str(), rest) {
         ("GET", ["federation", "identity"]) => Ok(json_reply(200, &identity(app))),
         ("GET", ["federation", "peers"]) => Ok(json_reply(200, &json!({ "peers": peers(app)? }))),
+        ("DELETE", ["federation", "peers", name]) => {
+            let peer = ServerName::parse(name)?;
+            Ok(json_reply(
+                200,
+                &crate::rooms::sever::remove_peer(app, &admin, &peer).await?,
+            ))
+        }
         ("GET", ["federation", "policy"]) => Ok(json_reply(200, &app.policy())),
         ("PUT", ["federation", "policy"]) => {
             let next = app.policy().patched(&req.json()?)?;

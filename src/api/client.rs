@@ -48,9 +48,52 @@ fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
     }
 }
 
-pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> {
+/// `GET /v1/events`: a server-sent event (`event: sw.event`, data = the
+/// event's wire JSON with its seq) for each new event in the caller's rooms.
+fn live_stream(app: &std::sync::Arc<App>, me: Fqid) -> Response {
+    use futures_util::StreamExt;
+    let rx = app.live.subscribe();
+    let app = app.clone();
+    let events = tokio_stream_from(rx).filter_map(move |ev| {
+        let member = app
+            .store
+            .contains(
+                T::UserRooms,
+                &crate::storage::keys::user_room(me.as_str(), &ev.room_id),
+            )
+            .unwrap_or(false);
+        let out = member.then(|| {
+            Ok::<_, std::convert::Infallible>(
+                warp::sse::Event::default()
+                    .event("sw.event")
+                    .id(ev.seq.to_string())
+                    .data(String::from_utf8_lossy(&ev.wire).into_owned()),
+            )
+        });
+        async move { out }
+    });
+    warp::reply::Reply::into_response(warp::sse::reply(warp::sse::keep_alive().stream(events)))
+}
+
+/// A broadcast receiver as a stream; a reader that lags skips what it lost.
+fn tokio_stream_from(
+    rx: tokio::sync::broadcast::Receiver<crate::app::LiveEvent>,
+) -> impl futures_util::Stream<Item = crate::app::LiveEvent> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(ev) => return Some((ev, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
+pub async fn route(app: &std::sync::Arc<App>, req: &Request, rest: &[&str]) -> Result<Response> {
     let me = caller(app, req)?;
     match (req.method.as_str(), rest) {
+        ("GET", ["events"]) => Ok(live_stream(app, flows::fqid_of(app, &me))),
         ("GET", ["me"]) => Ok(json_reply(
             200,
             &json!({"fqid": flows::fqid_of(app, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
@@ -182,6 +225,32 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
                 200,
                 &json!({"invite_id": invite_id, "room_id": room_id.to_string(), "fqid": fqid.to_string()}),
             ))
+        }
+        ("GET", ["search"]) => {
+            let q = req.query_param("q").unwrap_or_default();
+            let hits = crate::rooms::search::search(app, &flows::fqid_of(app, &me), &q)?;
+            let results: Vec<Value> = hits
+                .into_iter()
+                .map(|(room_id, m)| {
+                    let mut v = serde_json::to_value(m).unwrap_or_default();
+                    v["room_id"] = Value::from(room_id);
+                    v
+                })
+                .collect();
+            Ok(json_reply(200, &json!({ "results": results })))
+        }
+        ("POST", ["rooms", room, "kick"]) => {
+            let room_id = RoomId::parse(room)?;
+            let target = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
+            Ok(json_reply(
+                200,
+                &flows::kick(app, &me, &room_id, &target).await?,
+            ))
+        }
+        ("POST", ["me", "federated-dms"]) => {
+            let other = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
+            let room = flows::federated_dm(app, &me, &other).await?;
+            Ok(json_reply(200, &room_view(app, &room)))
         }
         ("POST", ["rooms", room, "leave"]) => {
             let room_id = RoomId::parse(room)?;

@@ -155,6 +155,11 @@ impl Delivery {
         Ok(())
     }
 
+    /// The app itself, for work spawned from code that only holds `&App`.
+    pub fn app_handle(&self) -> Option<Arc<App>> {
+        self.app.get().and_then(Weak::upgrade)
+    }
+
     fn signals(&self, app: &App, peer: &ServerName) -> Arc<PeerSignals> {
         let mut map = self.peers.lock().expect("delivery map lock");
         if let Some(s) = map.get(peer) {

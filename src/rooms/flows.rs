@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::app::App;
 use crate::clock::rfc3339;
@@ -78,6 +79,16 @@ pub async fn create_room(
     name: &str,
     room_type: &str,
 ) -> Result<Room> {
+    create_room_with(app, creator, name, room_type, None).await
+}
+
+async fn create_room_with(
+    app: &App,
+    creator: &Participant,
+    name: &str,
+    room_type: &str,
+    dm_pair: Option<(String, String)>,
+) -> Result<Room> {
     if name.is_empty() || name.len() > SHORT_TEXT_BYTES_MAX {
         return Err(Error::bad_request(format!(
             "`name` must be 1-{SHORT_TEXT_BYTES_MAX} bytes"
@@ -95,10 +106,9 @@ pub async fn create_room(
         created_at_ms: app.clock.now_ms(),
         next_seq: 1,
         joined_seq: None,
-        dm_pair: None,
+        dm_pair,
+        creator: Some(fqid_of(app, creator).to_string()),
     };
-    app.store
-        .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
     let me = fqid_of(app, creator);
     // The creator's join is seq 1. It is committed as a host event whose
     // membership check is skipped: nobody can invite the first member.
@@ -172,7 +182,7 @@ pub struct MessageView {
     pub reactions: std::collections::BTreeMap<String, Vec<String>>,
 }
 
-fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
+pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
     let (event, _) = Event::parse(&stored.json).ok()?;
     let Content::Message {
         body,
@@ -437,7 +447,7 @@ fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitati
 
 /// Send one event straight to its room's host and wait (≤ 10 s). `None`
 /// means the host could not be reached.
-async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
+pub async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
     let host = event.room_id.host();
     let signer = app.signer()?;
     let body = serde_json::to_vec(&SendBody {
@@ -645,7 +655,22 @@ pub async fn backfill(
     let mut w = storage::WriteSet::default();
     let _guard = app.room_locks.lock_all([room_id.clone()]).await;
     for value in answer.events {
-        if value.get("rejected").is_some() {
+        if value.get("rejected").and_then(Value::as_bool) == Some(true) {
+            // The host's tombstone: the gap at this seq is real.
+            if let Some(seq) = value.get("seq").and_then(Value::as_u64) {
+                let k = keys::event(room_id.as_str(), seq);
+                if app.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
+                    w.put(
+                        T::Events,
+                        k,
+                        &StoredEvent {
+                            json: Vec::new(),
+                            state: DeliveryState::Sent,
+                            rejected: true,
+                        },
+                    )?;
+                }
+            }
             continue;
         }
         let parsed = Event::from_value(value);
@@ -680,4 +705,99 @@ pub fn pending_state(app: &App, room_id: &RoomId, event_id: &str) -> Result<Opti
         .store
         .get::<StoredEvent>(T::Pending, &keys::pending(room_id.as_str(), event_id))?
         .map(|s| s.state))
+}
+
+/// Kick `target` from a room we host. Only room admins (the creator or a
+/// server admin) may; kicks never come from replicas (SPEC §6).
+pub async fn kick(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<Posted> {
+    let me = fqid_of(app, p);
+    let room = joined_room(app, room_id, &me)?;
+    if room_id.host() != app.server_name {
+        return Err(Error::forbidden(format!(
+            "only admins of the host {} can kick from this room",
+            room_id.host()
+        )));
+    }
+    let is_admin =
+        p.power_level == storage::PowerLevel::Admin || room.creator.as_deref() == Some(me.as_str());
+    if !is_admin {
+        return Err(Error::forbidden(
+            "only the room's creator or a server admin can kick",
+        ));
+    }
+    let event = sign(
+        app,
+        room_id,
+        &me,
+        Content::Member {
+            membership: Membership::Kick,
+            target: target.clone(),
+            expires_at_ms: None,
+            room: None,
+        },
+    )?;
+    let event_id = event.event_id.to_string();
+    commit_local(app, event).await?;
+    Ok(Posted {
+        event_id,
+        state: "sent",
+    })
+}
+
+/// `POST /v1/me/federated-dms`: the DM room between the caller and `fqid`,
+/// created (and the invitation sent) the first time, the same room after.
+pub async fn federated_dm(app: &App, p: &Participant, other: &Fqid) -> Result<Room> {
+    let me = fqid_of(app, p);
+    if app.is_local(other) {
+        return Err(Error::bad_request(format!(
+            "{other} is on this server; federated DMs are with participants of other servers"
+        )));
+    }
+    let mut pair = [me.to_string(), other.to_string()];
+    pair.sort();
+    let pair = (pair[0].clone(), pair[1].clone());
+    // One DM per pair: a lock per caller (a synthetic id in the room lock
+    // table, never a real room) keeps two concurrent requests from making two.
+    let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(me.as_str().as_bytes()).into();
+    let lock_name: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    let lock_id = RoomId::parse(&format!("!dm{lock_name}:{}", app.server_name))?;
+    let _guard = app.room_locks.lock_all([lock_id]).await;
+    for room in crate::rooms::presence::rooms_of(app, &me)? {
+        if let Some(r) = load_room(app, &room)? {
+            if r.dm_pair.as_ref() == Some(&pair) {
+                return Ok(r);
+            }
+        }
+    }
+    // Check the other side exists before making anything.
+    fetch_profile(app, other).await?;
+    let room = create_room_with(app, p, &format!("{me} and {other}"), "dm", Some(pair)).await?;
+    invite(app, p, &RoomId::parse(&room.room_id)?, other).await?;
+    Ok(room)
+}
+
+/// How long a replica waits before filling a gap: with pipelined delivery
+/// the missing events are usually already on their way.
+pub const GAP_FILL_DELAY_MS: u64 = 2000;
+
+/// Fill the seqs in `[lo, hi)` of `room_id` that are still missing after a
+/// short wait, from the host's backfill endpoint (SPEC §6).
+pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
+    tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
+    let hi = hi.min(lo + BACKFILL_EVENTS_MAX);
+    let mut missing = Vec::new();
+    for seq in lo..hi {
+        if !app
+            .store
+            .contains(T::Events, &keys::event(room_id.as_str(), seq))?
+        {
+            missing.push(seq);
+        }
+    }
+    let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
+        return Ok(0);
+    };
+    tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
+    let (_, stored, _) = backfill(app, room_id, Some(last + 1), last - first + 1).await?;
+    Ok(stored)
 }

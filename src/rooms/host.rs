@@ -184,6 +184,7 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
     let mut seen: HashMap<(ServerName, String), [u8; 32]> = HashMap::new();
     let mut woken: BTreeSet<ServerName> = BTreeSet::new();
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut live = Vec::new();
 
     for (event, source) in &batch {
         let hash = event.content_hash();
@@ -260,6 +261,7 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
             enqueue_event(app, &mut w, &peer, event, wire.clone(), now_ms)?;
             woken.insert(peer);
         }
+        live.push((event.room_id.to_string(), seq, wire));
         outcomes.push(Outcome::Accepted(seq));
     }
     for plan in plans.values() {
@@ -267,6 +269,7 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
     }
     app.store.commit(&w)?;
     app.store.flush().await?;
+    app.publish(live);
     for peer in woken {
         app.delivery.wake(app, &peer);
     }

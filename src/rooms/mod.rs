@@ -15,6 +15,8 @@ pub mod flows;
 pub mod host;
 pub mod presence;
 pub mod replica;
+pub mod search;
+pub mod sever;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -242,7 +244,8 @@ pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) ->
             seq: Some(seq),
             hash,
         },
-    )
+    )?;
+    search::index(w, event, seq)
 }
 
 /// Dedup (SPEC §2): the same (origin, event_id) with the same bytes is a

@@ -28,8 +28,16 @@ pub async fn accept_from_host(
             plans.insert(r.clone(), p);
         }
     }
+    // Where each room's history ended before this batch (gap detection
+    // starts at our join: rooms we have not joined yet are skipped).
+    let ends: HashMap<RoomId, u64> = plans
+        .iter()
+        .filter(|(_, p)| p.room.joined_seq.is_some())
+        .map(|(r, p)| (r.clone(), p.room.next_seq))
+        .collect();
     let mut w = WriteSet::default();
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut live = Vec::new();
     for (event, seq) in &batch {
         let hash = event.content_hash();
         if let Some(o) = dedup(app, event, &hash)? {
@@ -78,6 +86,11 @@ pub async fn accept_from_host(
             _ => None,
         };
         plan.apply_membership(app, event, &mut w, expires)?;
+        live.push((
+            event.room_id.to_string(),
+            *seq,
+            event.to_wire_bytes(Some(*seq)),
+        ));
         outcomes.push(Outcome::Accepted(*seq));
     }
     for plan in plans.values() {
@@ -87,6 +100,29 @@ pub async fn accept_from_host(
     app.store.commit(&w)?;
     let t1 = t0.elapsed();
     app.store.flush().await?;
+    app.publish(live);
+    // A room whose history grew by more seqs than this batch stored has
+    // holes: fill them shortly, if they are still there (SPEC §6).
+    for (room_id, end) in ends {
+        let stored = outcomes
+            .iter()
+            .zip(&batch)
+            .filter(|(o, (e, _))| e.room_id == room_id && matches!(o, Outcome::Accepted(_)))
+            .count() as u64;
+        let next = plans.get(&room_id).map(|p| p.room.next_seq).unwrap_or(end);
+        if next.saturating_sub(end) > stored {
+            if let Some(handle) = app.delivery.app_handle() {
+                let tasks = handle.tasks.clone();
+                tasks.spawn(async move {
+                    if let Err(e) =
+                        crate::rooms::flows::fill_gap(&handle, &room_id, end, next).await
+                    {
+                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                    }
+                });
+            }
+        }
+    }
     tracing::debug!(
         commit_us = t1.as_micros() as u64,
         flush_us = (t0.elapsed() - t1).as_micros() as u64,
@@ -169,6 +205,7 @@ pub fn ensure_room(
         next_seq: 0,
         joined_seq: None,
         dm_pair: None,
+        creator: None,
     };
     app.store.put(T::Rooms, room_id.as_str().as_bytes(), &room)
 }
@@ -239,7 +276,13 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
     plan.apply_membership(app, event, &mut w, None)?;
     plan.finish(&mut w)?;
     app.store.commit(&w)?;
-    app.store.flush().await
+    app.store.flush().await?;
+    app.publish([(
+        event.room_id.to_string(),
+        seq,
+        event.to_wire_bytes(Some(seq)),
+    )]);
+    Ok(())
 }
 
 /// The host refused our event for good (or it aged out): mark it failed.

@@ -12,6 +12,8 @@
 //!   FIFO queue; ids come from sled's monotonic `generate_id`.
 //! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖ txn_id).
 //! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins).
+//! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
+//!   message bodies, written with the event).
 //!
 //! **Invariant:** everything one request changes is written in one
 //! [`Store::transact`] call, then [`Store::flush`] before the answer.
@@ -53,9 +55,10 @@ pub enum T {
     Invitations,
     Txns,
     Presence,
+    Search,
 }
 
-const TREE_NAMES: [&str; 15] = [
+const TREE_NAMES: [&str; 16] = [
     "meta",
     "participants",
     "tokens",
@@ -71,6 +74,7 @@ const TREE_NAMES: [&str; 15] = [
     "invitations",
     "txns",
     "presence",
+    "search",
 ];
 
 /// A key made of parts separated by a zero byte (ids never contain one).
@@ -185,6 +189,10 @@ impl Store {
             Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    pub fn contains(&self, t: T, k: &[u8]) -> Result<bool> {
+        self.tree(t).contains_key(k).map_err(sled_err)
     }
 
     pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
@@ -426,6 +434,9 @@ pub mod keys {
         let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
         k.extend_from_slice(&id.to_be_bytes());
         k
+    }
+    pub fn search(token: &str, room_id: &str, seq: u64) -> Vec<u8> {
+        key(&[token.as_bytes(), room_id.as_bytes(), &seq.to_be_bytes()])
     }
     /// The trailing big-endian u64 of an `events` or `outbox` key.
     pub fn trailing_u64(k: &[u8]) -> u64 {

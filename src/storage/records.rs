@@ -89,6 +89,8 @@ pub struct Room {
     pub joined_seq: Option<u64>,
     /// For DMs made by `/v1/me/federated-dms`: the two FQIDs, sorted.
     pub dm_pair: Option<(String, String)>,
+    /// Who created the room (hosted rooms): a room admin, who may kick.
+    pub creator: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,0 +1,115 @@
+//! Search (`GET /v1/search?q=`): an inverted index of message bodies in a
+//! sled tree, written in the same transaction as the event, so foreign
+//! messages are found like local ones. A query intersects the postings of
+//! its words within the caller's rooms; it never scans all events.
+
+use std::collections::BTreeSet;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+use crate::federation::event::{Content, Event};
+use crate::ids::{Fqid, RoomId};
+use crate::rooms::flows::{message_view, MessageView};
+use crate::storage::{self, keys, StoredEvent, WriteSet, T};
+
+/// Words indexed per message; a longer message is indexed by its first ones.
+const TOKENS_PER_MESSAGE_MAX: usize = 200;
+/// Characters in one indexed word.
+const TOKEN_CHARS_MAX: usize = 40;
+/// Postings read for one query word before giving up on completeness.
+const POSTINGS_SCAN_MAX: usize = 100_000;
+/// Results of one query.
+pub const RESULTS_MAX: usize = 50;
+
+/// Lower-cased words of letters and digits, each once.
+pub fn tokens(text: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            w.to_lowercase()
+                .chars()
+                .take(TOKEN_CHARS_MAX)
+                .collect::<String>()
+        })
+        .filter(|w| seen.insert(w.clone()))
+        .take(TOKENS_PER_MESSAGE_MAX)
+        .collect()
+}
+
+/// Index a message stored at `seq` (part of the event's write set).
+pub fn index(w: &mut WriteSet, event: &Event, seq: u64) -> Result<()> {
+    if let Content::Message { body, .. } = &event.content {
+        for t in tokens(body) {
+            w.put(
+                T::Search,
+                keys::search(&t, event.room_id.as_str(), seq),
+                &(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Messages in `me`'s rooms holding every word of `q`, newest first.
+pub fn search(app: &App, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)>> {
+    let words = tokens(q);
+    let Some((first, rest)) = words.split_first() else {
+        return Err(Error::bad_request("`q` must contain at least one word"));
+    };
+    let mine: BTreeSet<String> = crate::rooms::presence::rooms_of(app, me)?
+        .into_iter()
+        .map(|r| r.to_string())
+        .collect();
+    let postings =
+        app.store
+            .scan_limit::<()>(T::Search, &storage::prefix(first), POSTINGS_SCAN_MAX)?;
+    let mut hits = Vec::new();
+    for (k, ()) in postings.into_iter().rev() {
+        let tail = &k[first.len() + 1..];
+        if tail.len() < 9 {
+            continue;
+        }
+        let room = String::from_utf8_lossy(&tail[..tail.len() - 9]).into_owned();
+        let seq = keys::trailing_u64(&k);
+        if !mine.contains(&room) {
+            continue;
+        }
+        let mut all = true;
+        for w in rest {
+            all &= app
+                .store
+                .contains(T::Search, &keys::search(w, &room, seq))?;
+        }
+        if !all {
+            continue;
+        }
+        let room_id = RoomId::parse(&room)?;
+        if let Some(stored) = app
+            .store
+            .get::<StoredEvent>(T::Events, &keys::event(room_id.as_str(), seq))?
+        {
+            if let Some(view) = message_view(&stored, Some(seq)) {
+                hits.push((room, view));
+            }
+        }
+        if hits.len() >= RESULTS_MAX {
+            break;
+        }
+    }
+    Ok(hits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokenizer() {
+        assert_eq!(
+            tokens("Hello, hello WORLD! Ça va? 42x"),
+            ["hello", "world", "ça", "va", "42x"]
+        );
+        assert!(tokens("  ,,, ").is_empty());
+    }
+}
