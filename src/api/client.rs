@@ -146,7 +146,7 @@ pub async fn route(app: &std::sync::Arc<App>, req: &Request, rest: &[&str]) -> R
             flows::joined_room(app, &room_id, &flows::fqid_of(app, &me))?;
             let members: Vec<Value> = load_members(app, &room_id)?
                 .values()
-                .filter(|m| matches!(m.membership, Membership::Join | Membership::Invite))
+                .filter(|m| m.is_present(app.clock.now_ms()))
                 .map(|m| {
                     let fqid = Fqid::parse(&m.fqid).ok();
                     let foreign = fqid.as_ref().is_some_and(|f| !app.is_local(f));

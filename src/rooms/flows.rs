@@ -362,12 +362,7 @@ pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid)
         }
         let server = target.server();
         app.admit(&server).map_err(Error::as_conflict)?;
-        let members = load_members(app, room_id)?;
-        let foreign = members
-            .values()
-            .filter(|m| matches!(m.membership, Membership::Join | Membership::Invite))
-            .filter(|m| Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f)))
-            .count() as u64;
+        let foreign = crate::rooms::foreign_count(app, &load_members(app, room_id)?, false);
         if foreign >= app.policy().max_foreign_participants_per_room {
             return Err(Error::new(Code::ForeignLimit, "this room has reached max_foreign_participants_per_room; raise it in the federation policy").as_conflict());
         }

@@ -9,7 +9,9 @@ use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{Fqid, RoomId, ServerName};
-use crate::rooms::{dedup, is_joined, participating_servers, write_event, Outcome, Plan};
+use crate::rooms::{
+    dedup, foreign_count, is_joined, participating_servers, write_event, Outcome, Plan,
+};
 use crate::storage::WriteSet;
 
 /// Who handed us an event to sequence.
@@ -19,15 +21,6 @@ pub enum Source {
     Local,
     /// A replica, in a request signed by this server.
     Peer(ServerName),
-}
-
-/// Foreign participants with one of `memberships` (what the limit bounds).
-fn foreign_count(app: &App, plan: &Plan, memberships: &[Membership]) -> u64 {
-    plan.members
-        .values()
-        .filter(|m| memberships.contains(&m.membership))
-        .filter(|m| Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f)))
-        .count() as u64
 }
 
 fn foreign_limit() -> Error {
@@ -87,7 +80,7 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
                                 format!("the invitation of {sender} to {} expired; ask a member for a new one", room.room_id),
                             ));
                         }
-                        if !app.is_local(&event.sender) && foreign_count(app, plan, &[Membership::Join]) >= app.policy().max_foreign_participants_per_room {
+                        if !app.is_local(&event.sender) && foreign_count(app, &plan.members, true) >= app.policy().max_foreign_participants_per_room {
                             return Err(foreign_limit());
                         }
                     }
@@ -132,7 +125,7 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
                         return Err(Error::bad_event(format!("{target} has already joined")));
                     }
                     if !app.is_local(target)
-                        && foreign_count(app, plan, &[Membership::Join, Membership::Invite])
+                        && foreign_count(app, &plan.members, false)
                             >= app.policy().max_foreign_participants_per_room
                     {
                         return Err(foreign_limit());

@@ -90,6 +90,23 @@ pub fn participating_servers(
         .collect()
 }
 
+/// Foreign participants a room holds against its limit: joined ones, and
+/// (unless `joined_only`) those with an open invitation.
+pub fn foreign_count(app: &App, members: &BTreeMap<String, Member>, joined_only: bool) -> u64 {
+    let now = app.clock.now_ms();
+    members
+        .values()
+        .filter(|m| {
+            if joined_only {
+                m.membership == Membership::Join
+            } else {
+                m.is_present(now)
+            }
+        })
+        .filter(|m| crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f)))
+        .count() as u64
+}
+
 pub fn is_joined(members: &BTreeMap<String, Member>, fqid: &str) -> bool {
     members
         .get(fqid)

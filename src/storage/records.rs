@@ -102,6 +102,17 @@ pub struct Member {
     pub invite_expires_at_ms: Option<i64>,
 }
 
+impl Member {
+    /// In the room now: joined, or invited with the invitation still open.
+    pub fn is_present(&self, now_ms: i64) -> bool {
+        match self.membership {
+            Membership::Join => true,
+            Membership::Invite => self.invite_expires_at_ms.is_none_or(|e| now_ms < e),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum DeliveryState {
     /// Sequenced by the host (or hosted here).

@@ -5,4 +5,5 @@ mod delivery;
 mod federation;
 mod process;
 mod refusals;
+mod rooms;
 mod testnet;
