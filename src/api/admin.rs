@@ -36,7 +36,11 @@ pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> 
                 .await
                 .map_err(Error::as_conflict)?;
             let profile = crate::rooms::flows::fetch_profile(app, &fqid).await?;
-            Ok(json_reply(200, &profile))
+            let updated = crate::rooms::flows::set_display_name(app, &fqid, &profile.display_name)?;
+            Ok(json_reply(
+                200,
+                &json!({"fqid": profile.fqid, "display_name": profile.display_name, "presence": profile.presence, "rooms_updated": updated}),
+            ))
         }
         ("PUT", ["rooms", room, "federate"]) => {
             let room_id = RoomId::parse(room)?;

@@ -39,6 +39,20 @@ fn str_field<'a>(body: &'a Value, name: &str) -> Result<&'a str> {
         .ok_or_else(|| Error::bad_request(format!("`{name}` is required and must be a string")))
 }
 
+fn mentions_field(body: &Value) -> Result<Vec<Fqid>> {
+    match body.get("mentions") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                Fqid::parse(v.as_str().unwrap_or(""))
+                    .map_err(|_| Error::bad_request("`mentions` must be a list of FQIDs"))
+            })
+            .collect(),
+        Some(_) => Err(Error::bad_request("`mentions` must be a list of FQIDs")),
+    }
+}
+
 fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
     match body.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -170,7 +184,7 @@ pub async fn route(app: &std::sync::Arc<App>, req: &Request, rest: &[&str]) -> R
                 body: str_field(&body, "body")?.to_string(),
                 thread_root: opt_event_id(&body, "thread_root")?,
                 reply_to: opt_event_id(&body, "reply_to")?,
-                mentions: Vec::new(),
+                mentions: mentions_field(&body)?,
             };
             Ok(json_reply(
                 200,

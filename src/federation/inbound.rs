@@ -247,7 +247,10 @@ fn check_from_host(app: &App, event: &Event) -> Result<()> {
         let known =
             crate::rooms::load_members(app, &event.room_id)?.contains_key(event.sender.as_str());
         let joining = matches!(&event.content, Content::Member { membership: Membership::Join, target, .. } if *target == event.sender);
-        if !known && !joining {
+        // An invite of one of ours for a room we do not know yet: the host
+        // checked that its sender is a member.
+        let inviting_ours = matches!(&event.content, Content::Member { membership: Membership::Invite, target, .. } if app.is_local(target));
+        if !known && !joining && !inviting_ours {
             app.admit(&event.origin)?;
             return Err(Error::new(
                 Code::NotMember,

@@ -177,6 +177,7 @@ pub struct MessageView {
     pub body: String,
     pub thread_root: Option<String>,
     pub reply_to: Option<String>,
+    pub mentions: Vec<String>,
     pub origin_ts: i64,
     pub state: &'static str,
     pub reactions: std::collections::BTreeMap<String, Vec<String>>,
@@ -188,7 +189,7 @@ pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageVie
         body,
         thread_root,
         reply_to,
-        ..
+        mentions,
     } = &event.content
     else {
         return None;
@@ -200,6 +201,7 @@ pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageVie
         body: body.clone(),
         thread_root: thread_root.map(|t| t.to_string()),
         reply_to: reply_to.map(|t| t.to_string()),
+        mentions: mentions.iter().map(|m| m.to_string()).collect(),
         origin_ts: event.origin_ts_ms,
         state: stored.state.as_str(),
         reactions: Default::default(),
@@ -327,11 +329,10 @@ fn remote_error(
 pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<String> {
     let me = fqid_of(app, p);
     let room = joined_room(app, room_id, &me)?;
-    if room_id.host() != app.server_name {
-        return Err(Error::bad_request(
-            "inviting from a room hosted on another server is not supported yet; ask a member on the host to invite",
-        ));
-    }
+    // In a room hosted elsewhere, the invite goes to the host, which checks
+    // it against the room (membership, foreign limit), sequences it and
+    // delivers it (SPEC §6: any participant can invite).
+    let hosted_here = room_id.host() == app.server_name;
     let mut display_name = None;
     if app.is_local(target) {
         if app.participant(&target.local_id())?.is_none() {
@@ -363,7 +364,7 @@ pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid)
         let server = target.server();
         app.admit(&server).map_err(Error::as_conflict)?;
         let foreign = crate::rooms::foreign_count(app, &load_members(app, room_id)?, false);
-        if foreign >= app.policy().max_foreign_participants_per_room {
+        if hosted_here && foreign >= app.policy().max_foreign_participants_per_room {
             return Err(Error::new(Code::ForeignLimit, "this room has reached max_foreign_participants_per_room; raise it in the federation policy").as_conflict());
         }
         let profile = fetch_profile(app, target).await?;
@@ -381,6 +382,10 @@ pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid)
     };
     let event = sign(app, room_id, &me, content)?;
     let invite_id = event.event_id.to_string();
+    if !hosted_here {
+        replica::submit(app, &event).await?;
+        return Ok(invite_id);
+    }
     commit_local(app, event).await?;
     if let Some(name) = display_name {
         let k = keys::member(room_id.as_str(), target.as_str());
@@ -795,4 +800,17 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
     tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
     let (_, stored, _) = backfill(app, room_id, Some(last + 1), last - first + 1).await?;
     Ok(stored)
+}
+
+/// Record a foreign participant's display name in every room they are in.
+pub fn set_display_name(app: &App, fqid: &Fqid, name: &str) -> Result<usize> {
+    let mut updated = 0;
+    for (k, mut m) in app.store.scan::<Member>(T::Members, b"")? {
+        if m.fqid == fqid.as_str() && m.display_name.as_deref() != Some(name) {
+            m.display_name = Some(name.to_string());
+            app.store.put(T::Members, &k, &m)?;
+            updated += 1;
+        }
+    }
+    Ok(updated)
 }

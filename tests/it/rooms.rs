@@ -714,3 +714,165 @@ async fn expired_invitations_and_the_foreign_limit() {
     );
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_invite_and_policy_covers_relayed_content() {
+    let mut net = testnet::start(&["a.test", "b.test", "c.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let carol = net.user("c.test", "carol").await;
+    // bob (on a replica) invites carol: the host checks, sequences and delivers it.
+    invite_and_join(&net, &bob, &room, &carol).await;
+    eventually("the host lists carol", || async {
+        member_ids(&net, &alice, &room).await.contains(&carol.fqid)
+    })
+    .await;
+
+    // Mentions travel with the message.
+    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    net.as_user(
+        &bob,
+        Method::POST,
+        &path,
+        Some(json!({"body": "hi @carol", "mentions": [carol.fqid]})),
+    )
+    .await;
+    eventually("a has bob's mention", || async {
+        messages(&net, &alice, &room)
+            .await
+            .iter()
+            .any(|m| m["mentions"] == json!([carol.fqid]))
+    })
+    .await;
+
+    // b.test refuses c.test: carol's messages relayed by a.test are refused on b only.
+    net.admin(
+        "b.test",
+        Method::PUT,
+        "/v1/admin/federation/policy",
+        Some(json!({"denied_peers": ["c.test"]})),
+    )
+    .await;
+    net.as_user(
+        &carol,
+        Method::POST,
+        &path,
+        Some(json!({"body": "from a denied server"})),
+    )
+    .await;
+    eventually("a has carol's message", || async {
+        bodies(&net, &alice, &room)
+            .await
+            .iter()
+            .any(|m| m.1 == "from a denied server")
+    })
+    .await;
+    eventually("b audited the refusal", || async {
+        let (_, audit) = net
+            .admin(
+                "b.test",
+                Method::GET,
+                "/v1/admin/audit?action=federation.policy_rejected",
+                None,
+            )
+            .await;
+        audit["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["peer"] == "c.test")
+    })
+    .await;
+    assert!(!bodies(&net, &bob, &room)
+        .await
+        .iter()
+        .any(|m| m.1 == "from a denied server"));
+
+    // Room state is served only to participating servers.
+    let (_, other) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "a only"})),
+        )
+        .await;
+    let other = other["room_id"].as_str().unwrap().to_string();
+    let members_path = format!("/_scaiwave/federation/v1/rooms/{}/members", enc(&other));
+    let (s, v) = crate::refusals::s2s(
+        &net,
+        "c.test",
+        "a.test",
+        http::Method::GET,
+        &members_path,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("SW_FED_NOT_MEMBER")),
+        "{v}"
+    );
+    let (s, v) = crate::refusals::s2s(
+        &net,
+        "c.test",
+        "b.test",
+        http::Method::GET,
+        &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (403, Some("SW_FED_POLICY_REJECTED")),
+        "{v}"
+    );
+
+    // Incognito rooms refuse federation traffic with their own code.
+    let (_, inc) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": "secret", "room_type": "incognito"})),
+        )
+        .await;
+    let b = net.server("b.test").app().clone();
+    let key = b.keys.current().unwrap();
+    let ev = scaiwave::federation::event::Event::create(
+        scaiwave::ids::RoomId::parse(inc["room_id"].as_str().unwrap()).unwrap(),
+        scaiwave::ids::Fqid::parse(&bob.fqid).unwrap(),
+        b.clock.now_ms(),
+        scaiwave::federation::event::Content::Message {
+            body: "let me in".into(),
+            thread_root: None,
+            reply_to: None,
+            mentions: vec![],
+        },
+        &key.key_id,
+        &key.signing,
+    );
+    let (s, v) = send_as(
+        &net,
+        "b.test",
+        "a.test",
+        json!({"txn_id": "incognito", "events": [ev.to_wire_value(None)], "edus": []}),
+    )
+    .await;
+    assert_eq!(
+        (s, v["results"][0]["error"]["code"].as_str()),
+        (200, Some("SW_FED_ROOM_TYPE_FORBIDDEN")),
+        "{v}"
+    );
+
+    // An admin refreshes a foreign participant's profile (and its server's keys).
+    let (s, v) = net
+        .admin(
+            "b.test",
+            Method::POST,
+            &format!("/v1/admin/federation/foreign/{}/refresh", enc(&alice.fqid)),
+            None,
+        )
+        .await;
+    assert_eq!((s, v["display_name"].as_str()), (200, Some("ALICE")), "{v}");
+    net.stop_all().await;
+}
