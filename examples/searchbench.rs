@@ -1,0 +1,127 @@
+//! Search benchmark: index `--messages` messages in one room (through the
+//! real host sequencer, so the index is written with each event), then time
+//! `--queries` searches. Prints one JSON line:
+//! `{"messages","queries","p50_ms","p99_ms","mean_ms","results_mean"}`.
+//!
+//! ```text
+//! cargo run --release --example searchbench -- --messages 100000 --queries 200
+//! ```
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use scaiwave::app::App;
+use scaiwave::clock::Clock;
+use scaiwave::config::Config;
+use scaiwave::federation::event::{Content, Event};
+use scaiwave::ids::{LocalId, RoomId, ServerName};
+use scaiwave::rooms::host::{self, Source};
+use scaiwave::rooms::{flows, search};
+use scaiwave::storage::PowerLevel;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+}
+
+/// Words drawn with a skewed distribution, like chat: a few common, many rare.
+const VOCABULARY: usize = 20_000;
+const WORDS_PER_MESSAGE: usize = 12;
+
+fn word(rng: &mut impl Rng) -> String {
+    let r: f64 = rng.random();
+    format!("w{}", (r * r * r * VOCABULARY as f64) as usize)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let dir = tempfile::tempdir()?;
+        let mut config = Config::default_embedded();
+        config.server_name = ServerName::parse("bench.test")?;
+        config.data_dir = dir.path().to_path_buf();
+        let app = App::open(config, Clock::system())?;
+        app.first_start()?;
+        let local = LocalId::parse("reader")?;
+        app.create_participant(&local, "Reader", PowerLevel::Member)?;
+        let me = app.participant(&local)?.expect("just created");
+        let room = flows::create_room(&app, &me, "bench", "standard").await?;
+        let room_id = RoomId::parse(&room.room_id)?;
+        let sender = flows::fqid_of(&app, &me);
+        let key = app.keys.current()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let started = Instant::now();
+        let mut done = 0;
+        while done < args.messages {
+            let n = (args.messages - done).min(100);
+            let batch = (0..n)
+                .map(|_| {
+                    let body: Vec<String> =
+                        (0..WORDS_PER_MESSAGE).map(|_| word(&mut rng)).collect();
+                    let content = Content::Message {
+                        body: body.join(" "),
+                        thread_root: None,
+                        reply_to: None,
+                        mentions: vec![],
+                    };
+                    (
+                        Event::create(
+                            room_id.clone(),
+                            sender.clone(),
+                            app.clock.now_ms(),
+                            content,
+                            &key.key_id,
+                            &key.signing,
+                        ),
+                        Source::Local,
+                    )
+                })
+                .collect();
+            host::commit(&app, batch).await?;
+            done += n;
+        }
+        eprintln!(
+            "searchbench: indexed {} messages in {:.1}s",
+            args.messages,
+            started.elapsed().as_secs_f64()
+        );
+        let mut times = Vec::with_capacity(args.queries);
+        let mut results = 0usize;
+        for i in 0..args.queries {
+            // Half one-word queries, half two words.
+            let q = if i % 2 == 0 {
+                word(&mut rng)
+            } else {
+                format!("{} {}", word(&mut rng), word(&mut rng))
+            };
+            let t = Instant::now();
+            results += search::search(&app, &sender, &q)?.len();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        let mean = times.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1000.0 / times.len() as f64;
+        println!(
+            "{}",
+            serde_json::json!({
+                "messages": args.messages,
+                "queries": args.queries,
+                "p50_ms": (percentile(&times, 0.5) * 1000.0).round() / 1000.0,
+                "p99_ms": (percentile(&times, 0.99) * 1000.0).round() / 1000.0,
+                "mean_ms": (mean * 1000.0).round() / 1000.0,
+                "results_mean": results as f64 / args.queries as f64,
+            })
+        );
+        app.shutdown.cancel();
+        Ok(())
+    })
+}
