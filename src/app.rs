@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Code, Error, Result};
-use crate::federation::client::{Outbound, Signer};
+use crate::federation::client::{NetworkError, Outbound, Reply, Signer};
 use crate::federation::delivery::{Delivery, HttpsTransport, Transport};
 use crate::federation::event::{Presence, PresenceStatus};
 use crate::federation::keys::Keys;
@@ -180,6 +180,20 @@ impl App {
             key: self.keys.current()?,
             now_secs: self.clock.now_secs(),
         })
+    }
+
+    /// A signed S2S request from us to `dest`. The outer error is ours (no
+    /// key to sign with); the inner one means no HTTP answer came back.
+    pub async fn s2s(
+        &self,
+        method: http::Method,
+        dest: &ServerName,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: std::time::Duration,
+    ) -> Result<std::result::Result<Reply, NetworkError>> {
+        let signer = self.signer()?;
+        Ok(self.outbound.signed(&signer, method, dest, path_and_query, body, timeout).await)
     }
 
     // --- participants and tokens ---

@@ -87,28 +87,12 @@ impl Transport for HttpsTransport {
         body: Vec<u8>,
     ) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
-            let signer = match app.signer() {
-                Ok(s) => s,
-                Err(e) => {
-                    return Attempt::Retry {
-                        code: e.code.as_str().into(),
-                        message: e.message,
-                        retry_after_secs: None,
-                    }
-                }
-            };
-            let reply = app
-                .outbound
-                .signed(
-                    &signer,
-                    http::Method::POST,
-                    peer,
-                    "/_scaiwave/federation/v1/send",
-                    Some(body),
-                    Duration::from_secs(DELIVERY_TIMEOUT_SECS),
-                )
-                .await;
-            classify(reply)
+            let timeout = Duration::from_secs(DELIVERY_TIMEOUT_SECS);
+            match app.s2s(http::Method::POST, peer, "/_scaiwave/federation/v1/send", Some(body), timeout).await {
+                Ok(reply) => classify(reply),
+                // We cannot sign (no key yet): retry, an admin may generate one.
+                Err(e) => Attempt::Retry { code: e.code.as_str().into(), message: e.message, retry_after_secs: None },
+            }
         })
     }
 }

@@ -275,19 +275,15 @@ pub fn messages(
 /// inviter's answer (SPEC §6 step 1).
 pub async fn fetch_profile(app: &App, fqid: &Fqid) -> Result<ProfileAnswer> {
     let server = fqid.server();
-    let signer = app.signer()?;
     let path = format!("/_scaiwave/federation/v1/profile/{}", fqid.local_id());
-    let reply = app
-        .outbound
-        .signed(
-            &signer,
+    let reply = app.s2s(
             http::Method::GET,
             &server,
             &path,
             None,
             Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
         )
-        .await
+        .await?
         .map_err(|e| {
             Error::new(
                 Code::ParticipantNotFound,
@@ -449,24 +445,20 @@ fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitati
 /// means the host could not be reached.
 pub async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
     let host = event.room_id.host();
-    let signer = app.signer()?;
     let body = serde_json::to_vec(&SendBody {
         txn_id: event.event_id.to_string(),
         events: vec![event.to_wire_value(None)],
         edus: Vec::new(),
     })
     .map_err(|e| Error::internal("encode", e))?;
-    let reply = app
-        .outbound
-        .signed(
-            &signer,
+    let reply = app.s2s(
             http::Method::POST,
             &host,
             "/_scaiwave/federation/v1/send",
             Some(body),
             Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
         )
-        .await;
+        .await?;
     match classify(reply) {
         Attempt::Answered(a) => {
             let r = a
@@ -568,20 +560,16 @@ pub async fn answer_invitation(
 /// After our join at `join_seq`: the member list, and history before it.
 pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Result<()> {
     let host = room_id.host();
-    let signer = app.signer()?;
     let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
     let enc = crate::api::encode_segment(room_id.as_str());
-    let reply = app
-        .outbound
-        .signed(
-            &signer,
+    let reply = app.s2s(
             http::Method::GET,
             &host,
             &format!("/_scaiwave/federation/v1/rooms/{enc}/members"),
             None,
             timeout,
         )
-        .await
+        .await?
         .map_err(|e| Error::new(Code::Internal, e.0))?;
     if reply.ok() {
         let answer: MembersAnswer = reply.json().map_err(|e| Error::new(Code::Internal, e))?;
@@ -628,23 +616,19 @@ pub async fn backfill(
     limit: u64,
 ) -> Result<(u64, u64, u64)> {
     let host = room_id.host();
-    let signer = app.signer()?;
     let enc = crate::api::encode_segment(room_id.as_str());
     let mut path = format!("/_scaiwave/federation/v1/rooms/{enc}/backfill?limit={limit}");
     if let Some(b) = before_seq {
         path.push_str(&format!("&before_seq={b}"));
     }
-    let reply = app
-        .outbound
-        .signed(
-            &signer,
+    let reply = app.s2s(
             http::Method::GET,
             &host,
             &path,
             None,
             Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
         )
-        .await
+        .await?
         .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;
     if !reply.ok() {
         return Err(remote_error(&host, &reply));

@@ -15,8 +15,9 @@
 //! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
 //!   message bodies, written with the event).
 //!
-//! **Invariant:** everything one request changes is written in one
-//! [`Store::transact`] call, then [`Store::flush`] before the answer.
+//! **Invariant:** everything one request changes is planned into one
+//! [`WriteSet`], applied by [`Store::commit`] as one transaction, then
+//! [`Store::flush`]ed before the answer.
 
 pub mod codec;
 pub mod records;
@@ -102,10 +103,11 @@ pub struct Store {
     trees: Vec<sled::Tree>,
 }
 
-pub type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
 
 /// Abort a transaction with a domain error.
-pub fn abort<T>(e: Error) -> TxResult<T> {
+#[cfg(test)]
+fn abort<T>(e: Error) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
@@ -169,7 +171,7 @@ impl Store {
 
     /// Run `f` as one atomic transaction over every tree. sled may run the
     /// closure again on conflict, so it must only read and write through `tx`.
-    pub fn transact<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
+    fn transact<R>(&self, f: impl Fn(&Tx) -> TxResult<R>) -> Result<R> {
         let trees: Vec<&sled::Tree> = self.trees.iter().collect();
         let out = trees
             .as_slice()
@@ -212,55 +214,18 @@ impl Store {
         self.scan_limit(t, prefix, usize::MAX)
     }
 
-    pub fn scan_limit<V: DeserializeOwned>(
-        &self,
-        t: T,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, V)>> {
-        let mut out = Vec::new();
-        for item in self.tree(t).scan_prefix(prefix).take(limit) {
-            let (k, v) = item.map_err(sled_err)?;
-            out.push((k.to_vec(), codec::decode(&v)?));
-        }
-        Ok(out)
+    pub fn scan_limit<V: DeserializeOwned>(&self, t: T, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+        decode_all(self.tree(t).scan_prefix(prefix), limit)
     }
 
     /// Values with keys in `[from, to)`, ascending, at most `limit`.
-    pub fn range<V: DeserializeOwned>(
-        &self,
-        t: T,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, V)>> {
-        let mut out = Vec::new();
-        for item in self.tree(t).range(from.to_vec()..to.to_vec()).take(limit) {
-            let (k, v) = item.map_err(sled_err)?;
-            out.push((k.to_vec(), codec::decode(&v)?));
-        }
-        Ok(out)
+    pub fn range<V: DeserializeOwned>(&self, t: T, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+        decode_all(self.tree(t).range(from.to_vec()..to.to_vec()), limit)
     }
 
     /// Values with keys in `[from, to)`, descending, at most `limit`.
-    pub fn range_rev<V: DeserializeOwned>(
-        &self,
-        t: T,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, V)>> {
-        let mut out = Vec::new();
-        for item in self
-            .tree(t)
-            .range(from.to_vec()..to.to_vec())
-            .rev()
-            .take(limit)
-        {
-            let (k, v) = item.map_err(sled_err)?;
-            out.push((k.to_vec(), codec::decode(&v)?));
-        }
-        Ok(out)
+    pub fn range_rev<V: DeserializeOwned>(&self, t: T, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+        decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
     }
 
     pub fn count_prefix(&self, t: T, prefix: &[u8]) -> usize {
@@ -365,8 +330,21 @@ impl WriteSet {
     }
 }
 
+/// Decode up to `limit` entries of a sled iterator.
+fn decode_all<V: DeserializeOwned>(
+    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, V)>> {
+    let mut out = Vec::new();
+    for item in iter.take(limit) {
+        let (k, v) = item.map_err(sled_err)?;
+        out.push((k.to_vec(), codec::decode(&v)?));
+    }
+    Ok(out)
+}
+
 /// A view of every tree inside one transaction.
-pub struct Tx<'a> {
+struct Tx<'a> {
     views: &'a Vec<TransactionalTree>,
 }
 
@@ -375,36 +353,14 @@ impl Tx<'_> {
         &self.views[t as usize]
     }
 
-    pub fn get<V: DeserializeOwned>(&self, t: T, k: &[u8]) -> TxResult<Option<V>> {
-        match self.view(t).get(k)? {
-            Some(bytes) => match codec::decode(&bytes) {
-                Ok(v) => Ok(Some(v)),
-                Err(e) => abort(e),
-            },
-            None => Ok(None),
-        }
-    }
-
-    pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> TxResult<()> {
+    #[cfg(test)]
+    fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> TxResult<()> {
         let bytes = match codec::encode(v) {
             Ok(b) => b,
             Err(e) => return abort(e),
         };
         self.view(t).insert(k, bytes)?;
         Ok(())
-    }
-
-    pub fn remove(&self, t: T, k: &[u8]) -> TxResult<()> {
-        self.view(t).remove(k)?;
-        Ok(())
-    }
-
-    pub fn contains(&self, t: T, k: &[u8]) -> TxResult<bool> {
-        Ok(self.view(t).get(k)?.is_some())
-    }
-
-    pub fn generate_id(&self) -> TxResult<u64> {
-        Ok(self.view(T::Outbox).generate_id()?)
     }
 }
 
