@@ -193,7 +193,10 @@ impl App {
         timeout: std::time::Duration,
     ) -> Result<std::result::Result<Reply, NetworkError>> {
         let signer = self.signer()?;
-        Ok(self.outbound.signed(&signer, method, dest, path_and_query, body, timeout).await)
+        Ok(self
+            .outbound
+            .signed(&signer, method, dest, path_and_query, body, timeout)
+            .await)
     }
 
     // --- participants and tokens ---

@@ -88,10 +88,23 @@ impl Transport for HttpsTransport {
     ) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             let timeout = Duration::from_secs(DELIVERY_TIMEOUT_SECS);
-            match app.s2s(http::Method::POST, peer, "/_scaiwave/federation/v1/send", Some(body), timeout).await {
+            match app
+                .s2s(
+                    http::Method::POST,
+                    peer,
+                    "/_scaiwave/federation/v1/send",
+                    Some(body),
+                    timeout,
+                )
+                .await
+            {
                 Ok(reply) => classify(reply),
                 // We cannot sign (no key yet): retry, an admin may generate one.
-                Err(e) => Attempt::Retry { code: e.code.as_str().into(), message: e.message, retry_after_secs: None },
+                Err(e) => Attempt::Retry {
+                    code: e.code.as_str().into(),
+                    message: e.message,
+                    retry_after_secs: None,
+                },
             }
         })
     }

@@ -276,7 +276,8 @@ pub fn messages(
 pub async fn fetch_profile(app: &App, fqid: &Fqid) -> Result<ProfileAnswer> {
     let server = fqid.server();
     let path = format!("/_scaiwave/federation/v1/profile/{}", fqid.local_id());
-    let reply = app.s2s(
+    let reply = app
+        .s2s(
             http::Method::GET,
             &server,
             &path,
@@ -451,7 +452,8 @@ pub async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
         edus: Vec::new(),
     })
     .map_err(|e| Error::internal("encode", e))?;
-    let reply = app.s2s(
+    let reply = app
+        .s2s(
             http::Method::POST,
             &host,
             "/_scaiwave/federation/v1/send",
@@ -562,7 +564,8 @@ pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Resu
     let host = room_id.host();
     let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
     let enc = crate::api::encode_segment(room_id.as_str());
-    let reply = app.s2s(
+    let reply = app
+        .s2s(
             http::Method::GET,
             &host,
             &format!("/_scaiwave/federation/v1/rooms/{enc}/members"),
@@ -621,7 +624,8 @@ pub async fn backfill(
     if let Some(b) = before_seq {
         path.push_str(&format!("&before_seq={b}"));
     }
-    let reply = app.s2s(
+    let reply = app
+        .s2s(
             http::Method::GET,
             &host,
             &path,

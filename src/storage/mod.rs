@@ -214,17 +214,34 @@ impl Store {
         self.scan_limit(t, prefix, usize::MAX)
     }
 
-    pub fn scan_limit<V: DeserializeOwned>(&self, t: T, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+    pub fn scan_limit<V: DeserializeOwned>(
+        &self,
+        t: T,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
         decode_all(self.tree(t).scan_prefix(prefix), limit)
     }
 
     /// Values with keys in `[from, to)`, ascending, at most `limit`.
-    pub fn range<V: DeserializeOwned>(&self, t: T, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+    pub fn range<V: DeserializeOwned>(
+        &self,
+        t: T,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
         decode_all(self.tree(t).range(from.to_vec()..to.to_vec()), limit)
     }
 
     /// Values with keys in `[from, to)`, descending, at most `limit`.
-    pub fn range_rev<V: DeserializeOwned>(&self, t: T, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, V)>> {
+    pub fn range_rev<V: DeserializeOwned>(
+        &self,
+        t: T,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
         decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
     }
 
