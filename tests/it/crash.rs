@@ -2,30 +2,19 @@
 //! hard kill of the sender, and accepted events survive a hard kill of the
 //! receiver right after it answered 200; every event arrives exactly once.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::time::Duration;
 
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::process::Process;
-use crate::testnet::{enc, Ca};
+use crate::testnet::{self, enc, eventually_within, Ca};
 
 struct Node {
     name: &'static str,
     dir: tempfile::TempDir,
     proc: Option<Process>,
-}
-
-struct Fixed(BTreeMap<String, SocketAddr>);
-
-impl Resolve for Fixed {
-    fn resolve(&self, name: Name) -> Resolving {
-        let addr = self.0.get(name.as_str()).copied();
-        Box::pin(async move { Ok(Box::new(addr.into_iter()) as Addrs) })
-    }
 }
 
 struct ProcNet {
@@ -72,18 +61,12 @@ impl ProcNet {
                 proc: None,
             });
         }
-        scaiwave::tls::install_crypto_provider();
-        let ca_pem = std::fs::read(ca.ca_path()).unwrap();
         let map = names
             .iter()
             .zip(&addrs)
             .map(|(n, a)| (n.to_string(), *a))
             .collect();
-        let http = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
-            .dns_resolver(Arc::new(Fixed(map)))
-            .build()
-            .unwrap();
+        let http = testnet::client(&ca, map);
         ProcNet {
             _ca: ca,
             nodes,
@@ -132,19 +115,35 @@ impl ProcNet {
         token: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("https://{server}{path}"))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            req = req.body(serde_json::to_vec(&b).unwrap());
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        (
-            status,
-            serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null),
+        testnet::request(&self.http, server, method, path, Some(token), body).await
+    }
+
+    /// A new participant `local` on `server`: its token.
+    async fn participant(&self, server: &str, local: &str) -> String {
+        let (_, v) = self
+            .call(
+                server,
+                Method::POST,
+                "/v1/admin/participants",
+                &self.token(server),
+                Some(json!({ "local_id": local })),
+            )
+            .await;
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Post a message with `body` in `room` on `server`, as `token`'s holder.
+    async fn post(&self, server: &str, token: &str, room: &str, body: String) -> u16 {
+        let path = format!("/v1/rooms/{}/messages", enc(room));
+        self.call(
+            server,
+            Method::POST,
+            &path,
+            token,
+            Some(json!({ "body": body })),
         )
+        .await
+        .0
     }
 
     async fn queue_depth(&self, server: &str, peer: &str) -> u64 {
@@ -168,19 +167,8 @@ impl ProcNet {
     }
 }
 
-async fn wait_until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..600 {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("timed out: {what}");
-}
+/// Processes restart in these waits: allow them longer than `eventually`.
+const PROCESS_WAIT: Duration = Duration::from_secs(30);
 
 async fn bodies(net: &ProcNet, token: &str, path: &str) -> Vec<String> {
     let (s, v) = net.call("b.test", Method::GET, path, token, None).await;
@@ -200,29 +188,8 @@ async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
     let mut net = ProcNet::new(&["a.test", "b.test"]);
     net.start("a.test");
     net.start("b.test");
-    let (ta, tb) = (net.token("a.test"), net.token("b.test"));
-    let (_, alice) = net
-        .call(
-            "a.test",
-            Method::POST,
-            "/v1/admin/participants",
-            &ta,
-            Some(json!({"local_id": "alice"})),
-        )
-        .await;
-    let (_, bob) = net
-        .call(
-            "b.test",
-            Method::POST,
-            "/v1/admin/participants",
-            &tb,
-            Some(json!({"local_id": "bob"})),
-        )
-        .await;
-    let (alice_t, bob_t) = (
-        alice["token"].as_str().unwrap().to_string(),
-        bob["token"].as_str().unwrap().to_string(),
-    );
+    let alice_t = net.participant("a.test", "alice").await;
+    let bob_t = net.participant("b.test", "bob").await;
     let (_, room) = net
         .call(
             "a.test",
@@ -260,21 +227,15 @@ async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
         }
         tries += 1;
         assert!(tries < 200, "accept never worked: {v}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let messages = format!("/v1/rooms/{}/messages?limit=1000", enc(&room));
 
     // Receiver down: alice's messages queue on a.test.
     net.kill9("b.test");
     for i in 0..20 {
-        let (s, _) = net
-            .call(
-                "a.test",
-                Method::POST,
-                &format!("/v1/rooms/{}/messages", enc(&room)),
-                &alice_t,
-                Some(json!({"body": format!("m{i:02}")})),
-            )
+        let s = net
+            .post("a.test", &alice_t, &room, format!("m{i:02}"))
             .await;
         assert_eq!(s, 200);
     }
@@ -284,7 +245,7 @@ async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
     net.start("a.test");
     net.start("b.test");
     let (net_ref, bob_ref, msg_ref) = (&net, &bob_t, &messages);
-    wait_until("a's queue drains to b", || async move {
+    eventually_within("a's queue drains to b", PROCESS_WAIT, || async move {
         bodies(net_ref, bob_ref, msg_ref).await.len() == 20
     })
     .await;
@@ -297,19 +258,15 @@ async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
 
     // Receiver killed hard right after it answered 200 for a second batch.
     for i in 20..40 {
-        net.call(
-            "a.test",
-            Method::POST,
-            &format!("/v1/rooms/{}/messages", enc(&room)),
-            &alice_t,
-            Some(json!({"body": format!("m{i:02}")})),
-        )
-        .await;
+        net.post("a.test", &alice_t, &room, format!("m{i:02}"))
+            .await;
     }
     let net_ref = &net;
-    wait_until("a's queue is empty (b answered 200)", || async move {
-        net_ref.queue_depth("a.test", "b.test").await == 0
-    })
+    eventually_within(
+        "a's queue is empty (b answered 200)",
+        PROCESS_WAIT,
+        || async move { net_ref.queue_depth("a.test", "b.test").await == 0 },
+    )
     .await;
     net.kill9("b.test");
     net.start("b.test");

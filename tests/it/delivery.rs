@@ -11,12 +11,13 @@ use scaiwave::app::App;
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
 use scaiwave::federation::delivery::{enqueue_event, Attempt, Transport};
-use scaiwave::federation::event::{Content, Event};
 use scaiwave::federation::wire::{SendAnswer, SendResult, SendStatus};
-use scaiwave::ids::{Fqid, RoomId, ServerName};
+use scaiwave::ids::{RoomId, ServerName};
 use scaiwave::storage::{self, WriteSet, T};
 use serde_json::Value;
 use tokio::time::Instant;
+
+use crate::testnet::{message, signed_event};
 
 /// What the scripted peer does with one transaction.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -169,26 +170,11 @@ pub fn enqueue(app: &Arc<App>, n: usize) -> Vec<String> {
 }
 
 pub fn enqueue_in(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
-    let room = RoomId::parse(room).unwrap();
-    let sender = Fqid::parse("@alice:a.test").unwrap();
-    let key = app.keys.current().unwrap();
     let mut w = WriteSet::default();
     let peer = ServerName::parse(PEER).unwrap();
     let mut ids = Vec::new();
     for i in 0..n {
-        let e = Event::create(
-            room.clone(),
-            sender.clone(),
-            app.clock.now_ms(),
-            Content::Message {
-                body: format!("m{i}"),
-                thread_root: None,
-                reply_to: None,
-                mentions: vec![],
-            },
-            &key.key_id,
-            &key.signing,
-        );
+        let e = signed_event(app, room, "@alice:a.test", message(&format!("m{i}")));
         enqueue_event(
             app,
             &mut w,
@@ -205,8 +191,29 @@ pub fn enqueue_in(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// Every audit row `app` holds, oldest first.
+fn audit_rows(app: &App) -> Vec<storage::AuditRow> {
+    app.store
+        .scan(T::Audit, b"")
+        .unwrap()
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect()
+}
+
 pub fn queue_depth(app: &App) -> usize {
     app.store.count_prefix(T::Outbox, &storage::prefix(PEER))
+}
+
+/// A fresh app at `T0` on a temporary directory (kept alive by the caller),
+/// its peer scripted to answer `fallback` (a network error if `None`) when
+/// no scripted answer is left.
+fn fresh(fallback: Option<Answer>) -> (tempfile::TempDir, Arc<Script>, Arc<App>) {
+    let dir = tempfile::tempdir().unwrap();
+    let script = Arc::new(Script::default());
+    *script.fallback.lock().unwrap() = fallback;
+    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    (dir, script, app)
 }
 
 async fn settle() {
@@ -224,9 +231,7 @@ async fn stop(app: Arc<App>) {
 
 #[tokio::test(start_paused = true)]
 async fn backoff_doubles_with_jitter_one_probe_per_interval() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Arc::new(Script::default());
-    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    let (_dir, script, app) = fresh(None);
     enqueue(&app, 1);
     tokio::time::sleep(Duration::from_secs(3 * 3600)).await;
     let times: Vec<Instant> = script
@@ -302,26 +307,11 @@ async fn retry_after_is_honoured() {
 
 #[tokio::test(start_paused = true)]
 async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Arc::new(Script::default());
-    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    let (_dir, script, app) = fresh(None);
     // bob... here alice@a.test posts into a room b.test hosts: pending until b answers.
     let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
     scaiwave::rooms::replica::ensure_room(&app, &room, "r", storage::RoomType::Standard).unwrap();
-    let key = app.keys.current().unwrap();
-    let e = Event::create(
-        room.clone(),
-        Fqid::parse("@alice:a.test").unwrap(),
-        app.clock.now_ms(),
-        Content::Message {
-            body: "hello?".into(),
-            thread_root: None,
-            reply_to: None,
-            mentions: vec![],
-        },
-        &key.key_id,
-        &key.signing,
-    );
+    let e = signed_event(&app, room.as_str(), "@alice:a.test", message("hello?"));
     let queued_at = app.clock.now_ms();
     scaiwave::rooms::replica::submit(&app, &e).await.unwrap();
     let max_age = app.config.federation.retry_max_age.as_millis() as i64;
@@ -338,13 +328,7 @@ async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
     let state =
         scaiwave::rooms::flows::pending_state(&app, &room, &e.event_id.to_string()).unwrap();
     assert_eq!(state, Some(storage::DeliveryState::Failed));
-    let rows: Vec<storage::AuditRow> = app
-        .store
-        .scan(T::Audit, b"")
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+    let rows = audit_rows(&app);
     let row = rows
         .iter()
         .find(|r| r.action == "federation.send.failed")
@@ -370,10 +354,7 @@ async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
 
 #[tokio::test(start_paused = true)]
 async fn fifo_batches_of_100_and_per_event_outcomes() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Arc::new(Script::default());
-    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
-    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
     // Queue first, then let the task run: 250 rows go as 100 + 100 + 50.
     let ids = enqueue(&app, 250);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -402,13 +383,7 @@ async fn fifo_batches_of_100_and_per_event_outcomes() {
         *script.delivered.lock().unwrap(),
         vec![ids[1].clone(), ids[2].clone()]
     );
-    let rows: Vec<storage::AuditRow> = app
-        .store
-        .scan(T::Audit, b"")
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+    let rows = audit_rows(&app);
     assert!(rows
         .iter()
         .any(|r| r.action == "federation.send.failed"
@@ -418,10 +393,7 @@ async fn fifo_batches_of_100_and_per_event_outcomes() {
 
 #[tokio::test(start_paused = true)]
 async fn events_we_host_go_in_parallel_transactions() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = Arc::new(Script::default());
-    *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
-    let app = open(dir.path(), script.clone(), Clock::starting_at(T0));
+    let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
     // Events of a room we host carry their seq: arrival order cannot matter.
     let ids = enqueue_in(&app, "!RoomHostedHere000000:a.test", 250);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -508,7 +480,7 @@ proptest! {
             tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
 
             let delivered = script.delivered.lock().unwrap().clone();
-            let rows: Vec<storage::AuditRow> = app.store.scan(T::Audit, b"").unwrap().into_iter().map(|(_, r)| r).collect();
+            let rows = audit_rows(&app);
             let failed: std::collections::BTreeSet<String> = rows.iter().filter(|r| r.action == "federation.send.failed").filter_map(|r| r.event_id.clone()).collect();
             // Nothing lost: every event was delivered or given up (audited), and nothing is left.
             assert_eq!(queue_depth(&app), 0);
@@ -558,13 +530,7 @@ async fn audit_rows_are_kept_for_audit_retention() {
         1,
         "only the row older than 90 d goes"
     );
-    let rows: Vec<storage::AuditRow> = app
-        .store
-        .scan(T::Audit, b"")
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
+    let rows = audit_rows(&app);
     assert_eq!(
         rows.iter()
             .map(|r| r.event_id.clone().unwrap())

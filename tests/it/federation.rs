@@ -7,18 +7,8 @@ use serde_json::{json, Value};
 use crate::testnet::{self, enc, eventually, TestNet, User};
 
 pub async fn bodies(net: &TestNet, u: &User, room: &str) -> Vec<(Option<u64>, String, String)> {
-    let (s, v) = net
-        .as_user(
-            u,
-            Method::GET,
-            &format!("/v1/rooms/{}/messages", enc(room)),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    v["messages"]
-        .as_array()
-        .unwrap()
+    net.messages(u, room)
+        .await
         .iter()
         .map(|m| {
             (
@@ -34,48 +24,26 @@ pub async fn bodies(net: &TestNet, u: &User, room: &str) -> Vec<(Option<u64>, St
 pub async fn shared_room(net: &TestNet) -> (User, User, String) {
     let alice = net.user("a.test", "alice").await;
     let bob = net.user("b.test", "bob").await;
-    let (s, room) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "Launch", "room_type": "standard"})),
-        )
+    let room_id = net
+        .create_room(&alice, json!({"name": "Launch", "room_type": "standard"}))
         .await;
-    assert_eq!(s, 200, "{room}");
-    let room_id = room["room_id"].as_str().unwrap().to_string();
-    let (s, inv) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&room_id)),
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
-    assert_eq!(s, 200, "{inv}");
-    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
-    eventually("bob sees the invitation", || async {
-        let (_, v) = net
-            .as_user(&bob, Method::GET, "/v1/me/invitations", None)
-            .await;
-        v["invitations"]
-            .as_array()
-            .and_then(|a| a.first())
-            .is_some_and(|i| {
-                i["invite_id"] == invite_id.as_str()
-                    && i["room_id"] == room_id.as_str()
-                    && i["room"]["name"] == "Launch"
-            })
-    })
-    .await;
-    let (s, v) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite_id}/accept"),
-            None,
-        )
-        .await;
+    let invite_id = net.invite(&alice, &room_id, &bob).await;
+    let invitations = net.invitations(&bob).await;
+    let invitation = &invitations[0];
+    assert_eq!(
+        (
+            invitation["invite_id"].as_str(),
+            invitation["room_id"].as_str(),
+            invitation["room"]["name"].as_str()
+        ),
+        (
+            Some(invite_id.as_str()),
+            Some(room_id.as_str()),
+            Some("Launch")
+        ),
+        "{invitation}"
+    );
+    let (s, v) = net.accept(&bob, &invite_id).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("joined")), "{v}");
     (alice, bob, room_id)
 }
@@ -84,20 +52,12 @@ pub async fn shared_room(net: &TestNet) -> (User, User, String) {
 async fn two_servers_share_a_room_in_host_order() {
     let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
     let (alice, bob, room) = shared_room(&net).await;
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
 
     // Bob sees the room with the 🌐 badge and both members.
-    let (_, rooms) = net.as_user(&bob, Method::GET, "/v1/rooms", None).await;
-    assert_eq!(rooms["rooms"][0]["room_id"], room.as_str());
-    assert_eq!(rooms["rooms"][0]["federated"], true);
-    let (_, members) = net
-        .as_user(
-            &alice,
-            Method::GET,
-            &format!("/v1/rooms/{}/members", enc(&room)),
-            None,
-        )
-        .await;
+    let rooms = net.rooms(&bob).await;
+    assert_eq!(rooms[0]["room_id"], room.as_str());
+    assert_eq!(rooms[0]["federated"], true);
+    let members = net.members(&alice, &room).await;
     let bob_row = members["members"]
         .as_array()
         .unwrap()
@@ -117,21 +77,11 @@ async fn two_servers_share_a_room_in_host_order() {
     // Messages both ways, interleaved.
     for i in 0..3 {
         let (s, v) = net
-            .as_user(
-                &alice,
-                Method::POST,
-                &path,
-                Some(json!({"body": format!("a{i}")})),
-            )
+            .post(&alice, &room, json!({"body": format!("a{i}")}))
             .await;
         assert_eq!((s, v["state"].as_str()), (200, Some("sent")), "{v}");
         let (s, v) = net
-            .as_user(
-                &bob,
-                Method::POST,
-                &path,
-                Some(json!({"body": format!("b{i}")})),
-            )
+            .post(&bob, &room, json!({"body": format!("b{i}")}))
             .await;
         assert_eq!((s, v["state"].as_str()), (200, Some("pending")), "{v}");
     }
@@ -157,39 +107,25 @@ async fn two_servers_share_a_room_in_host_order() {
     assert_eq!(a_order, ["a0", "a1", "a2"]);
 
     // A replay of one of alice's events to b.test is `duplicate` and stores nothing.
-    let a = net.server("a.test").app().clone();
-    let (s, backfill) = {
-        let signer = a.signer().unwrap();
-        let reply = a
-            .outbound
-            .signed(
-                &signer,
-                http::Method::GET,
-                &"b.test".parse().unwrap(),
-                &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
-                None,
-                std::time::Duration::from_secs(5),
-            )
-            .await
-            .unwrap();
-        (reply.status, reply.json::<Value>().unwrap())
-    };
+    let (s, backfill) = net
+        .s2s_get(
+            "a.test",
+            "b.test",
+            &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
+        )
+        .await;
     assert_eq!(s, 403, "only the host serves backfill: {backfill}");
     assert_eq!(backfill["error"]["code"], "SW_FED_NOT_ROOM_HOST");
-    let events = crate::refusals::host_events(&net, "a.test", "b.test", &room).await;
+    let events = net.host_events("a.test", "b.test", &room).await;
     let replay: Vec<Value> = events
         .iter()
         .filter(|e| e["content"]["body"] == "a1")
         .cloned()
         .collect();
     assert_eq!(replay.len(), 1);
-    let (s, answer) = crate::refusals::send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "replay-1", "events": replay, "edus": []}),
-    )
-    .await;
+    let (s, answer) = net
+        .send_events("a.test", "b.test", "replay-1", replay)
+        .await;
     assert_eq!(s, 200, "{answer}");
     assert_eq!(answer["results"][0]["status"], "duplicate", "{answer}");
     assert_eq!(
@@ -199,16 +135,7 @@ async fn two_servers_share_a_room_in_host_order() {
     );
 
     // Peer rows show traffic both ways.
-    let (_, peers) = net
-        .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
-        .await;
-    let row = peers["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["server_name"] == "b.test")
-        .cloned()
-        .unwrap();
+    let row = net.peer_row("a.test", "b.test").await;
     assert!(row["events_sent_24h"].as_u64().unwrap() >= 3, "{row}");
     assert!(row["events_received_24h"].as_u64().unwrap() >= 3, "{row}");
     assert_eq!(row["status"], "ok");
@@ -221,69 +148,13 @@ async fn joiner_backfills_history_and_members() {
     let alice = net.user("a.test", "alice").await;
     let carol = net.user("a.test", "carol").await;
     let bob = net.user("b.test", "bob").await;
-    let (_, room) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "History"})),
-        )
-        .await;
-    let room = room["room_id"].as_str().unwrap().to_string();
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
+    let room = net.create_room(&alice, json!({"name": "History"})).await;
     // A local invite and join, and history before bob arrives.
-    let (s, inv) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&room)),
-            Some(json!({"fqid": carol.fqid})),
-        )
-        .await;
-    assert_eq!(s, 200, "{inv}");
-    let (s, _) = net
-        .as_user(
-            &carol,
-            Method::POST,
-            &format!(
-                "/v1/me/invitations/{}/accept",
-                inv["invite_id"].as_str().unwrap()
-            ),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200);
+    net.invite_and_join(&alice, &room, &carol).await;
     for b in ["early-1", "early-2"] {
-        net.as_user(&carol, Method::POST, &path, Some(json!({"body": b})))
-            .await;
+        net.post(&carol, &room, json!({"body": b})).await;
     }
-    let (_, inv) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&room)),
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
-    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
-    eventually("invite arrives", || async {
-        !net.as_user(&bob, Method::GET, "/v1/me/invitations", None)
-            .await
-            .1["invitations"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let (s, v) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite_id}/accept"),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    net.invite_and_join(&alice, &room, &bob).await;
     let seen: Vec<String> = bodies(&net, &bob, &room)
         .await
         .into_iter()
@@ -294,14 +165,7 @@ async fn joiner_backfills_history_and_members() {
         ["early-1", "early-2"],
         "bob sees the history from before his join"
     );
-    let (_, members) = net
-        .as_user(
-            &bob,
-            Method::GET,
-            &format!("/v1/rooms/{}/members", enc(&room)),
-            None,
-        )
-        .await;
+    let members = net.members(&bob, &room).await;
     let names: Vec<&str> = members["members"]
         .as_array()
         .unwrap()
@@ -318,31 +182,20 @@ async fn joiner_backfills_history_and_members() {
 async fn key_rotation_is_seen_from_the_other_side() {
     let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
     let (alice, bob, room) = shared_room(&net).await;
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
     let count = |n: usize| {
         let (net, bob, room) = (&net, &bob, &room);
         move || async move { bodies(net, bob, room).await.len() == n }
     };
-    net.as_user(
-        &alice,
-        Method::POST,
-        &path,
-        Some(json!({"body": "before rotation"})),
-    )
-    .await;
+    net.post(&alice, &room, json!({"body": "before rotation"}))
+        .await;
     eventually("first message reaches b", count(1)).await;
 
     let a = net.server("a.test").app().clone();
     let old = a.keys.current().unwrap().key_id;
     scaiwave::server::rotate(&a, false).unwrap();
     assert_ne!(a.keys.current().unwrap().key_id, old);
-    net.as_user(
-        &alice,
-        Method::POST,
-        &path,
-        Some(json!({"body": "after rotation"})),
-    )
-    .await;
+    net.post(&alice, &room, json!({"body": "after rotation"}))
+        .await;
     eventually(
         "a message signed with the new key is verified on b",
         count(2),
@@ -350,26 +203,12 @@ async fn key_rotation_is_seen_from_the_other_side() {
     .await;
 
     // History signed with the old key still verifies (backfill re-verifies every event).
-    let (s, v) = net
-        .admin(
-            "b.test",
-            Method::POST,
-            &format!("/v1/admin/rooms/{}/federation/backfill", enc(&room)),
-            None,
-        )
-        .await;
+    let (s, v) = net.admin_backfill("b.test", &room).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["rejected"], 0, "{v}");
     assert!(v["fetched"].as_u64().unwrap() >= 3, "{v}");
     assert_eq!(v["stored"], 0, "nothing new: b had it all");
-    let (_, audit) = net
-        .admin(
-            "a.test",
-            Method::GET,
-            "/v1/admin/audit?action=federation.key.*",
-            None,
-        )
-        .await;
+    let audit = net.audit("a.test", "action=federation.key.*").await;
     assert_eq!(
         audit["rows"][0]["action"], "federation.key.rotated",
         "{audit}"
@@ -384,48 +223,11 @@ async fn decline_and_refused_events_end_in_failed_state() {
     let dave = net.user("b.test", "dave").await;
 
     // dave declines: the invitation is gone on both sides.
-    let (_, inv) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&room)),
-            Some(json!({"fqid": dave.fqid})),
-        )
-        .await;
-    let invite_id = inv["invite_id"].as_str().unwrap().to_string();
-    eventually("dave sees it", || async {
-        !net.as_user(&dave, Method::GET, "/v1/me/invitations", None)
-            .await
-            .1["invitations"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    })
-    .await;
-    let (s, v) = net
-        .as_user(
-            &dave,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite_id}/decline"),
-            None,
-        )
-        .await;
+    let invite_id = net.invite(&alice, &room, &dave).await;
+    let (s, v) = net.decline(&dave, &invite_id).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("declined")), "{v}");
-    assert!(net
-        .as_user(&dave, Method::GET, "/v1/me/invitations", None)
-        .await
-        .1["invitations"]
-        .as_array()
-        .unwrap()
-        .is_empty());
-    let (_, members) = net
-        .as_user(
-            &alice,
-            Method::GET,
-            &format!("/v1/rooms/{}/members", enc(&room)),
-            None,
-        )
-        .await;
+    assert!(net.invitations(&dave).await.is_empty());
+    let members = net.members(&alice, &room).await;
     assert!(
         !members["members"]
             .as_array()
@@ -435,14 +237,7 @@ async fn decline_and_refused_events_end_in_failed_state() {
         "{members}"
     );
     // Accepting a declined invitation is refused.
-    let (s, _) = net
-        .as_user(
-            &dave,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite_id}/accept"),
-            None,
-        )
-        .await;
+    let (s, _) = net.accept(&dave, &invite_id).await;
     assert_eq!(s, 404);
 
     // The host turns federation off for the room: bob's next message is refused
@@ -456,14 +251,8 @@ async fn decline_and_refused_events_end_in_failed_state() {
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
     let (_, posted) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &path,
-            Some(json!({"body": "into the void"})),
-        )
+        .post(&bob, &room, json!({"body": "into the void"}))
         .await;
     eventually("bob's message is marked failed", || async {
         bodies(&net, &bob, &room)
@@ -472,14 +261,7 @@ async fn decline_and_refused_events_end_in_failed_state() {
             .any(|m| m.1 == "into the void" && m.2 == "failed")
     })
     .await;
-    let (_, audit) = net
-        .admin(
-            "b.test",
-            Method::GET,
-            "/v1/admin/audit?action=federation.send.failed",
-            None,
-        )
-        .await;
+    let audit = net.audit("b.test", "action=federation.send.failed").await;
     let row = &audit["rows"][0];
     assert_eq!(
         (row["event_id"].as_str(), row["code"].as_str()),
@@ -489,16 +271,7 @@ async fn decline_and_refused_events_end_in_failed_state() {
         ),
         "{audit}"
     );
-    let (_, peers) = net
-        .admin("b.test", Method::GET, "/v1/admin/federation/peers", None)
-        .await;
-    let a_row = peers["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["server_name"] == "a.test")
-        .cloned()
-        .unwrap();
+    let a_row = net.peer_row("b.test", "a.test").await;
     assert_eq!(a_row["queue_depth"], 0, "{a_row}");
     assert_eq!(
         a_row["last_error"]["code"], "SW_FED_ROOM_NOT_FEDERATED",
@@ -517,38 +290,15 @@ async fn a_tenant_with_federation_disabled_refuses_both_ways() {
         c.federation.enabled = name != "b.test"
     })
     .await;
-    let (s, v) = crate::refusals::send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "t", "events": [], "edus": []}),
-    )
-    .await;
+    let (s, v) = net.send_events("a.test", "b.test", "t", vec![]).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (403, Some("SW_FED_TENANT_DISABLED")),
         "{v}"
     );
     let bob = net.user("b.test", "bob").await;
-    let (_, room) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "local only"})),
-        )
-        .await;
-    let (s, v) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!(
-                "/v1/rooms/{}/invitations",
-                enc(room["room_id"].as_str().unwrap())
-            ),
-            Some(json!({"fqid": "@alice:a.test"})),
-        )
-        .await;
+    let room = net.create_room(&bob, json!({"name": "local only"})).await;
+    let (s, v) = net.post_invitation(&bob, &room, "@alice:a.test").await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (409, Some("SW_FED_TENANT_DISABLED")),
@@ -562,12 +312,10 @@ async fn presence_travels_both_ways_and_the_newest_wins() {
     let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
     let (alice, bob, room) = shared_room(&net).await;
     let carol = net.user("b.test", "carol").await;
-    let members = format!("/v1/rooms/{}/members", enc(&room));
     let presence_of = |viewer: User, who: String| {
-        let (net, members) = (&net, members.clone());
+        let (net, room) = (&net, room.clone());
         async move {
-            let (_, v) = net.as_user(&viewer, Method::GET, &members, None).await;
-            v["members"]
+            net.members(&viewer, &room).await["members"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -608,13 +356,13 @@ async fn presence_travels_both_ways_and_the_newest_wins() {
     // Older or foreign EDUs change nothing.
     let stale = json!({"type": "sw.presence", "sender": alice.fqid, "ts": 1, "content": {"status": "offline"}});
     let foreign = json!({"type": "sw.presence", "sender": carol.fqid, "ts": 4_000_000_000_000i64, "content": {"status": "offline"}});
-    let (s, _) = crate::refusals::send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "edus", "events": [], "edus": [stale, foreign]}),
-    )
-    .await;
+    let (s, _) = net
+        .send_as(
+            "a.test",
+            "b.test",
+            json!({"txn_id": "edus", "events": [], "edus": [stale, foreign]}),
+        )
+        .await;
     assert_eq!(s, 200);
     assert_eq!(
         presence_of(bob.clone(), alice.fqid.clone()).await["status"],
@@ -622,29 +370,17 @@ async fn presence_travels_both_ways_and_the_newest_wins() {
     );
 
     // The profile carries presence only for servers that share a room.
-    let (s, p) = crate::refusals::s2s(
-        &net,
-        "a.test",
-        "b.test",
-        http::Method::GET,
-        "/_scaiwave/federation/v1/profile/bob",
-        None,
-    )
-    .await;
+    let (s, p) = net
+        .s2s_get("a.test", "b.test", "/_scaiwave/federation/v1/profile/bob")
+        .await;
     assert_eq!(
         (s, p["presence"]["status"].as_str()),
         (200, Some("idle")),
         "{p}"
     );
-    let (s, p) = crate::refusals::s2s(
-        &net,
-        "a.test",
-        "b.test",
-        http::Method::GET,
-        "/_scaiwave/federation/v1/profile/carol",
-        None,
-    )
-    .await;
+    let (s, p) = net
+        .s2s_get("a.test", "b.test", "/_scaiwave/federation/v1/profile/carol")
+        .await;
     assert_eq!((s, p["presence"].clone()), (200, Value::Null), "{p}");
     net.stop_all().await;
 }
@@ -653,7 +389,6 @@ async fn presence_travels_both_ways_and_the_newest_wins() {
 async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
     let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
     let (alice, bob, room) = shared_room(&net).await;
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
     // b.test goes away; something at its address answers 500, then 429.
     net.server_mut("b.test").stop().await;
     let addr = net.server("b.test").addr;
@@ -665,28 +400,14 @@ async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
     )
     .await;
     for i in 0..3 {
-        net.as_user(
-            &alice,
-            Method::POST,
-            &path,
-            Some(json!({"body": format!("while down {i}")})),
-        )
-        .await;
+        net.post(&alice, &room, json!({"body": format!("while down {i}")}))
+            .await;
     }
     eventually("a.test retried several times", || async {
         hits.load(std::sync::atomic::Ordering::SeqCst) >= 3
     })
     .await;
-    let (_, peers) = net
-        .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
-        .await;
-    let row = peers["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["server_name"] == "b.test")
-        .cloned()
-        .unwrap();
+    let row = net.peer_row("a.test", "b.test").await;
     assert_eq!(row["queue_depth"], 3, "{row}");
     assert_eq!(row["status"], "backoff", "{row}");
     assert!(row["next_retry_at"].is_string(), "{row}");
@@ -702,13 +423,8 @@ async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
     stop.send(()).unwrap();
     net.server_mut("b.test").restart().await;
     // Inbound traffic from b wakes a's queue at once.
-    crate::refusals::send_as(
-        &net,
-        "b.test",
-        "a.test",
-        json!({"txn_id": "hello-again", "events": [], "edus": []}),
-    )
-    .await;
+    net.send_events("b.test", "a.test", "hello-again", vec![])
+        .await;
     eventually("queued messages reach b", || async {
         bodies(&net, &bob, &room).await.len() == 3
     })

@@ -6,68 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use reqwest::Method;
-use scaiwave::federation::event::{Content, Event};
 use scaiwave::federation::httpsig;
-use scaiwave::ids::{Fqid, KeyId, RoomId};
+use scaiwave::ids::KeyId;
 use serde_json::{json, Value};
 
 use crate::federation::{bodies, shared_room};
-use crate::testnet::{self, enc, TestNet};
-
-/// A signed S2S request from `from`'s real client and key.
-pub async fn s2s(
-    net: &TestNet,
-    from: &str,
-    to: &str,
-    method: http::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let app = net.server(from).app().clone();
-    let reply = app
-        .outbound
-        .signed(
-            &app.signer().unwrap(),
-            method,
-            &to.parse().unwrap(),
-            path,
-            body.map(|b| serde_json::to_vec(&b).unwrap()),
-            std::time::Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
-    (
-        reply.status,
-        serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
-    )
-}
-
-pub async fn send_as(net: &TestNet, from: &str, to: &str, body: Value) -> (u16, Value) {
-    s2s(
-        net,
-        from,
-        to,
-        http::Method::POST,
-        "/_scaiwave/federation/v1/send",
-        Some(body),
-    )
-    .await
-}
-
-/// The events of `room` as its host serves them to `asker`.
-pub async fn host_events(net: &TestNet, host: &str, asker: &str, room: &str) -> Vec<Value> {
-    let (s, v) = s2s(
-        net,
-        asker,
-        host,
-        http::Method::GET,
-        &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(room)),
-        None,
-    )
-    .await;
-    assert_eq!(s, 200, "{v}");
-    v["events"].as_array().unwrap().clone()
-}
+use crate::testnet::{self, message, signed_event, TestNet};
 
 /// A hand-built signed request, so a test can break one thing at a time.
 struct Raw {
@@ -114,6 +58,12 @@ impl Raw {
         ]
     }
 
+    /// Send as a correct signer would (`headers(to)`, the signed body).
+    async fn send_signed(&self, net: &TestNet, to: &str) -> (u16, Value) {
+        self.send(net, to, self.headers(to), self.body.clone())
+            .await
+    }
+
     async fn send(
         &self,
         net: &TestNet,
@@ -143,22 +93,7 @@ fn code(v: &Value) -> &str {
 
 /// A fresh message event from alice in `room`, signed by a.test.
 fn new_event(net: &TestNet, room: &str, alice: &str, body: &str) -> Value {
-    let app = net.server("a.test").app();
-    let k = app.keys.current().unwrap();
-    let e = Event::create(
-        RoomId::parse(room).unwrap(),
-        Fqid::parse(alice).unwrap(),
-        app.clock.now_ms(),
-        Content::Message {
-            body: body.into(),
-            thread_root: None,
-            reply_to: None,
-            mentions: vec![],
-        },
-        &k.key_id,
-        &k.signing,
-    );
-    e.to_wire_value(Some(999))
+    signed_event(net.server("a.test").app(), room, alice, message(body)).to_wire_value(Some(999))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,9 +173,7 @@ async fn signed_request_refusals_follow_the_spec_order_and_change_nothing() {
     // 3. clock skew.
     let mut old = Raw::from_server(&net, "a.test", &body);
     old.created -= 3600;
-    let (s, v) = old
-        .send(&net, "b.test", old.headers("b.test"), old.body.clone())
-        .await;
+    let (s, v) = old.send_signed(&net, "b.test").await;
     assert_eq!(
         (s, code(&v), v["error"]["reason"].as_str()),
         (401, "SW_FED_SIGNATURE_MISMATCH", Some("clock_skew")),
@@ -260,14 +193,7 @@ async fn signed_request_refusals_follow_the_spec_order_and_change_nothing() {
     // 6. a signature by another key under a.test's key_id.
     let mut forged = Raw::from_server(&net, "a.test", &body);
     forged.key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
-    let (s, v) = forged
-        .send(
-            &net,
-            "b.test",
-            forged.headers("b.test"),
-            forged.body.clone(),
-        )
-        .await;
+    let (s, v) = forged.send_signed(&net, "b.test").await;
     assert_eq!((s, code(&v)), (401, "SW_FED_SIGNATURE_MISMATCH"), "{v}");
 
     // Nothing of all that changed b.test's room.
@@ -296,11 +222,9 @@ async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
     let extra = BTreeMap::from([("c.test".to_string(), counter_addr)]);
     let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
     let (s, v) = net
-        .admin(
+        .set_policy(
             "b.test",
-            Method::PUT,
-            "/v1/admin/federation/policy",
-            Some(json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]})),
+            json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]}),
         )
         .await;
     assert_eq!(s, 200, "{v}");
@@ -309,9 +233,7 @@ async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
     raw.origin = "c.test".into();
     raw.key = ed25519_dalek::SigningKey::from_bytes(&[3u8; 32]);
     raw.key_id = KeyId::derive(&raw.key.verifying_key().to_bytes());
-    let (s, v) = raw
-        .send(&net, "b.test", raw.headers("b.test"), raw.body.clone())
-        .await;
+    let (s, v) = raw.send_signed(&net, "b.test").await;
     assert_eq!((s, code(&v)), (403, "SW_FED_PEER_UNKNOWN"), "{v}");
     assert!(
         v["error"]["message"]
@@ -326,27 +248,18 @@ async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
         "no descriptor fetch for a refused origin"
     );
     // Audited as a policy refusal.
-    let (_, audit) = net
-        .admin(
-            "b.test",
-            Method::GET,
-            "/v1/admin/audit?action=federation.policy_rejected&limit=5",
-            None,
-        )
+    let audit = net
+        .audit("b.test", "action=federation.policy_rejected&limit=5")
         .await;
     assert_eq!(audit["rows"][0]["peer"], "c.test", "{audit}");
     // closed refuses everyone, denied_peers wins.
-    net.admin(
+    net.set_policy(
         "b.test",
-        Method::PUT,
-        "/v1/admin/federation/policy",
-        Some(json!({"default_mode": "open", "denied_peers": ["a.test"]})),
+        json!({"default_mode": "open", "denied_peers": ["a.test"]}),
     )
     .await;
     let raw = Raw::from_server(&net, "a.test", &body);
-    let (s, v) = raw
-        .send(&net, "b.test", raw.headers("b.test"), raw.body.clone())
-        .await;
+    let (s, v) = raw.send_signed(&net, "b.test").await;
     assert_eq!((s, code(&v)), (403, "SW_FED_POLICY_REJECTED"), "{v}");
     net.stop_all().await;
 }
@@ -377,46 +290,29 @@ async fn send_body_and_event_refusals() {
         r
     };
     let r = raw_bad(b"{\"txn_id\": \"x\", \"events\": [");
-    let (s, v) = r
-        .send(&net, "b.test", r.headers("b.test"), r.body.clone())
-        .await;
+    let (s, v) = r.send_signed(&net, "b.test").await;
     assert_eq!((s, code(&v)), (400, "SW_FED_BAD_REQUEST"), "{v}");
     let many = json!({"txn_id": "many", "events": vec![json!({}); 101], "edus": []});
-    let (s, v) = send_as(&net, "a.test", "b.test", many).await;
+    let (s, v) = net.send_as("a.test", "b.test", many).await;
     assert_eq!((s, code(&v)), (400, "SW_FED_BAD_REQUEST"), "{v}");
 
     // Per event: a forged signature, a non-host sender, a float, an unknown field.
     let mut forged = new_event(&net, &room, &alice.fqid, "forged");
     forged["content"]["body"] = json!("changed after signing");
-    let from_b = {
-        let app = net.server("b.test").app();
-        let k = app.keys.current().unwrap();
-        Event::create(
-            RoomId::parse(&room).unwrap(),
-            Fqid::parse(&bob.fqid).unwrap(),
-            app.clock.now_ms(),
-            Content::Message {
-                body: "x".into(),
-                thread_root: None,
-                reply_to: None,
-                mentions: vec![],
-            },
-            &k.key_id,
-            &k.signing,
-        )
-        .to_wire_value(Some(50))
-    };
+    let from_b = signed_event(net.server("b.test").app(), &room, &bob.fqid, message("x"))
+        .to_wire_value(Some(50));
     let mut float = new_event(&net, &room, &alice.fqid, "float");
     float["content"]["n"] = json!(1.5);
     let mut unknown = new_event(&net, &room, &alice.fqid, "unknown");
     unknown["colour"] = json!("blue");
-    let (s, v) = send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "per-event", "events": [forged, float, unknown], "edus": []}),
-    )
-    .await;
+    let (s, v) = net
+        .send_events(
+            "a.test",
+            "b.test",
+            "per-event",
+            vec![forged, float, unknown],
+        )
+        .await;
     assert_eq!(s, 200, "{v}");
     let codes: Vec<&str> = v["results"]
         .as_array()
@@ -439,13 +335,9 @@ async fn send_body_and_event_refusals() {
         .iter()
         .all(|r| r["status"] == "rejected"));
     // b.test is not the host of a room hosted by a.test: it refuses b's relays.
-    let (s, v) = send_as(
-        &net,
-        "b.test",
-        "a.test",
-        json!({"txn_id": "relay", "events": [from_b], "edus": []}),
-    )
-    .await;
+    let (s, v) = net
+        .send_events("b.test", "a.test", "relay", vec![from_b])
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         v["results"][0]["status"], "accepted",
@@ -458,13 +350,9 @@ async fn send_body_and_event_refusals() {
         &alice.fqid,
         "via a non-host",
     );
-    let (s, v) = send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "not-host", "events": [elsewhere], "edus": []}),
-    )
-    .await;
+    let (s, v) = net
+        .send_events("a.test", "b.test", "not-host", vec![elsewhere])
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         v["results"][0]["error"]["code"], "SW_FED_NOT_ROOM_HOST",
@@ -486,13 +374,8 @@ async fn send_body_and_event_refusals() {
         "{after:?}"
     );
     assert!(after.len() >= before.len());
-    let (_, audit) = net
-        .admin(
-            "b.test",
-            Method::GET,
-            "/v1/admin/audit?action=federation.event.*&limit=10",
-            None,
-        )
+    let audit = net
+        .audit("b.test", "action=federation.event.*&limit=10")
         .await;
     assert!(
         audit["rows"]
@@ -527,13 +410,7 @@ async fn no_key_state_answers_no_key() {
         (200, Some(""), Some("")),
         "{d}"
     );
-    let (s, v) = send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "k", "events": [], "edus": []}),
-    )
-    .await;
+    let (s, v) = net.send_events("a.test", "b.test", "k", vec![]).await;
     assert_eq!(
         (s, code(&v), v["error"]["retryable"].as_bool()),
         (503, "SW_FED_NO_KEY", Some(true)),
@@ -541,13 +418,7 @@ async fn no_key_state_answers_no_key() {
     );
     // Generating the key (same function as the CLI) makes it federate.
     net.server("b.test").app().keys.generate(0).unwrap();
-    let (s, _) = send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "k2", "events": [], "edus": []}),
-    )
-    .await;
+    let (s, _) = net.send_events("a.test", "b.test", "k2", vec![]).await;
     assert_eq!(s, 200);
     net.stop_all().await;
 }
@@ -564,59 +435,19 @@ async fn local_api_refusals() {
         .as_user(&alice, Method::GET, "/v1/admin/federation/peers", None)
         .await;
     assert_eq!((s, code(&v)), (403, "SW_FORBIDDEN"));
-    let (_, room) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "r"})),
-        )
-        .await;
-    let invitations = format!(
-        "/v1/rooms/{}/invitations",
-        enc(room["room_id"].as_str().unwrap())
-    );
+    let room = net.create_room(&alice, json!({"name": "r"})).await;
     for bad in ["bob@b.test", "@Bob:b.test", "@bob:", "@bob:B.test"] {
-        let (s, v) = net
-            .as_user(
-                &alice,
-                Method::POST,
-                &invitations,
-                Some(json!({"fqid": bad})),
-            )
-            .await;
+        let (s, v) = net.post_invitation(&alice, &room, bad).await;
         assert_eq!((s, code(&v)), (400, "SW_BAD_REQUEST"), "{bad}: {v}");
     }
     // Unknown participant on the peer: its error comes back at once.
-    let (s, v) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &invitations,
-            Some(json!({"fqid": "@nobody:b.test"})),
-        )
-        .await;
+    let (s, v) = net.post_invitation(&alice, &room, "@nobody:b.test").await;
     assert_eq!((s, code(&v)), (404, "SW_FED_PARTICIPANT_NOT_FOUND"), "{v}");
     // Incognito rooms never federate: 409 with the reason.
-    let (_, inc) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "secret", "room_type": "incognito"})),
-        )
+    let inc = net
+        .create_room(&alice, json!({"name": "secret", "room_type": "incognito"}))
         .await;
-    let (s, v) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!(
-                "/v1/rooms/{}/invitations",
-                enc(inc["room_id"].as_str().unwrap())
-            ),
-            Some(json!({"fqid": "@bob:b.test"})),
-        )
-        .await;
+    let (s, v) = net.post_invitation(&alice, &inc, "@bob:b.test").await;
     assert_eq!((s, code(&v)), (409, "SW_FED_ROOM_TYPE_FORBIDDEN"), "{v}");
     // Policy: a bad value names the field and changes nothing.
     let (_, before) = net
@@ -633,14 +464,7 @@ async fn local_api_refusals() {
         ),
         (json!({"nope": 1}), "nope"),
     ] {
-        let (s, v) = net
-            .admin(
-                "a.test",
-                Method::PUT,
-                "/v1/admin/federation/policy",
-                Some(patch),
-            )
-            .await;
+        let (s, v) = net.set_policy("a.test", patch).await;
         assert_eq!((s, code(&v)), (400, "SW_BAD_REQUEST"));
         assert!(
             v["error"]["message"].as_str().unwrap().contains(field),
@@ -653,22 +477,10 @@ async fn local_api_refusals() {
     assert_eq!(before, after);
     assert_eq!(after["default_mode"], "open");
     // Outbound policy: we never send to a server we would refuse.
-    net.admin(
-        "a.test",
-        Method::PUT,
-        "/v1/admin/federation/policy",
-        Some(json!({"default_mode": "closed"})),
-    )
-    .await;
-    let bob = net.user("b.test", "bob").await;
-    let (s, v) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &invitations,
-            Some(json!({"fqid": bob.fqid})),
-        )
+    net.set_policy("a.test", json!({"default_mode": "closed"}))
         .await;
+    let bob = net.user("b.test", "bob").await;
+    let (s, v) = net.post_invitation(&alice, &room, &bob.fqid).await;
     assert_eq!((s, code(&v)), (409, "SW_FED_POLICY_REJECTED"), "{v}");
     net.stop_all().await;
 }

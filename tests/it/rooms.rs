@@ -3,35 +3,16 @@
 //! gaps, DMs, search, live events, expiry and limits.
 
 use reqwest::Method;
+use scaiwave::federation::event::{Content, Membership};
 use serde_json::{json, Value};
 
 use crate::federation::{bodies, shared_room};
-use crate::refusals::send_as;
-use crate::testnet::{self, enc, eventually, TestNet, User};
-
-async fn messages(net: &TestNet, u: &User, room: &str) -> Vec<Value> {
-    let (s, v) = net
-        .as_user(
-            u,
-            Method::GET,
-            &format!("/v1/rooms/{}/messages", enc(room)),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-    v["messages"].as_array().unwrap().clone()
-}
+use crate::testnet::{
+    self, enc, eventually, message, signed_event, signed_event_with, TestNet, User,
+};
 
 async fn member_ids(net: &TestNet, u: &User, room: &str) -> Vec<String> {
-    let (_, v) = net
-        .as_user(
-            u,
-            Method::GET,
-            &format!("/v1/rooms/{}/members", enc(room)),
-            None,
-        )
-        .await;
-    v["members"]
+    net.members(u, room).await["members"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -41,43 +22,11 @@ async fn member_ids(net: &TestNet, u: &User, room: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn invite_and_join(net: &TestNet, host_user: &User, room: &str, guest: &User) {
-    let (s, inv) = net
-        .as_user(
-            host_user,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(room)),
-            Some(json!({"fqid": guest.fqid})),
-        )
-        .await;
-    assert_eq!(s, 200, "{inv}");
-    let id = inv["invite_id"].as_str().unwrap().to_string();
-    eventually("the invitation arrives", || async {
-        net.as_user(guest, Method::GET, "/v1/me/invitations", None)
-            .await
-            .1["invitations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i["invite_id"] == id.as_str())
-    })
-    .await;
-    let (s, v) = net
-        .as_user(
-            guest,
-            Method::POST,
-            &format!("/v1/me/invitations/{id}/accept"),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
-}
-
 /// A room on a.test with bob@b.test and carol@c.test joined.
 async fn three_server_room(net: &TestNet) -> (User, User, User, String) {
     let (alice, bob, room) = shared_room(net).await;
     let carol = net.user("c.test", "carol").await;
-    invite_and_join(net, &alice, &room, &carol).await;
+    net.invite_and_join(&alice, &room, &carol).await;
     (alice, bob, carol, room)
 }
 
@@ -95,64 +44,26 @@ fn view(m: &Value) -> (Value, Value, Value, Value, Value) {
 async fn three_servers_see_the_same_room_and_relays_are_verified() {
     let mut net = testnet::start(&["a.test", "b.test", "c.test"], |_, _| {}).await;
     let (alice, bob, carol, room) = three_server_room(&net).await;
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
     let (_, a1) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &path,
-            Some(json!({"body": "launch at noon"})),
-        )
+        .post(&alice, &room, json!({"body": "launch at noon"}))
         .await;
     let a1 = a1["event_id"].as_str().unwrap().to_string();
-    net.as_user(
+    net.post(
         &bob,
-        Method::POST,
-        &path,
-        Some(json!({"body": "ready", "thread_root": a1, "reply_to": a1})),
+        &room,
+        json!({"body": "ready", "thread_root": a1, "reply_to": a1}),
     )
     .await;
-    net.as_user(
-        &carol,
-        Method::POST,
-        &path,
-        Some(json!({"body": "from carol"})),
-    )
-    .await;
-    let reactions = format!("/v1/rooms/{}/reactions", enc(&room));
-    net.as_user(
-        &carol,
-        Method::POST,
-        &reactions,
-        Some(json!({"target": a1, "key": "👍", "action": "add"})),
-    )
-    .await;
-    net.as_user(
-        &bob,
-        Method::POST,
-        &reactions,
-        Some(json!({"target": a1, "key": "👍", "action": "add"})),
-    )
-    .await;
-    net.as_user(
-        &bob,
-        Method::POST,
-        &reactions,
-        Some(json!({"target": a1, "key": "🎉", "action": "add"})),
-    )
-    .await;
-    net.as_user(
-        &bob,
-        Method::POST,
-        &reactions,
-        Some(json!({"target": a1, "key": "🎉", "action": "remove"})),
-    )
-    .await;
+    net.post(&carol, &room, json!({"body": "from carol"})).await;
+    net.react(&carol, &room, &a1, "👍", "add").await;
+    net.react(&bob, &room, &a1, "👍", "add").await;
+    net.react(&bob, &room, &a1, "🎉", "add").await;
+    net.react(&bob, &room, &a1, "🎉", "remove").await;
 
     let settled = |u: User| {
         let (net, room) = (&net, room.clone());
         async move {
-            let m = messages(net, &u, &room).await;
+            let m = net.messages(&u, &room).await;
             m.len() == 3
                 && m.iter().all(|x| x["state"] == "sent")
                 && m[0]["reactions"]["👍"]
@@ -164,13 +75,9 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     for u in [&alice, &bob, &carol] {
         eventually("everyone sees the whole room", || settled(u.clone())).await;
     }
-    let on_a: Vec<_> = messages(&net, &alice, &room)
-        .await
-        .iter()
-        .map(view)
-        .collect();
+    let on_a: Vec<_> = net.messages(&alice, &room).await.iter().map(view).collect();
     for u in [&bob, &carol] {
-        let there: Vec<_> = messages(&net, u, &room).await.iter().map(view).collect();
+        let there: Vec<_> = net.messages(u, &room).await.iter().map(view).collect();
         assert_eq!(
             there, on_a,
             "same events, same order, same threads and reactions on {}",
@@ -189,31 +96,19 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     // a.test forging an event "from" c.test: refused on b.test, not stored.
     let c = net.server("c.test").app().clone();
     let a = net.server("a.test").app().clone();
-    let forged = {
-        let a_key = a.keys.current().unwrap();
-        let ev = scaiwave::federation::event::Event::create(
-            scaiwave::ids::RoomId::parse(&room).unwrap(),
-            scaiwave::ids::Fqid::parse(&carol.fqid).unwrap(),
-            a.clock.now_ms(),
-            scaiwave::federation::event::Content::Message {
-                body: "forged by a".into(),
-                thread_root: None,
-                reply_to: None,
-                mentions: vec![],
-            },
-            // a.test signs, but the signature claims to be c.test's key.
-            &c.keys.current().unwrap().key_id,
-            &a_key.signing,
-        );
-        ev.to_wire_value(Some(900))
-    };
-    let (s, v) = send_as(
-        &net,
-        "a.test",
-        "b.test",
-        json!({"txn_id": "forge", "events": [forged], "edus": []}),
+    let forged = signed_event_with(
+        &a,
+        &room,
+        &carol.fqid,
+        message("forged by a"),
+        // a.test signs, but the signature claims to be c.test's key.
+        &c.keys.current().unwrap().key_id,
+        &a.keys.current().unwrap().signing,
     )
-    .await;
+    .to_wire_value(Some(900));
+    let (s, v) = net
+        .send_events("a.test", "b.test", "forge", vec![forged])
+        .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
         v["results"][0]["error"]["code"], "SW_FED_SIGNATURE_MISMATCH",
@@ -231,7 +126,7 @@ async fn kick_leave_and_peer_removal_propagate() {
     let mut net = testnet::start(&["a.test", "b.test", "c.test"], |_, _| {}).await;
     let (alice, bob, carol, room) = three_server_room(&net).await;
     let dave = net.user("c.test", "dave").await;
-    invite_and_join(&net, &alice, &room, &dave).await;
+    net.invite_and_join(&alice, &room, &dave).await;
     for u in [&bob, &carol] {
         eventually("everyone sees dave", || async {
             member_ids(&net, u, &room).await.contains(&dave.fqid)
@@ -240,11 +135,12 @@ async fn kick_leave_and_peer_removal_propagate() {
     }
 
     // A kick by the room's creator reaches every side.
+    let kick = format!("/v1/rooms/{}/kick", enc(&room));
     let (s, v) = net
         .as_user(
             &alice,
             Method::POST,
-            &format!("/v1/rooms/{}/kick", enc(&room)),
+            &kick,
             Some(json!({"fqid": carol.fqid})),
         )
         .await;
@@ -254,30 +150,17 @@ async fn kick_leave_and_peer_removal_propagate() {
     })
     .await;
     eventually("carol's room list drops the room", || async {
-        net.as_user(&carol, Method::GET, "/v1/rooms", None).await.1["rooms"]
-            .as_array()
-            .unwrap()
-            .is_empty()
+        net.rooms(&carol).await.is_empty()
     })
     .await;
     // Only the host's room admins kick: bob (a member on a replica) cannot.
     let (s, _) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!("/v1/rooms/{}/kick", enc(&room)),
-            Some(json!({"fqid": dave.fqid})),
-        )
+        .as_user(&bob, Method::POST, &kick, Some(json!({"fqid": dave.fqid})))
         .await;
     assert_eq!(s, 403);
     // A kicked participant's messages are refused by the host.
     let (s, _) = net
-        .as_user(
-            &carol,
-            Method::POST,
-            &format!("/v1/rooms/{}/messages", enc(&room)),
-            Some(json!({"body": "still here?"})),
-        )
+        .post(&carol, &room, json!({"body": "still here?"}))
         .await;
     assert_eq!(
         s, 404,
@@ -302,12 +185,7 @@ async fn kick_leave_and_peer_removal_propagate() {
         !member_ids(&net, &dave, &room).await.contains(&bob.fqid)
     })
     .await;
-    assert!(
-        net.as_user(&bob, Method::GET, "/v1/rooms", None).await.1["rooms"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    );
+    assert!(net.rooms(&bob).await.is_empty());
 
     // Removing c.test on a.test kicks dave everywhere and stops traffic.
     let (s, v) = net
@@ -324,13 +202,8 @@ async fn kick_leave_and_peer_removal_propagate() {
         .admin("a.test", Method::GET, "/v1/admin/federation/policy", None)
         .await;
     assert_eq!(policy["denied_peers"], json!(["c.test"]));
-    net.as_user(
-        &alice,
-        Method::POST,
-        &format!("/v1/rooms/{}/messages", enc(&room)),
-        Some(json!({"body": "after removal"})),
-    )
-    .await;
+    net.post(&alice, &room, json!({"body": "after removal"}))
+        .await;
     let (_, peers) = net
         .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
         .await;
@@ -342,26 +215,15 @@ async fn kick_leave_and_peer_removal_propagate() {
             .any(|p| p["server_name"] == "c.test" && p["queue_depth"].as_u64() > Some(0)),
         "{peers}"
     );
-    let (s, v) = send_as(
-        &net,
-        "c.test",
-        "a.test",
-        json!({"txn_id": "still-there", "events": [], "edus": []}),
-    )
-    .await;
+    let (s, v) = net
+        .send_events("c.test", "a.test", "still-there", vec![])
+        .await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (403, Some("SW_FED_POLICY_REJECTED")),
         "{v}"
     );
-    let (_, audit) = net
-        .admin(
-            "a.test",
-            Method::GET,
-            "/v1/admin/audit?action=federation.peer.*",
-            None,
-        )
-        .await;
+    let audit = net.audit("a.test", "action=federation.peer.*").await;
     assert_eq!(audit["rows"][0]["peer"], "c.test", "{audit}");
     net.stop_all().await;
 }
@@ -370,16 +232,10 @@ async fn kick_leave_and_peer_removal_propagate() {
 async fn a_replica_fills_gaps_from_the_host() {
     let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
     let (alice, bob, room) = shared_room(&net).await;
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
     net.server_mut("b.test").stop().await;
     for i in 0..5 {
-        net.as_user(
-            &alice,
-            Method::POST,
-            &path,
-            Some(json!({"body": format!("missed {i}")})),
-        )
-        .await;
+        net.post(&alice, &room, json!({"body": format!("missed {i}")}))
+            .await;
     }
     // Those deliveries are lost (as after a 24 h give-up).
     let a = net.server("a.test").app().clone();
@@ -393,13 +249,8 @@ async fn a_replica_fills_gaps_from_the_host() {
         5
     );
     net.server_mut("b.test").restart().await;
-    net.as_user(
-        &alice,
-        Method::POST,
-        &path,
-        Some(json!({"body": "after the gap"})),
-    )
-    .await;
+    net.post(&alice, &room, json!({"body": "after the gap"}))
+        .await;
     eventually("b fills the gap from a's backfill", || async {
         bodies(&net, &bob, &room).await.len() == 6
     })
@@ -421,35 +272,16 @@ async fn a_replica_fills_gaps_from_the_host() {
         ]
     );
     // The admin backfill verifies and finds nothing new to store.
-    let (s, v) = net
-        .admin(
-            "b.test",
-            Method::POST,
-            &format!("/v1/admin/rooms/{}/federation/backfill", enc(&room)),
-            None,
-        )
-        .await;
+    let (s, v) = net.admin_backfill("b.test", &room).await;
     assert_eq!(
         (s, v["stored"].as_u64(), v["rejected"].as_u64()),
         (200, Some(0), Some(0)),
         "{v}"
     );
     // A host that serves no history answers with its error, 0 events.
-    net.admin(
-        "a.test",
-        Method::PUT,
-        "/v1/admin/federation/policy",
-        Some(json!({"max_backfill_events_per_request": 0})),
-    )
-    .await;
-    let (s, v) = net
-        .admin(
-            "b.test",
-            Method::POST,
-            &format!("/v1/admin/rooms/{}/federation/backfill", enc(&room)),
-            None,
-        )
+    net.set_policy("a.test", json!({"max_backfill_events_per_request": 0}))
         .await;
+    let (s, v) = net.admin_backfill("b.test", &room).await;
     assert_eq!(
         (s, v["fetched"].as_u64(), v["remote_error"]["code"].as_str()),
         (200, Some(0), Some("SW_FED_BACKFILL_REFUSED")),
@@ -490,30 +322,10 @@ async fn federated_dm_search_and_live_events() {
         "asking again returns the same room"
     );
     let room = dm["room_id"].as_str().unwrap().to_string();
-    let mut invite = String::new();
-    eventually("bob is invited", || async {
-        let (_, v) = net
-            .as_user(&bob, Method::GET, "/v1/me/invitations", None)
-            .await;
-        v["invitations"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|i| i["room_id"] == room.as_str())
-    })
-    .await;
-    let (_, v) = net
-        .as_user(&bob, Method::GET, "/v1/me/invitations", None)
+    let invite = net
+        .wait_for_invitation(&bob, "bob is invited", |i| i["room_id"] == room.as_str())
         .await;
-    invite.push_str(v["invitations"][0]["invite_id"].as_str().unwrap());
-    let (s, _) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite}/accept"),
-            None,
-        )
-        .await;
+    let (s, _) = net.accept(&bob, &invite).await;
     assert_eq!(s, 200);
 
     // Alice listens for live events, then bob writes.
@@ -525,14 +337,8 @@ async fn federated_dm_search_and_live_events() {
         .await
         .unwrap();
     assert_eq!(stream.status().as_u16(), 200);
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
-    net.as_user(
-        &bob,
-        Method::POST,
-        &path,
-        Some(json!({"body": "The zeppelin departs at dawn"})),
-    )
-    .await;
+    net.post(&bob, &room, json!({"body": "The zeppelin departs at dawn"}))
+        .await;
     let mut stream = stream;
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -581,33 +387,8 @@ async fn expired_invitations_and_the_foreign_limit() {
     let alice = net.user("a.test", "alice").await;
     let bob = net.user("b.test", "bob").await;
     let carol = net.user("c.test", "carol").await;
-    let (_, room) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "limited"})),
-        )
-        .await;
-    let room = room["room_id"].as_str().unwrap().to_string();
-    let (_, inv) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&room)),
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
-    let invite = inv["invite_id"].as_str().unwrap().to_string();
-    eventually("bob is invited", || async {
-        !net.as_user(&bob, Method::GET, "/v1/me/invitations", None)
-            .await
-            .1["invitations"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    })
-    .await;
+    let room = net.create_room(&alice, json!({"name": "limited"})).await;
+    let invite = net.invite(&alice, &room, &bob).await;
 
     // invite_ttl later (both clocks move: skew stays within bounds).
     let ttl = net.server("a.test").app().config.federation.invite_ttl;
@@ -615,98 +396,48 @@ async fn expired_invitations_and_the_foreign_limit() {
         net.server(server).app().clock.advance(ttl);
     }
     // The invitee's side: the invitation is gone from the panel and refused.
-    assert!(net
-        .as_user(&bob, Method::GET, "/v1/me/invitations", None)
-        .await
-        .1["invitations"]
-        .as_array()
-        .unwrap()
-        .is_empty());
-    let (s, v) = net
-        .as_user(
-            &bob,
-            Method::POST,
-            &format!("/v1/me/invitations/{invite}/accept"),
-            None,
-        )
-        .await;
+    assert!(net.invitations(&bob).await.is_empty());
+    let (s, v) = net.accept(&bob, &invite).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (410, Some("SW_FED_INVITE_EXPIRED")),
         "{v}"
     );
     // The host's side: a join that arrives anyway is refused by its own clock.
-    let b = net.server("b.test").app().clone();
-    let key = b.keys.current().unwrap();
-    let bob_id = scaiwave::ids::Fqid::parse(&bob.fqid).unwrap();
-    let join = scaiwave::federation::event::Event::create(
-        scaiwave::ids::RoomId::parse(&room).unwrap(),
-        bob_id.clone(),
-        b.clock.now_ms(),
-        scaiwave::federation::event::Content::Member {
-            membership: scaiwave::federation::event::Membership::Join,
-            target: bob_id,
+    let join = signed_event(
+        net.server("b.test").app(),
+        &room,
+        &bob.fqid,
+        Content::Member {
+            membership: Membership::Join,
+            target: scaiwave::ids::Fqid::parse(&bob.fqid).unwrap(),
             expires_at_ms: None,
             room: None,
         },
-        &key.key_id,
-        &key.signing,
     );
-    let (s, v) = send_as(
-        &net,
-        "b.test",
-        "a.test",
-        json!({"txn_id": "late-join", "events": [join.to_wire_value(None)], "edus": []}),
-    )
-    .await;
+    let (s, v) = net
+        .send_events(
+            "b.test",
+            "a.test",
+            "late-join",
+            vec![join.to_wire_value(None)],
+        )
+        .await;
     assert_eq!(
         (s, v["results"][0]["error"]["code"].as_str()),
         (200, Some("SW_FED_INVITE_EXPIRED")),
         "{v}"
     );
     assert!(!member_ids(&net, &alice, &room).await.contains(&bob.fqid));
-    assert!(
-        net.as_user(&bob, Method::GET, "/v1/rooms", None).await.1["rooms"]
-            .as_array()
-            .unwrap()
-            .is_empty(),
-        "no room on b"
-    );
+    assert!(net.rooms(&bob).await.is_empty(), "no room on b");
 
     // The foreign limit counts joined and invited foreign participants.
-    net.admin(
-        "a.test",
-        Method::PUT,
-        "/v1/admin/federation/policy",
-        Some(json!({"max_foreign_participants_per_room": 1})),
-    )
-    .await;
-    let (_, fresh) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "small"})),
-        )
+    net.set_policy("a.test", json!({"max_foreign_participants_per_room": 1}))
         .await;
-    let fresh = fresh["room_id"].as_str().unwrap().to_string();
-    let (s, _) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&fresh)),
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
+    let fresh = net.create_room(&alice, json!({"name": "small"})).await;
+    let (s, _) = net.post_invitation(&alice, &fresh, &bob.fqid).await;
     assert_eq!(s, 200);
-    let (s, v) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            &format!("/v1/rooms/{}/invitations", enc(&fresh)),
-            Some(json!({"fqid": carol.fqid})),
-        )
-        .await;
+    let (s, v) = net.post_invitation(&alice, &fresh, &carol.fqid).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (409, Some("SW_FED_FOREIGN_LIMIT")),
@@ -721,23 +452,21 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     let (alice, bob, room) = shared_room(&net).await;
     let carol = net.user("c.test", "carol").await;
     // bob (on a replica) invites carol: the host checks, sequences and delivers it.
-    invite_and_join(&net, &bob, &room, &carol).await;
+    net.invite_and_join(&bob, &room, &carol).await;
     eventually("the host lists carol", || async {
         member_ids(&net, &alice, &room).await.contains(&carol.fqid)
     })
     .await;
 
     // Mentions travel with the message.
-    let path = format!("/v1/rooms/{}/messages", enc(&room));
-    net.as_user(
+    net.post(
         &bob,
-        Method::POST,
-        &path,
-        Some(json!({"body": "hi @carol", "mentions": [carol.fqid]})),
+        &room,
+        json!({"body": "hi @carol", "mentions": [carol.fqid]}),
     )
     .await;
     eventually("a has bob's mention", || async {
-        messages(&net, &alice, &room)
+        net.messages(&alice, &room)
             .await
             .iter()
             .any(|m| m["mentions"] == json!([carol.fqid]))
@@ -745,20 +474,10 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     .await;
 
     // b.test refuses c.test: carol's messages relayed by a.test are refused on b only.
-    net.admin(
-        "b.test",
-        Method::PUT,
-        "/v1/admin/federation/policy",
-        Some(json!({"denied_peers": ["c.test"]})),
-    )
-    .await;
-    net.as_user(
-        &carol,
-        Method::POST,
-        &path,
-        Some(json!({"body": "from a denied server"})),
-    )
-    .await;
+    net.set_policy("b.test", json!({"denied_peers": ["c.test"]}))
+        .await;
+    net.post(&carol, &room, json!({"body": "from a denied server"}))
+        .await;
     eventually("a has carol's message", || async {
         bodies(&net, &alice, &room)
             .await
@@ -767,15 +486,8 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     })
     .await;
     eventually("b audited the refusal", || async {
-        let (_, audit) = net
-            .admin(
-                "b.test",
-                Method::GET,
-                "/v1/admin/audit?action=federation.policy_rejected",
-                None,
-            )
-            .await;
-        audit["rows"]
+        net.audit("b.test", "action=federation.policy_rejected")
+            .await["rows"]
             .as_array()
             .unwrap()
             .iter()
@@ -788,39 +500,21 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
         .any(|m| m.1 == "from a denied server"));
 
     // Room state is served only to participating servers.
-    let (_, other) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "a only"})),
-        )
-        .await;
-    let other = other["room_id"].as_str().unwrap().to_string();
+    let other = net.create_room(&alice, json!({"name": "a only"})).await;
     let members_path = format!("/_scaiwave/federation/v1/rooms/{}/members", enc(&other));
-    let (s, v) = crate::refusals::s2s(
-        &net,
-        "c.test",
-        "a.test",
-        http::Method::GET,
-        &members_path,
-        None,
-    )
-    .await;
+    let (s, v) = net.s2s_get("c.test", "a.test", &members_path).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (403, Some("SW_FED_NOT_MEMBER")),
         "{v}"
     );
-    let (s, v) = crate::refusals::s2s(
-        &net,
-        "c.test",
-        "b.test",
-        http::Method::GET,
-        &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
-        None,
-    )
-    .await;
+    let (s, v) = net
+        .s2s_get(
+            "c.test",
+            "b.test",
+            &format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(&room)),
+        )
+        .await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (403, Some("SW_FED_POLICY_REJECTED")),
@@ -828,36 +522,23 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     );
 
     // Incognito rooms refuse federation traffic with their own code.
-    let (_, inc) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/rooms",
-            Some(json!({"name": "secret", "room_type": "incognito"})),
+    let inc = net
+        .create_room(&alice, json!({"name": "secret", "room_type": "incognito"}))
+        .await;
+    let ev = signed_event(
+        net.server("b.test").app(),
+        &inc,
+        &bob.fqid,
+        message("let me in"),
+    );
+    let (s, v) = net
+        .send_events(
+            "b.test",
+            "a.test",
+            "incognito",
+            vec![ev.to_wire_value(None)],
         )
         .await;
-    let b = net.server("b.test").app().clone();
-    let key = b.keys.current().unwrap();
-    let ev = scaiwave::federation::event::Event::create(
-        scaiwave::ids::RoomId::parse(inc["room_id"].as_str().unwrap()).unwrap(),
-        scaiwave::ids::Fqid::parse(&bob.fqid).unwrap(),
-        b.clock.now_ms(),
-        scaiwave::federation::event::Content::Message {
-            body: "let me in".into(),
-            thread_root: None,
-            reply_to: None,
-            mentions: vec![],
-        },
-        &key.key_id,
-        &key.signing,
-    );
-    let (s, v) = send_as(
-        &net,
-        "b.test",
-        "a.test",
-        json!({"txn_id": "incognito", "events": [ev.to_wire_value(None)], "edus": []}),
-    )
-    .await;
     assert_eq!(
         (s, v["results"][0]["error"]["code"].as_str()),
         (200, Some("SW_FED_ROOM_TYPE_FORBIDDEN")),

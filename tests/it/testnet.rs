@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::Method;
+use scaiwave::app::App;
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
-use scaiwave::ids::ServerName;
+use scaiwave::federation::event::{Content, Event};
+use scaiwave::ids::{Fqid, KeyId, RoomId, ServerName};
 use scaiwave::server::Running;
 use serde_json::{json, Value};
 
@@ -106,7 +109,7 @@ impl Server {
 }
 
 /// Resolves every test name to its loopback address, port included.
-struct TestResolver(BTreeMap<String, SocketAddr>);
+pub struct TestResolver(pub BTreeMap<String, SocketAddr>);
 
 impl Resolve for TestResolver {
     fn resolve(&self, name: Name) -> Resolving {
@@ -186,14 +189,47 @@ pub async fn start_with_extra(
             admin_token,
         });
     }
+    let http = client(&ca, all);
+    TestNet { ca, servers, http }
+}
+
+/// An HTTPS client that trusts only `ca` and finds each name in `names`.
+pub fn client(ca: &Ca, names: BTreeMap<String, SocketAddr>) -> reqwest::Client {
     scaiwave::tls::install_crypto_provider();
     let ca_pem = std::fs::read(ca.ca_path()).unwrap();
-    let http = reqwest::Client::builder()
+    reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
-        .dns_resolver(Arc::new(TestResolver(all)))
+        .dns_resolver(Arc::new(TestResolver(names)))
         .build()
-        .unwrap();
-    TestNet { ca, servers, http }
+        .unwrap()
+}
+
+/// An HTTPS call to `server`'s local API (`token` as bearer, if any): the
+/// status and the JSON answer (`Null` if it is not JSON).
+pub async fn request(
+    http: &reqwest::Client,
+    server: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = http.request(method, format!("https://{server}{path}"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&b).unwrap());
+    }
+    let resp = req.send().await.expect("request reaches the server");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 /// A participant on a server, with its token.
@@ -228,22 +264,7 @@ impl TestNet {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("https://{server}{path}"));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(serde_json::to_vec(&b).unwrap());
-        }
-        let resp = req.send().await.expect("request reaches the server");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        request(&self.http, server, method, path, token, body).await
     }
 
     pub async fn admin(
@@ -290,6 +311,259 @@ impl TestNet {
             s.stop().await;
         }
     }
+
+    // --- the local API, as a participant ---
+
+    /// `POST /v1/rooms` as `u` (must answer 200): the new room's id.
+    pub async fn create_room(&self, u: &User, body: Value) -> String {
+        let (s, v) = self.as_user(u, Method::POST, "/v1/rooms", Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        v["room_id"].as_str().unwrap().to_string()
+    }
+
+    /// The rooms `u` lists (`GET /v1/rooms`).
+    pub async fn rooms(&self, u: &User) -> Vec<Value> {
+        let (_, v) = self.as_user(u, Method::GET, "/v1/rooms", None).await;
+        v["rooms"].as_array().unwrap().clone()
+    }
+
+    /// `POST /v1/rooms/{room}/messages` as `u`.
+    pub async fn post(&self, u: &User, room: &str, body: Value) -> (u16, Value) {
+        let path = format!("/v1/rooms/{}/messages", enc(room));
+        self.as_user(u, Method::POST, &path, Some(body)).await
+    }
+
+    /// `POST /v1/rooms/{room}/reactions` as `u`.
+    pub async fn react(
+        &self,
+        u: &User,
+        room: &str,
+        target: &str,
+        key: &str,
+        action: &str,
+    ) -> (u16, Value) {
+        let path = format!("/v1/rooms/{}/reactions", enc(room));
+        let body = json!({"target": target, "key": key, "action": action});
+        self.as_user(u, Method::POST, &path, Some(body)).await
+    }
+
+    /// The messages of `room` as `u` sees them (the call must answer 200).
+    pub async fn messages(&self, u: &User, room: &str) -> Vec<Value> {
+        let path = format!("/v1/rooms/{}/messages", enc(room));
+        let (s, v) = self.as_user(u, Method::GET, &path, None).await;
+        assert_eq!(s, 200, "{v}");
+        v["messages"].as_array().unwrap().clone()
+    }
+
+    /// `GET /v1/rooms/{room}/members` as `u`: the whole answer.
+    pub async fn members(&self, u: &User, room: &str) -> Value {
+        let path = format!("/v1/rooms/{}/members", enc(room));
+        self.as_user(u, Method::GET, &path, None).await.1
+    }
+
+    /// `POST /v1/rooms/{room}/invitations` for `fqid`, as `inviter`.
+    pub async fn post_invitation(&self, inviter: &User, room: &str, fqid: &str) -> (u16, Value) {
+        let path = format!("/v1/rooms/{}/invitations", enc(room));
+        self.as_user(inviter, Method::POST, &path, Some(json!({ "fqid": fqid })))
+            .await
+    }
+
+    /// `u`'s pending invitations (`GET /v1/me/invitations`).
+    pub async fn invitations(&self, u: &User) -> Vec<Value> {
+        let (_, v) = self
+            .as_user(u, Method::GET, "/v1/me/invitations", None)
+            .await;
+        v["invitations"].as_array().unwrap().clone()
+    }
+
+    /// Wait until `guest` lists an invitation that `matches`; its invite_id.
+    pub async fn wait_for_invitation(
+        &self,
+        guest: &User,
+        what: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> String {
+        eventually(what, || async {
+            self.invitations(guest).await.iter().any(&matches)
+        })
+        .await;
+        let found = self.invitations(guest).await;
+        let invitation = found.iter().find(|i| matches(i)).expect("still listed");
+        invitation["invite_id"].as_str().unwrap().to_string()
+    }
+
+    /// `POST /v1/me/invitations/{invite_id}/accept` as `guest`.
+    pub async fn accept(&self, guest: &User, invite_id: &str) -> (u16, Value) {
+        let path = format!("/v1/me/invitations/{invite_id}/accept");
+        self.as_user(guest, Method::POST, &path, None).await
+    }
+
+    /// `POST /v1/me/invitations/{invite_id}/decline` as `guest`.
+    pub async fn decline(&self, guest: &User, invite_id: &str) -> (u16, Value) {
+        let path = format!("/v1/me/invitations/{invite_id}/decline");
+        self.as_user(guest, Method::POST, &path, None).await
+    }
+
+    /// `inviter` invites `guest` to `room` (must answer 200); returns the
+    /// invite_id once `guest`'s `GET /v1/me/invitations` lists it.
+    pub async fn invite(&self, inviter: &User, room: &str, guest: &User) -> String {
+        let (s, inv) = self.post_invitation(inviter, room, &guest.fqid).await;
+        assert_eq!(s, 200, "{inv}");
+        let id = inv["invite_id"].as_str().unwrap().to_string();
+        let what = format!("{} sees invitation {id}", guest.fqid);
+        self.wait_for_invitation(guest, &what, |i| i["invite_id"] == id.as_str())
+            .await
+    }
+
+    /// `invite`, then `guest` accepts (must answer 200): the accept answer.
+    pub async fn invite_and_join(&self, inviter: &User, room: &str, guest: &User) -> Value {
+        let id = self.invite(inviter, room, guest).await;
+        let (s, v) = self.accept(guest, &id).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    // --- the admin API ---
+
+    /// `peer`'s row in `server`'s `GET /v1/admin/federation/peers`.
+    pub async fn peer_row(&self, server: &str, peer: &str) -> Value {
+        let (_, peers) = self
+            .admin(server, Method::GET, "/v1/admin/federation/peers", None)
+            .await;
+        peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["server_name"] == peer)
+            .cloned()
+            .unwrap()
+    }
+
+    /// `PUT /v1/admin/federation/policy` on `server`.
+    pub async fn set_policy(&self, server: &str, patch: Value) -> (u16, Value) {
+        self.admin(
+            server,
+            Method::PUT,
+            "/v1/admin/federation/policy",
+            Some(patch),
+        )
+        .await
+    }
+
+    /// `GET /v1/admin/audit?{query}` on `server`: the whole answer.
+    pub async fn audit(&self, server: &str, query: &str) -> Value {
+        let path = format!("/v1/admin/audit?{query}");
+        self.admin(server, Method::GET, &path, None).await.1
+    }
+
+    /// `POST /v1/admin/rooms/{room}/federation/backfill` on `server`.
+    pub async fn admin_backfill(&self, server: &str, room: &str) -> (u16, Value) {
+        let path = format!("/v1/admin/rooms/{}/federation/backfill", enc(room));
+        self.admin(server, Method::POST, &path, None).await
+    }
+
+    // --- server to server ---
+
+    /// A signed S2S request from `from`'s real client and key.
+    pub async fn s2s(
+        &self,
+        from: &str,
+        to: &str,
+        method: http::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let app = self.server(from).app().clone();
+        let reply = app
+            .s2s(
+                method,
+                &to.parse().unwrap(),
+                path,
+                body.map(|b| serde_json::to_vec(&b).unwrap()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        (
+            reply.status,
+            serde_json::from_slice(&reply.body).unwrap_or(Value::Null),
+        )
+    }
+
+    /// A signed S2S `GET path` from `from` to `to`.
+    pub async fn s2s_get(&self, from: &str, to: &str, path: &str) -> (u16, Value) {
+        self.s2s(from, to, http::Method::GET, path, None).await
+    }
+
+    /// `POST /_scaiwave/federation/v1/send` from `from` to `to`.
+    pub async fn send_as(&self, from: &str, to: &str, body: Value) -> (u16, Value) {
+        self.s2s(
+            from,
+            to,
+            http::Method::POST,
+            "/_scaiwave/federation/v1/send",
+            Some(body),
+        )
+        .await
+    }
+
+    /// A transaction `txn_id` of `events` (no EDUs) from `from` to `to`.
+    pub async fn send_events(
+        &self,
+        from: &str,
+        to: &str,
+        txn_id: &str,
+        events: Vec<Value>,
+    ) -> (u16, Value) {
+        let body = json!({"txn_id": txn_id, "events": events, "edus": []});
+        self.send_as(from, to, body).await
+    }
+
+    /// The events of `room` as its host serves them to `asker`.
+    pub async fn host_events(&self, host: &str, asker: &str, room: &str) -> Vec<Value> {
+        let path = format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(room));
+        let (s, v) = self.s2s_get(asker, host, &path).await;
+        assert_eq!(s, 200, "{v}");
+        v["events"].as_array().unwrap().clone()
+    }
+}
+
+/// A plain message's content.
+pub fn message(body: &str) -> Content {
+    Content::Message {
+        body: body.into(),
+        thread_root: None,
+        reply_to: None,
+        mentions: vec![],
+    }
+}
+
+/// An event by `sender` in `room`, stamped by `app`'s clock and signed with
+/// `app`'s current key.
+pub fn signed_event(app: &App, room: &str, sender: &str, content: Content) -> Event {
+    let key = app.keys.current().unwrap();
+    signed_event_with(app, room, sender, content, &key.key_id, &key.signing)
+}
+
+/// As `signed_event`, but signed by `signing` under the name `key_id`
+/// (which need not be that key's: a test can forge).
+pub fn signed_event_with(
+    app: &App,
+    room: &str,
+    sender: &str,
+    content: Content,
+    key_id: &KeyId,
+    signing: &ed25519_dalek::SigningKey,
+) -> Event {
+    Event::create(
+        RoomId::parse(room).unwrap(),
+        Fqid::parse(sender).unwrap(),
+        app.clock.now_ms(),
+        content,
+        key_id,
+        signing,
+    )
 }
 
 pub fn enc(id: &str) -> String {
@@ -297,12 +571,21 @@ pub fn enc(id: &str) -> String {
 }
 
 /// Wait (bounded) until `check` holds; never a fixed sleep.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    eventually_within(what, Duration::from_secs(20), check).await
+}
+
+/// `eventually`, waiting at most `limit`.
+pub async fn eventually_within<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     while tokio::time::Instant::now() < deadline {
         if check().await {
             return;
