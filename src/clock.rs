@@ -17,6 +17,8 @@ struct Inner {
     start: Instant,
     /// Extra milliseconds added by `advance`; only tests move it.
     offset_ms: AtomicI64,
+    /// Wakes sleepers when `advance` jumps, so they re-check the time.
+    advanced: tokio::sync::Notify,
 }
 
 /// Cheap to clone; all clones share one timeline.
@@ -45,6 +47,7 @@ impl Clock {
             wall_at_start_ms: wall_ms,
             start: Instant::now(),
             offset_ms: AtomicI64::new(0),
+            advanced: tokio::sync::Notify::new(),
         }))
     }
 
@@ -63,18 +66,24 @@ impl Clock {
         self.0
             .offset_ms
             .fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+        self.0.advanced.notify_waiters();
     }
 
-    /// Sleep until wall time `at_ms` on this clock. Because `advance` can
-    /// jump, long sleeps are cut into slices and re-checked.
+    /// Sleep until wall time `at_ms` on this clock, waking early to
+    /// re-check when [`Clock::advance`] jumps.
     pub async fn sleep_until_ms(&self, at_ms: i64) {
-        const SLICE_MS: i64 = 1000;
         loop {
+            // Registered before reading the time, so a jump in between is seen.
+            let mut advanced = std::pin::pin!(self.0.advanced.notified());
+            advanced.as_mut().enable();
             let left = at_ms - self.now_ms();
             if left <= 0 {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(left.min(SLICE_MS) as u64)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(left as u64)) => {}
+                _ = advanced => {}
+            }
         }
     }
 }
@@ -99,6 +108,19 @@ mod tests {
         assert_eq!(clock.now_ms(), 1_005_000);
         clock.advance(Duration::from_secs(3600));
         assert_eq!(clock.now_ms(), 1_005_000 + 3_600_000);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleepers_wake_when_the_clock_jumps() {
+        let clock = Clock::starting_at(0);
+        let c = clock.clone();
+        let sleeper = tokio::spawn(async move { c.sleep_until_ms(86_400_000).await });
+        tokio::task::yield_now().await;
+        clock.advance(Duration::from_secs(86_400));
+        tokio::time::timeout(Duration::from_millis(10), sleeper)
+            .await
+            .expect("woken by advance")
+            .unwrap();
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub async fn start_on(
 
 /// Rotate the key when it reaches `key_rotation_interval` (the same
 /// function as `scaiwave admin federation key rotate`).
-async fn rotation_timer(app: Arc<App>) {
+pub async fn rotation_timer(app: Arc<App>) {
     loop {
         let interval = app.config.federation.key_rotation_interval;
         let due = app.keys.rotates_at_ms(interval);

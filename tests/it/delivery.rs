@@ -539,3 +539,34 @@ async fn audit_rows_are_kept_for_audit_retention() {
     );
     stop(app).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_key_rotates_on_schedule_and_keeps_the_old_one_for_the_overlap() {
+    let (_dir, _script, app) = fresh(None);
+    let first = app.keys.current().unwrap().key_id;
+    app.tasks
+        .spawn(scaiwave::server::rotation_timer(app.clone()));
+    let interval = app.config.federation.key_rotation_interval;
+    tokio::time::sleep(interval - Duration::from_secs(60)).await;
+    assert_eq!(
+        app.keys.current().unwrap().key_id,
+        first,
+        "not before key_rotation_interval"
+    );
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let second = app.keys.current().unwrap().key_id;
+    assert_ne!(second, first, "rotated at key_rotation_interval");
+    let d = app.keys.descriptor(&app.server_name);
+    assert_eq!(d.old_keys.len(), 1);
+    assert_eq!(d.old_keys[0].key_id, first.as_str());
+    let ring = app.keys.ring();
+    let old = &ring.old[0];
+    assert_eq!(
+        old.expires_at_ms.unwrap() - old.rotated_at_ms.unwrap(),
+        app.config.federation.key_overlap.as_millis() as i64
+    );
+    assert!(audit_rows(&app)
+        .iter()
+        .any(|r| r.action == "federation.key.rotated"));
+    stop(app).await;
+}
