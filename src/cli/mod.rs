@@ -55,6 +55,8 @@ pub enum Federation {
     Policy(PolicyCmd),
     /// Peers with their health, as a table.
     Peers,
+    /// Run the handshake troubleshooting steps against a peer (SPEC §13).
+    Check { server_name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -117,10 +119,13 @@ pub fn run_admin(config: Config, argv: Vec<String>, cmd: Admin) -> Result<String
     if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
         return through_socket(stream, argv);
     }
-    let app = App::open(config, Clock::system())?;
-    let out = execute(&app, cmd);
-    app.store.flush_blocking()?;
-    out
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| Error::internal("runtime", e))?;
+    runtime.block_on(async {
+        let app = App::open(config, Clock::system())?;
+        let out = execute(&app, cmd).await;
+        app.store.flush_blocking()?;
+        out
+    })
 }
 
 fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>) -> Result<String> {
@@ -154,7 +159,7 @@ pub fn parse_admin_argv(argv: &[String]) -> std::result::Result<Admin, String> {
 }
 
 /// Execute one admin command against a running (or just opened) app.
-pub fn execute(app: &App, cmd: Admin) -> Result<String> {
+pub async fn execute(app: &App, cmd: Admin) -> Result<String> {
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(match cmd {
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
@@ -179,6 +184,18 @@ pub fn execute(app: &App, cmd: Admin) -> Result<String> {
             pretty(&serde_json::to_value(next).unwrap_or_default())
         }
         Admin::Federation(Federation::Peers) => peers_table(&crate::api::admin::peers(app)?),
+        Admin::Federation(Federation::Check { server_name }) => {
+            let peer = ServerName::parse(&server_name)?;
+            let findings = crate::federation::check::check(app, &peer).await;
+            let failed = findings.iter().filter(|f| !f.ok).count();
+            let mut text: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+            text.push(if failed == 0 {
+                format!("{peer}: all checks passed")
+            } else {
+                format!("{peer}: {failed} check(s) failed")
+            });
+            text.join("\n")
+        }
         Admin::Participant(ParticipantCmd::Create {
             local_id,
             admin,
@@ -267,7 +284,7 @@ pub async fn serve_socket(app: std::sync::Arc<App>) {
                         ok: false,
                         output: e,
                     },
-                    Ok(cmd) => match execute(&app, cmd) {
+                    Ok(cmd) => match execute(&app, cmd).await {
                         Ok(output) => SocketAnswer { ok: true, output },
                         Err(e) => SocketAnswer {
                             ok: false,
@@ -282,9 +299,4 @@ pub async fn serve_socket(app: std::sync::Arc<App>) {
         });
     }
     let _ = std::fs::remove_file(&path);
-}
-
-/// Validate a server name given on the command line.
-pub fn server_name_arg(s: &str) -> Result<ServerName> {
-    ServerName::parse(s)
 }

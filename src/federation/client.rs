@@ -26,6 +26,8 @@ const REPLY_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub struct Reply {
     pub status: u16,
     pub retry_after_secs: Option<u64>,
+    /// The peer's `Date` header, as Unix seconds (for clock-skew checks).
+    pub date_secs: Option<i64>,
     pub body: Bytes,
 }
 
@@ -204,6 +206,13 @@ impl Outbound {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
+        let date_secs = resp
+            .headers()
+            .get(http::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
         let mut resp = resp;
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| NetworkError(describe(&e)))? {
@@ -215,6 +224,7 @@ impl Outbound {
         Ok(Reply {
             status,
             retry_after_secs,
+            date_secs,
             body: Bytes::from(body),
         })
     }
@@ -275,7 +285,7 @@ impl Outbound {
         &self,
         dest: &ServerName,
         no_cache: bool,
-    ) -> std::result::Result<(Descriptor, Option<u64>), String> {
+    ) -> std::result::Result<(Descriptor, Option<u64>, Option<i64>), String> {
         let (url, host_header) = self.target(dest, "/.well-known/scaiwave/server");
         let mut req = self
             .http
@@ -304,7 +314,7 @@ impl Outbound {
             return Err(format!("the descriptor answered HTTP {}", reply.status));
         }
         let d = reply.json::<Descriptor>()?;
-        Ok((d, max_age))
+        Ok((d, max_age, reply.date_secs))
     }
 }
 

@@ -616,6 +616,7 @@ mod tests {
         Ok(crate::federation::client::Reply {
             status,
             retry_after_secs: retry_after,
+            date_secs: None,
             body: body.into(),
         })
     }

@@ -6,9 +6,10 @@
 //! - [`keys`]: our keys; [`verifier`]: peers' keys (descriptor cache).
 //! - [`policy`]: whom we talk to; [`client`]: outbound HTTPS.
 //! - [`inbound`]: §4 authentication and `/send`; [`delivery`]: the per-peer
-//!   outbound queues.
+//!   outbound queues; [`check`]: the handshake diagnostics of §13.
 
 pub mod canonical;
+pub mod check;
 pub mod client;
 pub mod delivery;
 pub mod event;

@@ -206,7 +206,7 @@ impl Verifier {
         let _guard = lock.lock().await;
         let result = self.outbound.descriptor(origin, no_cache).await;
         let now = self.clock.now_ms();
-        let outcome = result.and_then(|(d, max_age)| self.accept(origin, &d, max_age, now));
+        let outcome = result.and_then(|(d, max_age, _)| self.accept(origin, &d, max_age, now));
         if let Err(why) = &outcome {
             tracing::warn!(
                 name: "federation.peer_discovery_failed",

@@ -1,5 +1,6 @@
 //! The one integration-test binary: real servers over loopback HTTPS.
 
+mod check;
 mod crash;
 mod delivery;
 mod federation;

@@ -1,0 +1,226 @@
+//! `scaiwave admin federation check <server_name>` (SPEC §13): the
+//! handshake troubleshooting guide as a program. Each finding names its
+//! `SW_FED_*` code and the fix.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::app::App;
+use crate::error::Code;
+use crate::ids::ServerName;
+use crate::limits::SYNC_S2S_TIMEOUT_SECS;
+
+/// One step of the check.
+pub struct Finding {
+    pub step: &'static str,
+    pub ok: bool,
+    pub code: Option<Code>,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(step: &'static str, detail: impl Into<String>) -> Finding {
+        Finding {
+            step,
+            ok: true,
+            code: None,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(
+        step: &'static str,
+        code: Code,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            step,
+            ok: false,
+            code: Some(code),
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.ok {
+            write!(f, "OK    {:<18} {}", self.step, self.detail)
+        } else {
+            let code = self.code.map(|c| c.as_str()).unwrap_or("-");
+            write!(f, "FAIL  {:<18} {code}: {}", self.step, self.detail)?;
+            if let Some(fix) = &self.fix {
+                write!(f, "\n      fix: {fix}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A local id nobody has: the probe only wants to learn whether the peer
+/// lets our signed request through.
+const PROBE_LOCAL_ID: &str = "scaiwave-federation-check";
+
+pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
+    let mut out = Vec::new();
+    // 1. Our own descriptor.
+    let ours = app.keys.descriptor(&app.server_name);
+    out.push(if ours.public_key.is_empty() {
+        Finding::fail(
+            "own descriptor",
+            Code::NoKey,
+            "this server has no signing key (public_key is empty)",
+            "scaiwave admin federation key generate",
+        )
+    } else {
+        Finding::ok(
+            "own descriptor",
+            format!("{} publishes key {}", app.server_name, ours.key_id),
+        )
+    });
+    // 2. The peer's descriptor over a verified TLS chain.
+    let (descriptor, date_secs) = match app.outbound.descriptor(peer, true).await {
+        Ok((d, _, date)) => (Some(d), date),
+        Err(why) => {
+            out.push(Finding::fail(
+                "peer descriptor",
+                Code::SignatureMismatch,
+                format!("https://{peer}/.well-known/scaiwave/server: {why}"),
+                "make it load over HTTPS with a certificate chain our system roots or tls.trust_roots accept",
+            ));
+            (None, None)
+        }
+    };
+    if let Some(d) = &descriptor {
+        match app.verifier.refresh(peer).await {
+            Ok(()) => out.push(Finding::ok(
+                "peer descriptor",
+                format!(
+                    "{peer} publishes key {} ({} old keys)",
+                    d.key_id,
+                    d.old_keys.len()
+                ),
+            )),
+            Err(e) => out.push(Finding::fail(
+                "peer descriptor",
+                e.code,
+                e.message,
+                "the peer's admin fixes its descriptor (server_name, key ids) or generates a key",
+            )),
+        }
+        // 3. Protocol versions.
+        let common: Vec<&String> = d
+            .protocol_versions
+            .iter()
+            .filter(|v| ours.protocol_versions.contains(v))
+            .collect();
+        out.push(if common.is_empty() {
+            Finding::fail(
+                "protocol versions",
+                Code::ProtocolVersion,
+                format!(
+                    "{peer} speaks {:?}, we speak {:?}",
+                    d.protocol_versions, ours.protocol_versions
+                ),
+                "upgrade one side so both share a version",
+            )
+        } else {
+            Finding::ok("protocol versions", format!("shared: {common:?}"))
+        });
+    }
+    // 4. Clock skew, from the peer's Date header.
+    if let Some(theirs) = date_secs {
+        let skew = theirs - app.clock.now_secs();
+        let max = app.config.federation.max_clock_skew.as_secs() as i64;
+        out.push(if skew.abs() > max {
+            Finding::fail(
+                "clock skew",
+                Code::SignatureMismatch,
+                format!("{peer}'s clock is {skew:+} s from ours (allowed ±{max} s)"),
+                "sync NTP on both servers",
+            )
+        } else {
+            Finding::ok("clock skew", format!("{skew:+} s"))
+        });
+    }
+    // 5. Our policy towards them.
+    out.push(match app.policy().admit(peer) {
+        Ok(()) => Finding::ok("our policy", format!("we federate with {peer}")),
+        Err(e) => Finding::fail(
+            "our policy",
+            e.code,
+            e.message,
+            "PUT /v1/admin/federation/policy",
+        ),
+    });
+    // 6. Their policy towards us: a signed probe.
+    let path = format!("/_scaiwave/federation/v1/profile/{PROBE_LOCAL_ID}");
+    match app
+        .s2s(
+            http::Method::GET,
+            peer,
+            &path,
+            None,
+            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
+        )
+        .await
+    {
+        Err(e) => out.push(Finding::fail(
+            "their policy",
+            e.code,
+            e.message,
+            "generate our signing key first",
+        )),
+        Ok(Err(e)) => out.push(Finding::fail(
+            "their policy",
+            Code::PeerUnknown,
+            format!("no answer: {e}"),
+            "check that the peer is up and reachable",
+        )),
+        Ok(Ok(reply)) => {
+            let err = reply.error();
+            match err.as_ref().and_then(|e| Code::parse(&e.code)) {
+                Some(Code::ParticipantNotFound) => out.push(Finding::ok("their policy", format!("{peer} accepts our signed requests"))),
+                Some(code) => out.push(Finding::fail(
+                    "their policy",
+                    code,
+                    err.map(|e| e.message).unwrap_or_default(),
+                    match code {
+                        Code::PeerUnknown | Code::PolicyRejected => format!("{peer}'s admin adds {} to allowed_peers (or opens its policy)", app.server_name),
+                        Code::SignatureMismatch => "the peer cannot verify us: check our descriptor, clocks, and its trust in our certificate".to_string(),
+                        _ => "see docs/errors.md for this code".to_string(),
+                    },
+                )),
+                None => out.push(Finding::fail("their policy", Code::PeerUnknown, format!("unexpected answer HTTP {}", reply.status), "the peer may not run ScaiWave federation at this name")),
+            }
+        }
+    }
+    // 7. What delivery last saw.
+    match app.peer_record(peer) {
+        Ok(rec) => out.push(match rec.last_error {
+            Some(e) => Finding::fail(
+                "last delivery",
+                Code::parse(&e.code).unwrap_or(Code::Internal),
+                format!("{} at {}", e.message, crate::clock::rfc3339(e.at_ms)),
+                "fix the finding above; queued events are retried",
+            ),
+            None => Finding::ok(
+                "last delivery",
+                rec.last_seen_ms
+                    .map(|t| format!("last seen {}", crate::clock::rfc3339(t)))
+                    .unwrap_or_else(|| "no traffic yet".into()),
+            ),
+        }),
+        Err(e) => out.push(Finding::fail(
+            "last delivery",
+            e.code,
+            e.message,
+            "see the server log",
+        )),
+    }
+    out
+}
