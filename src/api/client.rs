@@ -67,6 +67,7 @@ fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
 fn live_stream(app: &std::sync::Arc<App>, me: Fqid) -> Response {
     use futures_util::StreamExt;
     let rx = app.live.subscribe();
+    let app_for_stop = app.clone();
     let app = app.clone();
     let events = tokio_stream_from(rx).filter_map(move |ev| {
         let member = app
@@ -86,6 +87,9 @@ fn live_stream(app: &std::sync::Arc<App>, me: Fqid) -> Response {
         });
         async move { out }
     });
+    // Streams end at shutdown, so graceful shutdown does not wait on them.
+    let shutdown = app_for_stop.shutdown.clone().cancelled_owned();
+    let events = events.take_until(shutdown);
     warp::reply::Reply::into_response(warp::sse::reply(warp::sse::keep_alive().stream(events)))
 }
 
