@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use scaiwave::app::App;
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
-use scaiwave::federation::event::{Content, Event};
+use scaiwave::federation::event::Content;
 use scaiwave::ids::{LocalId, RoomId, ServerName};
 use scaiwave::rooms::host::{self, Source};
 use scaiwave::rooms::{flows, search};
@@ -58,7 +58,6 @@ fn main() -> anyhow::Result<()> {
         let room = flows::create_room(&app, &me, "bench", "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
         let sender = flows::fqid_of(&app, &me);
-        let key = app.keys.current()?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         let mut done = 0;
@@ -75,14 +74,7 @@ fn main() -> anyhow::Result<()> {
                         mentions: vec![],
                     };
                     (
-                        Event::create(
-                            room_id.clone(),
-                            sender.clone(),
-                            app.clock.now_ms(),
-                            content,
-                            &key.key_id,
-                            &key.signing,
-                        ),
+                        flows::sign(&app, &room_id, &sender, content).expect("a valid message"),
                         Source::Local,
                     )
                 })

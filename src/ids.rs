@@ -44,6 +44,11 @@ macro_rules! string_newtype {
     };
 }
 
+/// `@local:server` / `!opaque:server` split at the FIRST ':' (SPEC §2).
+fn sigil_parts(s: &str, sigil: char) -> Option<(&str, &str)> {
+    s.strip_prefix(sigil)?.split_once(':')
+}
+
 /// A server's DNS name with optional port, e.g. `a.example.com` or `localhost:8448`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerName(String);
@@ -137,8 +142,7 @@ impl Fqid {
                 "invalid FQID {s:?}: write it as @local_id:server_name, e.g. @alice:chat.example.com"
             ))
         };
-        let rest = s.strip_prefix('@').ok_or_else(bad)?;
-        let (local, server) = rest.split_once(':').ok_or_else(bad)?;
+        let (local, server) = sigil_parts(s, '@').ok_or_else(bad)?;
         LocalId::parse(local).map_err(|_| bad())?;
         ServerName::parse(server).map_err(|_| bad())?;
         Ok(Fqid(s.to_string()))
@@ -184,8 +188,7 @@ impl RoomId {
                 "invalid room_id {s:?}: expected !opaque:server_name with at least 16 URL-safe characters before the ':'"
             ))
         };
-        let rest = s.strip_prefix('!').ok_or_else(bad)?;
-        let (opaque, server) = rest.split_once(':').ok_or_else(bad)?;
+        let (opaque, server) = sigil_parts(s, '!').ok_or_else(bad)?;
         let opaque_ok = opaque.len() >= 16
             && opaque.len() <= 128
             && opaque
