@@ -418,16 +418,21 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
         audit.push(app.audit_row(action, Some(origin), Some(&r.event_id), None, code, detail));
     }
     app.audit_many(audit);
+    // An answer holding a retryable refusal is not cached: the sender will
+    // re-send that event, possibly in a transaction with the same id, and
+    // must get a fresh look (the key may be fetchable by then).
+    let final_answer = !results
+        .iter()
+        .any(|r| r.error.as_ref().is_some_and(|e| e.retryable));
     let answer =
         serde_json::to_vec(&SendAnswer { results }).map_err(|e| Error::internal("encode", e))?;
-    app.store.put(
-        T::Txns,
-        &txn_key,
-        &TxnRecord {
+    if final_answer {
+        let record = TxnRecord {
             at_ms: now,
             answer: answer.clone(),
-        },
-    )?;
+        };
+        app.store.put(T::Txns, &txn_key, &record)?;
+    }
     tracing::debug!(
         parse_us = t_parsed.as_micros() as u64,
         route_us = (t_routed - t_parsed).as_micros() as u64,

@@ -484,3 +484,45 @@ async fn local_api_refusals() {
     assert_eq!((s, code(&v)), (409, "SW_FED_POLICY_REJECTED"), "{v}");
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
+    let mut net = testnet::start(&["a.test", "b.test", "c.test"], |_, _| {}).await;
+    net.set_policy(
+        "b.test",
+        json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]}),
+    )
+    .await;
+    // An event of c.test's, carried by a.test to b.test: c.test is unknown to b.
+    let carol_event = testnet::signed_event(
+        net.server("c.test").app(),
+        "!RoomHostedOnB000000:b.test",
+        "@carol:c.test",
+        testnet::message("relayed"),
+    );
+    let events = vec![carol_event.to_wire_value(None)];
+    let (s, v) = net
+        .send_events("a.test", "b.test", "same-txn", events.clone())
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (
+            v["results"][0]["error"]["code"].as_str(),
+            v["results"][0]["error"]["retryable"].as_bool()
+        ),
+        (Some("SW_FED_PEER_UNKNOWN"), Some(true)),
+        "{v}"
+    );
+    // The admin fixes the policy; the same transaction is looked at afresh.
+    net.set_policy("b.test", json!({"allowed_peers": ["a.test", "c.test"]}))
+        .await;
+    let (s, v) = net
+        .send_events("a.test", "b.test", "same-txn", events)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["results"][0]["error"]["code"], "SW_FED_ROOM_NOT_FOUND",
+        "a fresh answer, not the cached refusal: {v}"
+    );
+    net.stop_all().await;
+}
