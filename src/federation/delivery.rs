@@ -349,14 +349,16 @@ async fn give_up(
 }
 
 /// Apply a 200 answer: settle delivered rows, give up refused ones, keep
-/// the retryable ones queued. Returns how many were delivered.
+/// the retryable ones (and any the answer forgot) queued. Returns how many
+/// were delivered and how many rows left the queue in all.
 async fn apply_answer(
     app: &App,
     peer: &ServerName,
     items: &[(Vec<u8>, OutboxItem)],
     answer: &SendAnswer,
-) -> Result<u64> {
+) -> Result<(u64, u64)> {
     let mut delivered = Vec::new();
+    let mut given_up = 0u64;
     for (key, item) in items {
         let OutboxKind::Event {
             event_id,
@@ -385,13 +387,14 @@ async fn apply_answer(
                         .map(|e| (e.code, e.message))
                         .unwrap_or_else(|| ("unknown".into(), "rejected".into()));
                     give_up(app, peer, key, item, &code, &msg).await;
+                    given_up += 1;
                 }
             }
         }
     }
     let count = delivered.len() as u64;
     app.store.remove_all(T::Outbox, &delivered)?;
-    Ok(count)
+    Ok((count, count + given_up))
 }
 
 /// Transactions in flight at once to one peer, when the order of arrival
@@ -462,13 +465,11 @@ async fn send_round(
                     .expect("edu lock")
                     .retain(|_, (at, _)| *at > now);
                 match apply_answer(app, peer, part, &answer).await {
-                    Ok(n) => {
+                    Ok((n, left_queue)) => {
                         round.delivered += n;
-                        round.stuck |= n == 0
-                            && answer
-                                .results
-                                .iter()
-                                .any(|r| r.status == SendStatus::Rejected);
+                        // Nothing left the queue (only retryable refusals, or
+                        // an answer without our events): back off, never spin.
+                        round.stuck |= left_queue == 0 && !part.is_empty();
                     }
                     Err(e) => {
                         tracing::error!(error = %e, peer = %peer, "could not record a delivery");

@@ -30,6 +30,8 @@ pub enum Answer {
     RejectFirst {
         retryable: bool,
     },
+    /// 200 with no result for our events (a confused peer).
+    Empty,
 }
 
 #[derive(Default)]
@@ -104,6 +106,7 @@ impl Transport for Script {
                 message: "slow down".into(),
                 retry_after_secs: Some(s),
             },
+            Answer::Empty => Attempt::Answered(SendAnswer { results: vec![] }),
             Answer::RefuseWhole => Attempt::Refused {
                 code: "SW_FED_POLICY_REJECTED".into(),
                 message: "go away".into(),
@@ -568,5 +571,19 @@ async fn the_key_rotates_on_schedule_and_keeps_the_old_one_for_the_overlap() {
     assert!(audit_rows(&app)
         .iter()
         .any(|r| r.action == "federation.key.rotated"));
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_without_our_events_backs_off_instead_of_spinning() {
+    let (_dir, script, app) = fresh(Some(Answer::Empty));
+    enqueue(&app, 1);
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let attempts = script.attempts.lock().unwrap().len();
+    assert!(
+        (5..=12).contains(&attempts),
+        "{attempts} attempts in 10 min: backoff, not a storm"
+    );
+    assert_eq!(queue_depth(&app), 1, "kept, since the peer never said");
     stop(app).await;
 }
