@@ -445,6 +445,15 @@ async fn send_round(
     edus: Vec<serde_json::Value>,
     now: i64,
 ) -> Round {
+    // We never send to a server our policy refuses (SPEC §7): its rows
+    // wait (an admin may change the policy) until they age out.
+    if let Err(e) = app.policy().admit(peer) {
+        app.peer_failure(peer, e.code.as_str(), &e.message);
+        return Round {
+            retry: Some((e.code.as_str().to_string(), e.message, None)),
+            ..Round::default()
+        };
+    }
     let chunks = chunks_for(app, live);
     let started = tokio::time::Instant::now();
     let mut edus = Some(edus);

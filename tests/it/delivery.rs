@@ -587,3 +587,29 @@ async fn an_answer_without_our_events_backs_off_instead_of_spinning() {
     assert_eq!(queue_depth(&app), 1, "kept, since the peer never said");
     stop(app).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_sent_to_a_peer_our_policy_refuses() {
+    let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
+    let deny = app
+        .policy()
+        .patched(&serde_json::json!({"denied_peers": [PEER]}))
+        .unwrap();
+    app.set_policy(deny).unwrap();
+    enqueue(&app, 2);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(
+        script.attempts.lock().unwrap().is_empty(),
+        "never sent while denied"
+    );
+    assert_eq!(queue_depth(&app), 2, "kept for when the policy changes");
+    app.set_policy(scaiwave::federation::policy::Policy::default())
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(
+        script.delivered.lock().unwrap().len(),
+        2,
+        "sent once allowed again"
+    );
+    stop(app).await;
+}
