@@ -23,7 +23,7 @@ use warp::Filter;
 
 use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::limits::BODY_BYTES_MAX;
+use crate::limits::{BODY_BYTES_MAX, LOCAL_BODY_BYTES_MAX};
 use crate::storage::{Participant, PowerLevel};
 
 /// Facts about the TLS connection, put into request extensions by [`serve`].
@@ -181,6 +181,9 @@ async fn dispatch(app: Arc<App>, req: Request) -> Response {
     let result = match seg_refs.as_slice() {
         [".well-known", "scaiwave", "server"] => s2s::descriptor(&app, &req),
         ["_scaiwave", "federation", "v1", rest @ ..] => s2s::route(&app, &req, rest).await,
+        ["v1", ..] if req.body.len() as u64 > LOCAL_BODY_BYTES_MAX => Err(Error::bad_request(
+            format!("local API bodies are limited to {LOCAL_BODY_BYTES_MAX} bytes"),
+        )),
         ["v1", "admin", rest @ ..] => admin::route(&app, &req, rest).await,
         ["v1", rest @ ..] => client::route(&app, &req, rest).await,
         _ => Err(not_found_route(&req)),

@@ -526,3 +526,25 @@ async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
     );
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_api_bodies_are_bounded() {
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let big = "x".repeat(300 * 1024);
+    let (s, v) = net
+        .as_user(
+            &alice,
+            Method::POST,
+            "/v1/rooms",
+            Some(json!({"name": big})),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("SW_BAD_REQUEST")),
+        "{v}"
+    );
+    assert!(net.rooms(&alice).await.is_empty(), "nothing created");
+    net.stop_all().await;
+}
