@@ -114,10 +114,13 @@ pub async fn accept_from_host(
             if let Some(handle) = app.delivery.app_handle() {
                 let tasks = handle.tasks.clone();
                 tasks.spawn(async move {
-                    if let Err(e) =
-                        crate::rooms::flows::fill_gap(&handle, &room_id, end, next).await
-                    {
-                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                    let fill = crate::rooms::flows::fill_gap(&handle, &room_id, end, next);
+                    tokio::select! {
+                        r = fill => if let Err(e) = r {
+                            tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                        },
+                        // The next start detects the gap again when traffic resumes.
+                        _ = handle.shutdown.cancelled() => {}
                     }
                 });
             }
