@@ -106,6 +106,7 @@ async fn create_room_with(
         created_at_ms: app.clock.now_ms(),
         next_seq: 1,
         joined_seq: None,
+        contiguous_seq: None,
         dm_pair,
         creator: Some(fqid_of(app, creator).to_string()),
     };
@@ -683,6 +684,13 @@ pub async fn backfill(
         stored += 1;
     }
     app.store.commit(&w)?;
+    // What was filled moves the replica's contiguous mark on.
+    if let Some(mut plan) = crate::rooms::Plan::load(app, room_id)? {
+        plan.advance_contiguous(app, &std::collections::BTreeSet::new())?;
+        let mut room_write = storage::WriteSet::default();
+        room_write.put(T::Rooms, room_id.as_str().as_bytes().to_vec(), &plan.room)?;
+        app.store.commit(&room_write)?;
+    }
     app.store.flush().await?;
     Ok((fetched, stored, rejected))
 }

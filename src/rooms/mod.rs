@@ -218,6 +218,26 @@ impl Plan {
         Ok(())
     }
 
+    /// Move the replica's contiguous mark past every seq that is now held
+    /// (in `fresh`, about to be written, or already stored). Returns the
+    /// first missing seq below `next_seq`, if any: a gap.
+    pub fn advance_contiguous(&mut self, app: &App, fresh: &BTreeSet<u64>) -> Result<Option<u64>> {
+        let Some(start) = self.room.contiguous_seq.or(self.room.joined_seq) else {
+            return Ok(None);
+        };
+        let mut c = start;
+        while c + 1 < self.room.next_seq
+            && (fresh.contains(&(c + 1))
+                || app
+                    .store
+                    .contains(T::Events, &keys::event(&self.room.room_id, c + 1))?)
+        {
+            c += 1;
+        }
+        self.room.contiguous_seq = Some(c);
+        Ok((c + 1 < self.room.next_seq).then_some(c + 1))
+    }
+
     /// Record the room and the changed members into `w`.
     pub fn finish(&self, w: &mut WriteSet) -> Result<()> {
         w.put(T::Rooms, self.room.room_id.as_bytes().to_vec(), &self.room)?;

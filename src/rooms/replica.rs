@@ -28,13 +28,6 @@ pub async fn accept_from_host(
             plans.insert(r.clone(), p);
         }
     }
-    // Where each room's history ended before this batch (gap detection
-    // starts at our join: rooms we have not joined yet are skipped).
-    let ends: HashMap<RoomId, u64> = plans
-        .iter()
-        .filter(|(_, p)| p.room.joined_seq.is_some())
-        .map(|(r, p)| (r.clone(), p.room.next_seq))
-        .collect();
     let mut w = WriteSet::default();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
@@ -93,6 +86,20 @@ pub async fn accept_from_host(
         ));
         outcomes.push(Outcome::Accepted(*seq));
     }
+    // Gaps (SPEC §6): seqs between the contiguous mark and the newest
+    // that neither this batch nor the store holds.
+    let mut gaps = Vec::new();
+    for (room_id, plan) in plans.iter_mut() {
+        let fresh: BTreeSet<u64> = batch
+            .iter()
+            .zip(&outcomes)
+            .filter(|((e, _), o)| e.room_id == *room_id && matches!(o, Outcome::Accepted(_)))
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        if let Some(first_missing) = plan.advance_contiguous(app, &fresh)? {
+            gaps.push((room_id.clone(), first_missing, plan.room.next_seq));
+        }
+    }
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
@@ -101,29 +108,20 @@ pub async fn accept_from_host(
     let t1 = t0.elapsed();
     app.store.flush().await?;
     app.publish(live);
-    // A room whose history grew by more seqs than this batch stored has
-    // holes: fill them shortly, if they are still there (SPEC §6).
-    for (room_id, end) in ends {
-        let stored = outcomes
-            .iter()
-            .zip(&batch)
-            .filter(|(o, (e, _))| e.room_id == room_id && matches!(o, Outcome::Accepted(_)))
-            .count() as u64;
-        let next = plans.get(&room_id).map(|p| p.room.next_seq).unwrap_or(end);
-        if next.saturating_sub(end) > stored {
-            if let Some(handle) = app.delivery.app_handle() {
-                let tasks = handle.tasks.clone();
-                tasks.spawn(async move {
-                    let fill = crate::rooms::flows::fill_gap(&handle, &room_id, end, next);
-                    tokio::select! {
-                        r = fill => if let Err(e) = r {
-                            tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
-                        },
-                        // The next start detects the gap again when traffic resumes.
-                        _ = handle.shutdown.cancelled() => {}
-                    }
-                });
-            }
+    // Fill gaps shortly, if they are still there then; a gap that cannot
+    // be filled now is tried again with the next batch for the room.
+    for (room_id, from, to) in gaps {
+        if let Some(handle) = app.delivery.app_handle() {
+            let tasks = handle.tasks.clone();
+            tasks.spawn(async move {
+                let fill = crate::rooms::flows::fill_gap(&handle, &room_id, from, to);
+                tokio::select! {
+                    r = fill => if let Err(e) = r {
+                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                    },
+                    _ = handle.shutdown.cancelled() => {}
+                }
+            });
         }
     }
     tracing::debug!(
@@ -207,6 +205,7 @@ pub fn ensure_room(
         created_at_ms: app.clock.now_ms(),
         next_seq: 0,
         joined_seq: None,
+        contiguous_seq: None,
         dm_pair: None,
         creator: None,
     };
@@ -277,6 +276,7 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
         }
     }
     plan.apply_membership(app, event, &mut w, None)?;
+    plan.advance_contiguous(app, &BTreeSet::from([seq]))?;
     plan.finish(&mut w)?;
     app.store.commit(&w)?;
     app.store.flush().await?;

@@ -87,6 +87,9 @@ pub struct Room {
     pub next_seq: u64,
     /// Replica: the seq of our first join (gap detection starts there).
     pub joined_seq: Option<u64>,
+    /// Replica: every seq from `joined_seq` up to this one is stored (or
+    /// tombstoned); anything between it and `next_seq` is a gap.
+    pub contiguous_seq: Option<u64>,
     /// For DMs made by `/v1/me/federated-dms`: the two FQIDs, sorted.
     pub dm_pair: Option<(String, String)>,
     /// Who created the room (hosted rooms): a room admin, who may kick.

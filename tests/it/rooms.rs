@@ -84,7 +84,12 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
             u.server
         );
     }
-    assert_eq!(on_a[1].3, json!(a1), "bob's reply is in a1's thread");
+    // bob's and carol's messages race to the host; find bob's by its body.
+    let reply = on_a
+        .iter()
+        .find(|m| m.2 == json!("ready"))
+        .expect("bob's reply");
+    assert_eq!(reply.3, json!(a1), "bob's reply is in a1's thread");
     // carol's event reached b.test relayed by a.test, and b.test verified it
     // against c.test's own key (it fetched c.test's descriptor to do so).
     let b = net.server("b.test").app().clone();
@@ -555,5 +560,59 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
         )
         .await;
     assert_eq!((s, v["display_name"].as_str()), (200, Some("ALICE")), "{v}");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    net.server_mut("b.test").stop().await;
+    net.post(&alice, &room, json!({"body": "lost"})).await;
+    let a = net.server("a.test").app().clone();
+    let outbox = scaiwave::storage::prefix("b.test");
+    let mut end = outbox.clone();
+    end.push(0xff);
+    assert_eq!(
+        a.store
+            .remove_range(scaiwave::storage::T::Outbox, &outbox, &end)
+            .unwrap(),
+        1
+    );
+    // While the host serves no history, the gap cannot be filled.
+    net.set_policy("a.test", json!({"max_backfill_events_per_request": 0}))
+        .await;
+    net.server_mut("b.test").restart().await;
+    net.post(&alice, &room, json!({"body": "second"})).await;
+    eventually("b has the second message", || async {
+        bodies(&net, &bob, &room)
+            .await
+            .iter()
+            .any(|m| m.1 == "second")
+    })
+    .await;
+    let gap_fill_wait =
+        std::time::Duration::from_millis(scaiwave::rooms::flows::GAP_FILL_DELAY_MS + 1000);
+    tokio::time::sleep(gap_fill_wait).await;
+    assert!(
+        !bodies(&net, &bob, &room)
+            .await
+            .iter()
+            .any(|m| m.1 == "lost"),
+        "not fillable yet"
+    );
+    // History is served again; the next event makes b try again.
+    net.set_policy("a.test", json!({"max_backfill_events_per_request": 1000}))
+        .await;
+    net.post(&alice, &room, json!({"body": "third"})).await;
+    eventually("b filled the old gap", || async {
+        let got: Vec<String> = bodies(&net, &bob, &room)
+            .await
+            .into_iter()
+            .map(|m| m.1)
+            .collect();
+        got == ["lost", "second", "third"]
+    })
+    .await;
     net.stop_all().await;
 }
