@@ -444,6 +444,7 @@ async fn send_round(
     live: &[(Vec<u8>, OutboxItem)],
     edus: Vec<serde_json::Value>,
     now: i64,
+    probing: bool,
 ) -> Round {
     // We never send to a server our policy refuses (SPEC §7): its rows
     // wait (an admin may change the policy) until they age out.
@@ -454,7 +455,11 @@ async fn send_round(
             ..Round::default()
         };
     }
-    let chunks = chunks_for(app, live);
+    let mut chunks = chunks_for(app, live);
+    if probing {
+        // Backing off: one transaction probes the peer, never a burst.
+        chunks.truncate(1);
+    }
     let started = tokio::time::Instant::now();
     let mut edus = Some(edus);
     let sends = chunks.iter().map(|r| {
@@ -563,7 +568,7 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         if !aged.is_empty() && live.is_empty() {
             continue;
         }
-        let round = send_round(&app, &peer, &signals, &live, edus, now).await;
+        let round = send_round(&app, &peer, &signals, &live, edus, now, failures > 0).await;
         let delay = match (&round.retry, round.stuck) {
             (None, false) => {
                 failures = 0;

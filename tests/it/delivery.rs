@@ -613,3 +613,21 @@ async fn nothing_is_sent_to_a_peer_our_policy_refuses() {
     );
     stop(app).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_peer_gets_one_probe_per_interval_even_for_hosted_events() {
+    let (_dir, script, app) = fresh(None);
+    // 250 events we host could go as three parallel transactions...
+    enqueue_in(&app, "!RoomHostedHere000000:a.test", 250);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let attempts = script.attempts.lock().unwrap().clone();
+    // ...but after the first failure each retry is a single transaction.
+    let first_round = attempts.iter().filter(|a| a.0 == attempts[0].0).count();
+    assert_eq!(first_round, 3, "the first round goes in parallel");
+    let mut times: Vec<_> = attempts[first_round..].iter().map(|a| a.0).collect();
+    let n = times.len();
+    times.dedup();
+    assert_eq!(times.len(), n, "one transaction per retry time");
+    assert!(n >= 3, "{n} retries in 2 min");
+    stop(app).await;
+}
