@@ -340,11 +340,16 @@ impl Tally {
     }
 }
 
-async fn run_inprocess(args: &Args) -> Result<Value> {
+/// Start the target and the peer, run `work` with them, and stop both
+/// whatever happened, so the program always ends by itself.
+async fn with_pair<F, Fut>(work: F) -> Result<Value>
+where
+    F: FnOnce(Arc<App>, Arc<App>) -> Fut,
+    Fut: std::future::Future<Output = Result<Value>>,
+{
     let ca = Ca::new()?;
     let mut nodes = start_nodes(&ca, &[TARGET_NAME, PEER_NAME]).await?;
-    let outcome = drive(args, nodes[0].app().clone(), nodes[1].app().clone()).await;
-    // Stop both whatever happened, so the program always ends by itself.
+    let outcome = work(nodes[0].app().clone(), nodes[1].app().clone()).await;
     while let Some(node) = nodes.pop() {
         node.running.stop().await;
     }
@@ -352,15 +357,12 @@ async fn run_inprocess(args: &Args) -> Result<Value> {
     outcome
 }
 
+async fn run_inprocess(args: &Args) -> Result<Value> {
+    with_pair(|target, peer| drive(args, target, peer)).await
+}
+
 async fn run_drain(args: &Args) -> Result<Value> {
-    let ca = Ca::new()?;
-    let mut nodes = start_nodes(&ca, &[TARGET_NAME, PEER_NAME]).await?;
-    let outcome = drain(args, nodes[0].app().clone(), nodes[1].app().clone()).await;
-    while let Some(node) = nodes.pop() {
-        node.running.stop().await;
-    }
-    drop(ca);
-    outcome
+    with_pair(|target, peer| drain(args, target, peer)).await
 }
 
 /// The target hosts one room the peer has joined. While the peer's policy

@@ -520,6 +520,25 @@ impl TestNet {
         self.send_as(from, to, body).await
     }
 
+    /// One event in its own transaction: the status and the event's error code.
+    pub async fn send_one(
+        &self,
+        from: &str,
+        to: &str,
+        txn_id: &str,
+        event: &Event,
+    ) -> (u16, Option<String>) {
+        let (s, v) = self
+            .send_events(from, to, txn_id, vec![event.to_wire_value(None)])
+            .await;
+        (
+            s,
+            v["results"][0]["error"]["code"]
+                .as_str()
+                .map(str::to_string),
+        )
+    }
+
     /// The events of `room` as its host serves them to `asker`.
     pub async fn host_events(&self, host: &str, asker: &str, room: &str) -> Vec<Value> {
         let path = format!("/_scaiwave/federation/v1/rooms/{}/backfill", enc(room));
