@@ -168,6 +168,29 @@ fn message(i: usize) -> Content {
     }
 }
 
+/// `n` signed messages from `sender`, spread round-robin over `rooms`.
+fn signed_messages(
+    n: usize,
+    rooms: &[RoomId],
+    sender: &Fqid,
+    now: i64,
+    key_id: &KeyId,
+    signing: &SigningKey,
+) -> Vec<Event> {
+    (0..n)
+        .map(|i| {
+            Event::create(
+                rooms[i % rooms.len()].clone(),
+                sender.clone(),
+                now,
+                message(i),
+                key_id,
+                signing,
+            )
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // In-process mode: two real servers over loopback HTTPS.
 // ---------------------------------------------------------------------------
@@ -454,19 +477,11 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     // Pre-build every signed event and every transaction body.
     let key = peer.keys.current()?;
     let now = peer.clock.now_ms();
-    let events: Vec<Value> = (0..args.events)
-        .map(|i| {
-            Event::create(
-                rooms[i % rooms.len()].clone(),
-                sender.clone(),
-                now,
-                message(i),
-                &key.key_id,
-                &key.signing,
-            )
-            .to_wire_value(None)
-        })
-        .collect();
+    let events: Vec<Value> =
+        signed_messages(args.events, &rooms, &sender, now, &key.key_id, &key.signing)
+            .iter()
+            .map(|e| e.to_wire_value(None))
+            .collect();
     let run_tag = format!("loadgen-{now}");
     let bodies: Vec<(usize, Vec<u8>)> = events
         .chunks(args.batch)
@@ -617,18 +632,9 @@ fn run_bound(args: &Args) -> Result<Value> {
     let now = Clock::system().now_ms();
 
     // Pre-built wire bytes, as they would sit inside a /send body.
-    let wire: Vec<Vec<u8>> = (0..args.events)
-        .map(|i| {
-            Event::create(
-                rooms[i % rooms.len()].clone(),
-                sender.clone(),
-                now,
-                message(i),
-                &key_id,
-                &signing,
-            )
-            .to_wire_bytes(None)
-        })
+    let wire: Vec<Vec<u8>> = signed_messages(args.events, &rooms, &sender, now, &key_id, &signing)
+        .iter()
+        .map(|e| e.to_wire_bytes(None))
         .collect();
     let batches: Vec<&[Vec<u8>]> = wire.chunks(args.batch).collect();
 

@@ -301,27 +301,21 @@ async fn federated_dm_search_and_live_events() {
     let alice = net.user("a.test", "alice").await;
     let bob = net.user("b.test", "bob").await;
     // The seed's DM flow, idempotent.
-    let (s, dm) = net
-        .as_user(
+    let ask = || {
+        net.as_user(
             &alice,
             Method::POST,
             "/v1/me/federated-dms",
             Some(json!({"fqid": bob.fqid})),
         )
-        .await;
+    };
+    let (s, dm) = ask().await;
     assert_eq!(
         (s, dm["room_type"].as_str(), dm["federated"].as_bool()),
         (200, Some("dm"), Some(true)),
         "{dm}"
     );
-    let (_, again) = net
-        .as_user(
-            &alice,
-            Method::POST,
-            "/v1/me/federated-dms",
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
+    let (_, again) = ask().await;
     assert_eq!(
         again["room_id"], dm["room_id"],
         "asking again returns the same room"
