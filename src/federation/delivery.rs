@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
 use std::time::Duration;
 
 use rand::Rng;
@@ -359,6 +360,11 @@ async fn apply_answer(
 ) -> Result<(u64, u64)> {
     let mut delivered = Vec::new();
     let mut given_up = 0u64;
+    let by_id: HashMap<&str, &crate::federation::wire::SendResult> = answer
+        .results
+        .iter()
+        .map(|r| (r.event_id.as_str(), r))
+        .collect();
     for (key, item) in items {
         let OutboxKind::Event {
             event_id,
@@ -366,7 +372,7 @@ async fn apply_answer(
             room_id,
             ..
         } = &item.kind;
-        let Some(result) = answer.results.iter().find(|r| &r.event_id == event_id) else {
+        let Some(result) = by_id.get(event_id.as_str()) else {
             continue;
         };
         match result.status {
@@ -404,46 +410,86 @@ pub const PIPELINE_DEPTH: usize = 3;
 /// What one round of sending came to.
 #[derive(Default)]
 struct Round {
-    delivered: u64,
     /// A transaction came back with only retryable per-event refusals.
     stuck: bool,
     /// The last retryable failure, with its Retry-After.
     retry: Option<(String, String, Option<u64>)>,
 }
 
-/// Rows we can send in parallel transactions: events of rooms we host
+type Rows = Vec<(Vec<u8>, OutboxItem)>;
+
+/// Rows that can travel in parallel transactions: events of rooms we host
 /// carry their `seq`, so the receiver orders them whatever comes first.
 /// Our own events to another host are sequenced by arrival: one at a time.
-fn chunks_for(app: &App, live: &[(Vec<u8>, OutboxItem)]) -> Vec<std::ops::Range<usize>> {
-    let hosted = |it: &OutboxItem| match &it.kind {
+fn parallel_safe(app: &App, item: &OutboxItem) -> bool {
+    match &item.kind {
         OutboxKind::Event { room_id, .. } => {
             RoomId::parse(room_id).is_ok_and(|r| r.host() == app.server_name)
         }
-    };
-    let parallel = live.iter().all(|(_, it)| hosted(it));
-    let step = EVENTS_PER_TRANSACTION_MAX;
-    let take = if parallel {
-        live.len()
-    } else {
-        live.len().min(step)
-    };
-    if take == 0 {
-        // EDUs only: one transaction without events.
-        return vec![std::ops::Range { start: 0, end: 0 }];
     }
-    (0..take)
-        .step_by(step)
-        .map(|start| start..(start + step).min(take))
-        .collect()
 }
 
+/// The queue as the sending window sees it: rows read but not yet handed
+/// to a transaction, and where to read on from.
+struct Feed {
+    pending: std::collections::VecDeque<(Vec<u8>, OutboxItem)>,
+    /// Key of the last row read; rows after it are not read yet.
+    cursor: Option<Vec<u8>>,
+    /// Whether reading on may give more rows for parallel transactions.
+    more: bool,
+}
+
+impl Feed {
+    /// The next transaction's rows: at most [`EVENTS_PER_TRANSACTION_MAX`],
+    /// read on from the queue (parallel-safe, not yet aged rows only; the
+    /// outer loop handles the others from the head).
+    fn next_chunk(&mut self, app: &App, peer: &ServerName, now: i64, max_age_ms: i64) -> Rows {
+        let step = EVENTS_PER_TRANSACTION_MAX;
+        if self.pending.len() < step && self.more {
+            if let Some(cursor) = &self.cursor {
+                let read = app.store.scan_after::<OutboxItem>(
+                    T::Outbox,
+                    &storage::prefix(peer.as_str()),
+                    cursor,
+                    step * PIPELINE_DEPTH,
+                );
+                match read {
+                    Ok(rows) => {
+                        for (k, it) in rows {
+                            if now - it.queued_at_ms >= max_age_ms || !parallel_safe(app, &it) {
+                                self.more = false;
+                                break;
+                            }
+                            self.cursor = Some(k.clone());
+                            self.pending.push_back((k, it));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
+                        self.more = false;
+                    }
+                }
+            }
+        }
+        let n = self.pending.len().min(step);
+        self.pending.drain(..n).collect()
+    }
+}
+
+/// Send what the queue holds. Events we host go through a window of
+/// [`PIPELINE_DEPTH`] transactions kept full while the peer keeps up (a
+/// completed one is replaced at once, so neither side waits for the
+/// other); anything else, or a probe while backing off, is one
+/// transaction. The first retryable failure stops the window.
+#[allow(clippy::too_many_arguments)]
 async fn send_round(
     app: &App,
     peer: &ServerName,
     signals: &PeerSignals,
-    live: &[(Vec<u8>, OutboxItem)],
+    live: Rows,
     edus: Vec<serde_json::Value>,
     now: i64,
+    max_age_ms: i64,
     probing: bool,
 ) -> Round {
     // We never send to a server our policy refuses (SPEC §7): its rows
@@ -455,22 +501,37 @@ async fn send_round(
             ..Round::default()
         };
     }
-    let mut chunks = chunks_for(app, live);
-    if probing {
-        // Backing off: one transaction probes the peer, never a burst.
-        chunks.truncate(1);
-    }
-    let started = tokio::time::Instant::now();
-    let mut edus = Some(edus);
-    let sends = chunks.iter().map(|r| {
-        // EDUs ride on the first transaction only.
-        let body = transaction_body(&live[r.clone()], edus.take().unwrap_or_default());
-        app.transport.send(app, peer, body)
-    });
-    let attempts = futures_util::future::join_all(sends).await;
+    let parallel =
+        !probing && !live.is_empty() && live.iter().all(|(_, it)| parallel_safe(app, it));
+    let depth = if parallel { PIPELINE_DEPTH } else { 1 };
+    let mut feed = Feed {
+        cursor: live.last().map(|(k, _)| k.clone()),
+        pending: live.into(),
+        more: parallel,
+    };
+    let launch = |rows: Rows, edus: Vec<serde_json::Value>| async move {
+        let started = tokio::time::Instant::now();
+        let attempt = app
+            .transport
+            .send(app, peer, transaction_body(&rows, edus))
+            .await;
+        (rows, attempt, started)
+    };
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // EDUs ride on the first transaction, which goes even without events.
+    in_flight.push(launch(feed.next_chunk(app, peer, now, max_age_ms), edus));
     let mut round = Round::default();
-    for (range, attempt) in chunks.into_iter().zip(attempts) {
-        let part = &live[range];
+    loop {
+        while parallel && round.retry.is_none() && !round.stuck && in_flight.len() < depth {
+            let rows = feed.next_chunk(app, peer, now, max_age_ms);
+            if rows.is_empty() || app.shutdown.is_cancelled() {
+                break;
+            }
+            in_flight.push(launch(rows, Vec::new()));
+        }
+        let Some((part, attempt, started)) = in_flight.next().await else {
+            return round;
+        };
         match attempt {
             Attempt::Answered(answer) => {
                 signals
@@ -478,12 +539,16 @@ async fn send_round(
                     .lock()
                     .expect("edu lock")
                     .retain(|_, (at, _)| *at > now);
-                match apply_answer(app, peer, part, &answer).await {
-                    Ok((n, left_queue)) => {
-                        round.delivered += n;
+                match apply_answer(app, peer, &part, &answer).await {
+                    Ok((delivered, left_queue)) => {
                         // Nothing left the queue (only retryable refusals, or
                         // an answer without our events): back off, never spin.
                         round.stuck |= left_queue == 0 && !part.is_empty();
+                        if delivered > 0 {
+                            let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+                            tracing::info!(name: "federation.send.success", peer = %peer, events = delivered, total_ms, "federation.send.success");
+                            app.peer_success(peer, delivered, 0);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(error = %e, peer = %peer, "could not record a delivery");
@@ -506,18 +571,12 @@ async fn send_round(
                     .lock()
                     .expect("edu lock")
                     .retain(|_, (at, _)| *at > now);
-                for (k, it) in part {
+                for (k, it) in &part {
                     give_up(app, peer, k, it, &code, &message).await;
                 }
             }
         }
     }
-    if round.delivered > 0 {
-        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-        tracing::info!(name: "federation.send.success", peer = %peer, events = round.delivered, total_ms, "federation.send.success");
-        app.peer_success(peer, round.delivered, 0);
-    }
-    round
 }
 
 /// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
@@ -568,7 +627,18 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         if !aged.is_empty() && live.is_empty() {
             continue;
         }
-        let round = send_round(&app, &peer, &signals, &live, edus, now, failures > 0).await;
+        let oldest_at = live.first().map(|(_, it)| it.queued_at_ms);
+        let round = send_round(
+            &app,
+            &peer,
+            &signals,
+            live,
+            edus,
+            now,
+            max_age_ms,
+            failures > 0,
+        )
+        .await;
         let delay = match (&round.retry, round.stuck) {
             (None, false) => {
                 failures = 0;
@@ -596,8 +666,8 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         // give-up age if that comes first (so give-up happens on time).
         let now = app.clock.now_ms();
         let mut wake_at = now + delay.as_millis() as i64;
-        if let Some((_, oldest)) = live.first() {
-            wake_at = wake_at.min(oldest.queued_at_ms + max_age_ms);
+        if let Some(oldest_at) = oldest_at {
+            wake_at = wake_at.min(oldest_at + max_age_ms);
         }
         signals.next_retry_at_ms.store(wake_at, Ordering::Relaxed);
         tokio::select! {

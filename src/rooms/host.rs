@@ -162,7 +162,7 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
 /// per input, in order. Durable (flushed) before it returns.
 pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcome>> {
     let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
-    let _guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
+    let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
     let now_ms = app.clock.now_ms();
     let invite_ttl_ms = app.config.federation.invite_ttl.as_millis() as i64;
     let policy = app.policy();
@@ -261,6 +261,9 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
         plan.finish(&mut w)?;
     }
     app.store.commit(&w)?;
+    // The flush needs no lock: a batch that read this one's writes is
+    // answered only after its own flush, which covers these too.
+    drop(guards);
     app.store.flush().await?;
     app.publish(live);
     for peer in woken {

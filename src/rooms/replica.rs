@@ -21,7 +21,7 @@ pub async fn accept_from_host(
     batch: Vec<(Event, u64)>,
 ) -> Result<Vec<Outcome>> {
     let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
-    let _guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
+    let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
     for r in &rooms {
         if let Some(p) = Plan::load(app, r)? {
@@ -79,11 +79,13 @@ pub async fn accept_from_host(
             _ => None,
         };
         plan.apply_membership(app, event, &mut w, expires)?;
-        live.push((
-            event.room_id.to_string(),
-            *seq,
-            event.to_wire_bytes(Some(*seq)),
-        ));
+        if app.has_live_listeners() {
+            live.push((
+                event.room_id.to_string(),
+                *seq,
+                event.to_wire_bytes(Some(*seq)),
+            ));
+        }
         outcomes.push(Outcome::Accepted(*seq));
     }
     // Gaps (SPEC §6): seqs between the contiguous mark and the newest
@@ -105,6 +107,9 @@ pub async fn accept_from_host(
     }
     let t0 = std::time::Instant::now();
     app.store.commit(&w)?;
+    // The flush needs no lock: a batch that read this one's writes is
+    // answered only after its own flush, which covers these too.
+    drop(guards);
     let t1 = t0.elapsed();
     app.store.flush().await?;
     app.publish(live);

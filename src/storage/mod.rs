@@ -223,6 +223,23 @@ impl Store {
         decode_all(self.tree(t).scan_prefix(prefix), limit)
     }
 
+    /// Entries under `prefix` with keys after `after`, ascending, at most
+    /// `limit`: how a reader walks a queue past rows it already holds.
+    pub fn scan_after<V: DeserializeOwned>(
+        &self,
+        t: T,
+        prefix: &[u8],
+        after: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        use std::ops::Bound;
+        let iter = self
+            .tree(t)
+            .range::<&[u8], _>((Bound::Excluded(after), Bound::Unbounded))
+            .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
+        decode_all(iter, limit)
+    }
+
     /// Values with keys in `[from, to)`, ascending, at most `limit`.
     pub fn range<V: DeserializeOwned>(
         &self,

@@ -44,6 +44,10 @@ pub struct Script {
     pub delivered: Mutex<Vec<String>>,
     /// Event ids refused with a retryable per-event error (they go later).
     pub held: Mutex<Vec<String>>,
+    /// How long each attempt takes to answer, in order (none: at once).
+    pub delays: Mutex<VecDeque<Duration>>,
+    /// Transactions in flight now, and the most there ever were at once.
+    pub in_flight: Mutex<(usize, usize)>,
 }
 
 fn event_ids(body: &[u8]) -> Vec<String> {
@@ -132,7 +136,19 @@ impl Transport for Script {
                 Attempt::Answered(SendAnswer { results })
             }
         };
-        Box::pin(async move { attempt })
+        let delay = self.delays.lock().unwrap().pop_front();
+        {
+            let mut g = self.in_flight.lock().unwrap();
+            g.0 += 1;
+            g.1 = g.1.max(g.0);
+        }
+        Box::pin(async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            self.in_flight.lock().unwrap().0 -= 1;
+            attempt
+        })
     }
 }
 
@@ -409,6 +425,42 @@ async fn events_we_host_go_in_parallel_transactions() {
         attempts.iter().all(|a| a.0 == attempts[0].0),
         "sent together"
     );
+    let mut delivered = script.delivered.lock().unwrap().clone();
+    delivered.sort();
+    let mut want = ids;
+    want.sort();
+    assert_eq!(delivered, want);
+    assert_eq!(queue_depth(&app), 0);
+    stop(app).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_transaction_does_not_hold_up_the_window() {
+    let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
+    // The first transaction takes 10 s to answer, every other one 1 s.
+    script.delays.lock().unwrap().extend(
+        [Duration::from_secs(10)]
+            .into_iter()
+            .chain(std::iter::repeat_n(Duration::from_secs(1), 20)),
+    );
+    let ids = enqueue_in(&app, "!RoomHostedHere000000:a.test", 1000);
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    // In rounds, nothing more would go before the slow one answered; a
+    // window replaces each answered transaction at once, keeping 3 out.
+    let sent: usize = script
+        .attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|a| a.1.len())
+        .sum();
+    assert_eq!(sent, 1000, "the other nine went while the first was out");
+    assert_eq!(
+        script.in_flight.lock().unwrap().1,
+        scaiwave::federation::delivery::PIPELINE_DEPTH,
+        "never more than the window"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let mut delivered = script.delivered.lock().unwrap().clone();
     delivered.sort();
     let mut want = ids;
