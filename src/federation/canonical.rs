@@ -51,6 +51,52 @@ pub fn canonical_bytes(v: &Value) -> Vec<u8> {
     serde_jcs::to_vec(v).expect("JCS serialisation of a serde_json::Value cannot fail")
 }
 
+/// RFC 8785 canonical bytes of the object `map` without its member `skip`,
+/// without copying the object (signing bytes leave out `signatures`).
+pub fn canonical_bytes_without(map: &Map<String, Value>, skip: &str) -> Vec<u8> {
+    serde_jcs::to_vec(&Members {
+        map,
+        skip: Some(skip),
+        extra: None,
+    })
+    .expect("JCS serialisation of a serde_json::Map cannot fail")
+}
+
+/// JSON (not canonical) of `map` with one more member, without copying it:
+/// how an event goes on the wire with its `unsigned` part.
+pub fn json_bytes_with(map: &Map<String, Value>, key: &str, value: &Value) -> Vec<u8> {
+    serde_json::to_vec(&Members {
+        map,
+        skip: None,
+        extra: Some((key, value)),
+    })
+    .expect("serialising a serde_json::Map cannot fail")
+}
+
+/// An object seen through a filter: `map` minus `skip`, plus `extra`
+/// (whose key the map must not hold).
+struct Members<'a> {
+    map: &'a Map<String, Value>,
+    skip: Option<&'a str>,
+    extra: Option<(&'a str, &'a Value)>,
+}
+
+impl serde::Serialize for Members<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.map {
+            if Some(k.as_str()) != self.skip {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        if let Some((k, v)) = self.extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}
+
 fn refusal(e: serde_json::Error) -> Error {
     match e.classify() {
         // Our own checks report as `Data`; their message already says what to do.

@@ -528,9 +528,7 @@ impl Event {
     /// JCS bytes of the event without `signatures` and `unsigned`: what the
     /// signature covers.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let mut m = self.json.clone();
-        m.remove("signatures");
-        canonical::canonical_bytes(&Value::Object(m))
+        canonical::canonical_bytes_without(&self.json, "signatures")
     }
 
     /// SHA-256 of the canonical event without `unsigned` (signatures
@@ -629,8 +627,16 @@ impl Event {
     }
 
     pub fn to_wire_bytes(&self, seq: Option<u64>) -> Vec<u8> {
-        // Serialising a `Value` to memory cannot fail.
-        serde_json::to_vec(&self.to_wire_value(seq)).expect("serialising a Value cannot fail")
+        // `json` never holds `unsigned` (parsing takes it out), so adding
+        // it cannot make a duplicate key.
+        match seq {
+            None => serde_json::to_vec(&self.json).expect("serialising a Map cannot fail"),
+            Some(seq) => canonical::json_bytes_with(
+                &self.json,
+                "unsigned",
+                &serde_json::json!({ "seq": seq }),
+            ),
+        }
     }
 
     pub fn type_name(&self) -> &'static str {
@@ -990,6 +996,28 @@ mod tests {
         assert_eq!(seq, None);
         assert_eq!(back.origin_signatures().len(), 1);
         assert_eq!(back.origin_signatures()[0].0, kid);
+    }
+
+    #[test]
+    fn borrowed_serialisations_match_the_copied_ones() {
+        let (e, _, _) = created(Content::Message {
+            body: "h\u{e9}llo \u{1f600}".into(),
+            thread_root: None,
+            reply_to: None,
+            mentions: vec![],
+        });
+        let mut without = e.json.clone();
+        without.remove("signatures");
+        assert_eq!(
+            e.signing_bytes(),
+            canonical::canonical_bytes(&Value::Object(without))
+        );
+        for seq in [None, Some(0), Some(9_007_199_254_740_991)] {
+            assert_eq!(
+                e.to_wire_bytes(seq),
+                serde_json::to_vec(&e.to_wire_value(seq)).unwrap()
+            );
+        }
     }
 
     #[test]

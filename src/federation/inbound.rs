@@ -367,21 +367,27 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
         }
     }
     let t_verified = t0.elapsed();
+    // The events move into storage; answers need only where each was and its id.
+    let slots = |events: &mut dyn Iterator<Item = (usize, &Event)>| -> Vec<(usize, String)> {
+        events.map(|(i, e)| (i, e.event_id.to_string())).collect()
+    };
     if !to_host.is_empty() {
+        let ids = slots(&mut to_host.iter().map(|(i, e)| (*i, e)));
         let batch = to_host
-            .iter()
-            .map(|(_, e)| (e.clone(), Source::Peer(origin.clone())))
+            .into_iter()
+            .map(|(_, e)| (e, Source::Peer(origin.clone())))
             .collect();
         let outcomes = host::commit(app, batch).await?;
-        for ((i, e), o) in to_host.iter().zip(outcomes.iter()) {
-            results[*i] = Some(from_outcome(e.event_id.to_string(), o));
+        for ((i, id), o) in ids.into_iter().zip(outcomes.iter()) {
+            results[i] = Some(from_outcome(id, o));
         }
     }
     if !from_host.is_empty() {
-        let batch = from_host.iter().map(|(_, e, s)| (e.clone(), *s)).collect();
+        let ids = slots(&mut from_host.iter().map(|(i, e, _)| (*i, e)));
+        let batch = from_host.into_iter().map(|(_, e, s)| (e, s)).collect();
         let outcomes = replica::accept_from_host(app, origin, batch).await?;
-        for ((i, e, _), o) in from_host.iter().zip(outcomes.iter()) {
-            results[*i] = Some(from_outcome(e.event_id.to_string(), o));
+        for ((i, id), o) in ids.into_iter().zip(outcomes.iter()) {
+            results[i] = Some(from_outcome(id, o));
         }
     }
     let t_stored = t0.elapsed();

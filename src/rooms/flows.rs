@@ -643,6 +643,7 @@ pub async fn backfill(
     let (mut stored, mut rejected) = (0, 0);
     let mut w = storage::WriteSet::default();
     let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    let mut top = 0;
     for value in answer.events {
         if value.get("rejected").and_then(Value::as_bool) == Some(true) {
             // The host's tombstone: the gap at this seq is real.
@@ -658,6 +659,7 @@ pub async fn backfill(
                             rejected: true,
                         },
                     )?;
+                    top = top.max(seq + 1);
                 }
             }
             continue;
@@ -681,11 +683,15 @@ pub async fn backfill(
             continue;
         }
         crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
+        top = top.max(seq + 1);
         stored += 1;
     }
     app.store.commit(&w)?;
-    // What was filled moves the replica's contiguous mark on.
+    // What was filled moves the replica's contiguous mark on, and next_seq
+    // past everything stored (the replica relies on nothing being stored
+    // at or above it).
     if let Some(mut plan) = crate::rooms::Plan::load(app, room_id)? {
+        plan.room.next_seq = plan.room.next_seq.max(top);
         plan.advance_contiguous(app, &std::collections::BTreeSet::new())?;
         let mut room_write = storage::WriteSet::default();
         room_write.put(T::Rooms, room_id.as_str().as_bytes().to_vec(), &plan.room)?;

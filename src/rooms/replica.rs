@@ -28,6 +28,13 @@ pub async fn accept_from_host(
             plans.insert(r.clone(), p);
         }
     }
+    // No stored event can sit at or above a room's next_seq as loaded: only
+    // seqs below it need a look in the store, and this batch's own ones.
+    let stored_below: HashMap<RoomId, u64> = plans
+        .iter()
+        .map(|(r, p)| (r.clone(), p.room.next_seq))
+        .collect();
+    let mut taken: BTreeSet<(RoomId, u64)> = BTreeSet::new();
     let mut w = WriteSet::default();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
@@ -61,11 +68,12 @@ pub async fn accept_from_host(
             )));
             continue;
         }
-        if app
-            .store
-            .get::<StoredEvent>(T::Events, &keys::event(event.room_id.as_str(), *seq))?
-            .is_some()
-        {
+        let held = !taken.insert((event.room_id.clone(), *seq))
+            || (*seq < stored_below[&event.room_id]
+                && app
+                    .store
+                    .contains(T::Events, &keys::event(event.room_id.as_str(), *seq))?);
+        if held {
             outcomes.push(Outcome::Rejected(Error::bad_event(format!(
                 "seq {seq} of {} already holds another event",
                 event.room_id

@@ -548,3 +548,71 @@ async fn local_api_bodies_are_bounded() {
     assert!(net.rooms(&alice).await.is_empty(), "nothing created");
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cannot_put_two_events_at_one_seq() {
+    let net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    net.post(&alice, &room, json!({"body": "kept"})).await;
+    testnet::eventually("b.test holds alice's message", || async {
+        bodies(&net, &bob, &room)
+            .await
+            .iter()
+            .any(|m| m.1 == "kept")
+    })
+    .await;
+    let held = bodies(&net, &bob, &room).await;
+    let taken = held.iter().find_map(|m| m.0).expect("b.test holds a seq");
+    let at = |body: &str, seq: u64| {
+        signed_event(
+            net.server("a.test").app(),
+            &room,
+            &alice.fqid,
+            message(body),
+        )
+        .to_wire_value(Some(seq))
+    };
+    // A seq b.test already stored, and one seq twice in the same transaction.
+    let fresh = taken + 50;
+    let events = vec![
+        at("over a stored one", taken),
+        at("first", fresh),
+        at("second", fresh),
+    ];
+    let (s, v) = net
+        .send_events("a.test", "b.test", "equivocate", events)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let statuses: Vec<(&str, &str)> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap(),
+                r["error"]["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("rejected", "SW_FED_BAD_EVENT"),
+            ("accepted", ""),
+            ("rejected", "SW_FED_BAD_EVENT")
+        ],
+        "{v}"
+    );
+    let after: Vec<String> = bodies(&net, &bob, &room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect();
+    assert!(after.contains(&"first".to_string()), "{after:?}");
+    assert!(
+        !after
+            .iter()
+            .any(|b| b == "over a stored one" || b == "second"),
+        "{after:?}"
+    );
+}
