@@ -438,6 +438,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     peer.set_policy(Policy::default())?;
 
     let start = Instant::now();
+    let cpu_start = process_cpu_seconds();
     target.delivery.peer_is_back(&target, &peer_name);
     let deadline = start + Duration::from_secs(600);
     let outbox = scaiwave::storage::prefix(PEER_NAME);
@@ -458,6 +459,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let seconds = start.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds().zip(cpu_start).map(|(b, a)| b - a);
     let stored = peer.store.count_prefix(
         scaiwave::storage::T::Events,
         &scaiwave::storage::prefix(room.as_str()),
@@ -468,7 +470,24 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         "seconds": round3(seconds),
         "events_per_s": (queued as f64 / seconds).round(),
         "stored_on_peer": stored,
+        // Both servers' CPU time over the drain, and how many of the
+        // machine's cores that kept busy on average.
+        "cpu_us_per_event": cpu.map(|c| (c * 1e6 / queued.max(1) as f64).round()),
+        "cores_busy": cpu.map(|c| round3(c / seconds)),
     }))
+}
+
+/// CPU time (user + system) this process has used, from /proc (Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting
+    // from 0 after the closing parenthesis.
+    // Linux reports them in USER_HZ, which is 100 on every mainstream build.
+    Some((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {

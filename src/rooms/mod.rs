@@ -261,8 +261,21 @@ fn remove_invitations_for(app: &App, room_id: &str, target: &str, w: &mut WriteS
     Ok(())
 }
 
-/// Store `event` at `seq` (signed bytes only; `unsigned` is per copy).
+/// Store `event` at `seq` (signed bytes only; `unsigned` is per copy),
+/// with its dedup index row and its search postings.
 pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) -> Result<()> {
+    write_event_unindexed(w, event, seq, hash)?;
+    search::index(w, event, seq)
+}
+
+/// [`write_event`] without the search postings, for a caller that writes
+/// them itself (see [`replica::accept_from_host`]).
+pub fn write_event_unindexed(
+    w: &mut WriteSet,
+    event: &Event,
+    seq: u64,
+    hash: [u8; 32],
+) -> Result<()> {
     let room = event.room_id.as_str();
     w.put(
         T::Events,
@@ -281,8 +294,7 @@ pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) ->
             seq: Some(seq),
             hash,
         },
-    )?;
-    search::index(w, event, seq)
+    )
 }
 
 /// Dedup (SPEC §2): the same (origin, event_id) with the same bytes is a

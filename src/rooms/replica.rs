@@ -9,7 +9,7 @@ use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
-use crate::rooms::{dedup, write_event, Outcome, Plan};
+use crate::rooms::{dedup, search, write_event, write_event_unindexed, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
 /// Events from `host` for rooms it hosts, each with the `seq` it assigned.
@@ -20,6 +20,24 @@ pub async fn accept_from_host(
     host: &ServerName,
     batch: Vec<(Event, u64)>,
 ) -> Result<Vec<Outcome>> {
+    // What needs no room state is done before the room lock, which
+    // serialises every batch of the room: each event's rows are encoded
+    // now, and its search postings are written now, ahead of the commit.
+    // A crash in between leaves postings without their event (search
+    // checks the message itself), never an event without its postings.
+    let mut staged = Vec::with_capacity(batch.len());
+    let mut postings = Vec::new();
+    for (event, seq) in &batch {
+        let mut rows = WriteSet::default();
+        write_event_unindexed(&mut rows, event, *seq, event.content_hash())?;
+        staged.push(Some(rows));
+        if event.room_id.host() == *host {
+            postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
+        }
+    }
+    if !postings.is_empty() {
+        app.store.put_many(T::Search, &postings)?;
+    }
     let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
     let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
@@ -38,7 +56,7 @@ pub async fn accept_from_host(
     let mut w = WriteSet::default();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
-    for (event, seq) in &batch {
+    for ((event, seq), rows) in batch.iter().zip(staged.iter_mut()) {
         let hash = event.content_hash();
         if let Some(o) = dedup(app, event, &hash)? {
             outcomes.push(o);
@@ -80,7 +98,7 @@ pub async fn accept_from_host(
             ))));
             continue;
         }
-        write_event(&mut w, event, *seq, hash)?;
+        w.append(rows.take().expect("each event is staged once"));
         plan.room.next_seq = plan.room.next_seq.max(seq + 1);
         let expires = match &event.content {
             Content::Member { expires_at_ms, .. } => *expires_at_ms,

@@ -1,5 +1,6 @@
 //! Search (`GET /v1/search?q=`): an inverted index of message bodies in a
-//! sled tree, written in the same transaction as the event, so foreign
+//! sled tree, written with the event (replicas write a batch of postings
+//! just before the batch's commit, see [`super::replica`]), so foreign
 //! messages are found like local ones. A query intersects the postings of
 //! its words within the caller's rooms; it never scans all events.
 
@@ -39,16 +40,21 @@ pub fn tokens(text: &str) -> Vec<String> {
 
 /// Index a message stored at `seq` (part of the event's write set).
 pub fn index(w: &mut WriteSet, event: &Event, seq: u64) -> Result<()> {
-    if let Content::Message { body, .. } = &event.content {
-        for t in tokens(body) {
-            w.put(
-                T::Search,
-                keys::search(&t, event.room_id.as_str(), seq),
-                &(),
-            )?;
-        }
+    for k in postings(event, seq) {
+        w.put(T::Search, k, &())?;
     }
     Ok(())
+}
+
+/// The posting keys of a message stored at `seq` (none for other events).
+pub fn postings(event: &Event, seq: u64) -> Vec<Vec<u8>> {
+    match &event.content {
+        Content::Message { body, .. } => tokens(body)
+            .iter()
+            .map(|t| keys::search(t, event.room_id.as_str(), seq))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Messages in `me`'s rooms holding every word of `q`, newest first.
@@ -89,8 +95,13 @@ pub fn search(app: &App, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)
             .store
             .get::<StoredEvent>(T::Events, &keys::event(room_id.as_str(), seq))?
         {
+            // A posting can outlive a commit that never happened (replicas
+            // write postings first): the message itself must hold the words.
             if let Some(view) = message_view(&stored, Some(seq)) {
-                hits.push((room, view));
+                let held: BTreeSet<String> = tokens(&view.body).into_iter().collect();
+                if words.iter().all(|w| held.contains(w)) {
+                    hits.push((room, view));
+                }
             }
         }
         if hits.len() >= RESULTS_MAX {

@@ -271,26 +271,31 @@ impl Store {
         Ok(self.scan_limit(t, prefix, 1)?.into_iter().next())
     }
 
-    /// Remove every key in the list at once.
+    /// Remove every key in the list, one at a time (see [`Store::put_many`]).
     pub fn remove_all(&self, t: T, keys: &[Vec<u8>]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let tree = self.tree(t);
         for k in keys {
-            batch.remove(k.as_slice());
+            tree.remove(k.as_slice()).map_err(sled_err)?;
         }
-        self.tree(t).apply_batch(batch).map_err(sled_err)
+        Ok(())
     }
 
     pub fn generate_id(&self) -> Result<u64> {
         self.db.generate_id().map_err(sled_err)
     }
 
-    /// Insert many values at once (one sled batch, no flush).
+    /// Insert many values, one at a time: for rows that need no atomicity
+    /// as a group (audit rows, search postings). A sled batch would take
+    /// sled's process-wide write lock, which waits for any running flush
+    /// (disk time) while every other reader and writer waits behind it;
+    /// single inserts share that lock with flushes.
     pub fn put_many<V: Serialize>(&self, t: T, items: &[(Vec<u8>, V)]) -> Result<()> {
-        let mut batch = sled::Batch::default();
+        let tree = self.tree(t);
         for (k, v) in items {
-            batch.insert(k.as_slice(), codec::encode(v)?);
+            tree.insert(k.as_slice(), codec::encode(v)?)
+                .map_err(sled_err)?;
         }
-        self.tree(t).apply_batch(batch).map_err(sled_err)
+        Ok(())
     }
 
     /// Remove every key in `[from, to)`; answers how many went.
@@ -350,6 +355,11 @@ pub struct WriteSet {
 }
 
 impl WriteSet {
+    /// Add every write of `other` after this set's own.
+    pub fn append(&mut self, other: WriteSet) {
+        self.ops.extend(other.ops);
+    }
+
     pub fn put<V: Serialize>(&mut self, t: T, k: Vec<u8>, v: &V) -> Result<()> {
         self.ops.push((t, k, Some(codec::encode(v)?)));
         Ok(())

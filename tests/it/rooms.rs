@@ -371,6 +371,21 @@ async fn federated_dm_search_and_live_events() {
         "{v}"
     );
     assert_eq!(v["results"][0]["sender"], bob.fqid.as_str());
+    // A posting whose commit never happened (a crash between the two) is
+    // no hit: the message itself must hold the word.
+    let seq = v["results"][0]["seq"].as_u64().expect("a sequenced hit");
+    let store = &net.server("a.test").app().store;
+    store
+        .put(
+            scaiwave::storage::T::Search,
+            &scaiwave::storage::keys::search("ghost", &room, seq),
+            &(),
+        )
+        .unwrap();
+    let (_, v) = net
+        .as_user(&alice, Method::GET, "/v1/search?q=ghost", None)
+        .await;
+    assert_eq!(v["results"], json!([]), "{v}");
     // Only within the caller's rooms.
     let eve = net.user("a.test", "eve").await;
     let (_, v) = net
