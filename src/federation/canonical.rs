@@ -62,6 +62,54 @@ pub fn canonical_bytes_without(map: &Map<String, Value>, skip: &str) -> Vec<u8> 
     .expect("JCS serialisation of a serde_json::Map cannot fail")
 }
 
+/// RFC 8785 bytes of the object `map` both with and without its member
+/// `key`, for the price of one canonicalisation of the object: an event's
+/// hash covers its signatures, what they sign leaves them out.
+///
+/// Every key of `map` must be ASCII, so that byte order is JCS's UTF-16
+/// order (an event's top-level fields are checked against a fixed list
+/// before this is called).
+pub fn canonical_bytes_with_and_without(map: &Map<String, Value>, key: &str) -> (Vec<u8>, Vec<u8>) {
+    debug_assert!(map.keys().all(|k| k.is_ascii()));
+    let without = canonical_bytes_without(map, key);
+    let Some(value) = map.get(key) else {
+        return (without.clone(), without);
+    };
+    let member = |k: &str, v: &Value| {
+        let mut m = serde_jcs::to_vec(k).expect("JCS of a string cannot fail");
+        m.push(b':');
+        m.extend(serde_jcs::to_vec(v).expect("JCS of a serde_json::Value cannot fail"));
+        m
+    };
+    // `without` is `{` before `,` after `}`; the member goes between the two.
+    let mut after = Vec::new();
+    for (k, v) in map.iter().filter(|(k, _)| k.as_str() > key) {
+        if !after.is_empty() {
+            after.push(b',');
+        }
+        after.extend(member(k, v));
+    }
+    let inner = without.len() - 2;
+    let before_len = match (after.is_empty(), inner == after.len()) {
+        (true, _) => inner,
+        (false, true) => 0,
+        (false, false) => inner - after.len() - 1,
+    };
+    let mut with = Vec::with_capacity(without.len() + 128);
+    with.push(b'{');
+    with.extend_from_slice(&without[1..1 + before_len]);
+    if before_len > 0 {
+        with.push(b',');
+    }
+    with.extend(member(key, value));
+    if !after.is_empty() {
+        with.push(b',');
+        with.extend(after);
+    }
+    with.push(b'}');
+    (with, without)
+}
+
 /// JSON (not canonical) of `map` with one more member, without copying it:
 /// how an event goes on the wire with its `unsigned` part.
 pub fn json_bytes_with(map: &Map<String, Value>, key: &str, value: &Value) -> Vec<u8> {
@@ -363,6 +411,28 @@ mod tests {
     fn deep_nesting_is_refused_not_a_stack_overflow() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(refused(&deep).contains("invalid JSON"));
+    }
+
+    #[test]
+    fn with_and_without_a_member_equal_two_canonicalisations() {
+        let cases = [
+            r#"{"content":{"b":1,"a":"\u00e9"},"signatures":{"x":{"k":"s"}},"type":"t"}"#,
+            r#"{"signatures":{"x":1}}"#,
+            r#"{"a":1,"signatures":[]}"#,
+            r#"{"signatures":"s","z":{"y":[1,2]},"zz":null}"#,
+            r#"{"a":1,"b":2}"#,
+            r#"{}"#,
+        ];
+        for case in cases {
+            let Value::Object(map) = serde_json::from_str::<Value>(case).unwrap() else {
+                unreachable!()
+            };
+            let (with, without) = canonical_bytes_with_and_without(&map, "signatures");
+            let mut rest = map.clone();
+            rest.remove("signatures");
+            assert_eq!(with, canonical_bytes(&Value::Object(map)), "{case}");
+            assert_eq!(without, canonical_bytes(&Value::Object(rest)), "{case}");
+        }
     }
 
     #[test]

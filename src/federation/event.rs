@@ -364,6 +364,8 @@ pub struct Event {
     /// SHA-256 of the canonical event without `unsigned`, computed once
     /// (it is needed for the size check anyway, and again for dedup).
     hash: [u8; 32],
+    /// What the origin's signature covers, computed with the hash.
+    signing: Vec<u8>,
 }
 
 impl Event {
@@ -423,7 +425,12 @@ impl Event {
         };
         let signed = Value::Object(json);
         canonical::check_value(&signed)?;
-        let canonical_form = canonical::canonical_bytes(&signed);
+        let Value::Object(json) = signed else {
+            unreachable!("built as an object above")
+        };
+        // Every top-level key is one of TOP_LEVEL_FIELDS (checked above): ASCII.
+        let (canonical_form, signing) =
+            canonical::canonical_bytes_with_and_without(&json, "signatures");
         let size = canonical_form.len();
         let hash: [u8; 32] = Sha256::digest(&canonical_form).into();
         if size > EVENT_CANONICAL_BYTES_MAX {
@@ -432,9 +439,6 @@ impl Event {
                  the limit is {EVENT_CANONICAL_BYTES_MAX}, send less content"
             )));
         }
-        let Value::Object(json) = signed else {
-            unreachable!("built as an object above")
-        };
 
         let f = Fields { obj: &json, at: "" };
         let event_id = f.req_event_id("event_id")?;
@@ -471,6 +475,7 @@ impl Event {
                 content,
                 json,
                 hash,
+                signing,
             },
             seq,
         ))
@@ -503,7 +508,8 @@ impl Event {
         json.insert("origin".into(), Value::from(origin.as_str()));
         json.insert("origin_ts".into(), Value::from(origin_ts_ms));
         json.insert("content".into(), content.to_json());
-        let signature = key.sign(&canonical::canonical_bytes(&Value::Object(json.clone())));
+        let signing = canonical::canonical_bytes_without(&json, "signatures");
+        let signature = key.sign(&signing);
         let mut by_key = Map::new();
         by_key.insert(
             key_id.as_str().into(),
@@ -512,7 +518,8 @@ impl Event {
         let mut signatures = Map::new();
         signatures.insert(origin.as_str().into(), Value::Object(by_key));
         json.insert("signatures".into(), Value::Object(signatures));
-        let hash = Sha256::digest(canonical::canonical_bytes(&Value::Object(json.clone()))).into();
+        let (canonical_form, _) = canonical::canonical_bytes_with_and_without(&json, "signatures");
+        let hash = Sha256::digest(canonical_form).into();
         Event {
             event_id,
             room_id,
@@ -522,13 +529,14 @@ impl Event {
             content,
             json,
             hash,
+            signing,
         }
     }
 
     /// JCS bytes of the event without `signatures` and `unsigned`: what the
     /// signature covers.
-    pub fn signing_bytes(&self) -> Vec<u8> {
-        canonical::canonical_bytes_without(&self.json, "signatures")
+    pub fn signing_bytes(&self) -> &[u8] {
+        &self.signing
     }
 
     /// SHA-256 of the canonical event without `unsigned` (signatures
@@ -570,17 +578,13 @@ impl Event {
         let signatures = self.origin_signatures();
         let mut unknown = Vec::new();
         let mut failed = Vec::new();
-        let mut message = None;
         for (kid, sig) in signatures {
             let Some(vk) = lookup(&kid) else {
                 unknown.push(kid.to_string());
                 continue;
             };
-            // Signing bytes are built only once a key is known: a flood of
-            // events signed with unknown keys should cost us little.
-            let bytes = message.get_or_insert_with(|| self.signing_bytes());
             if vk
-                .verify_strict(bytes, &Signature::from_bytes(&sig))
+                .verify_strict(&self.signing, &Signature::from_bytes(&sig))
                 .is_ok()
             {
                 return Ok(());
@@ -1077,7 +1081,7 @@ mod tests {
         assert_eq!(back.signing_bytes(), e.signing_bytes());
         assert_eq!(back.content_hash(), e.content_hash());
         // The signing bytes leave out signatures; the hash covers them.
-        let sb = String::from_utf8(e.signing_bytes()).unwrap();
+        let sb = String::from_utf8(e.signing_bytes().to_vec()).unwrap();
         assert!(!sb.contains("signatures") && !sb.contains("unsigned"));
         assert!(sb.starts_with("{\"content\":{\"body\":\"order\"},\"event_id\":"));
         // seq is outside both.
@@ -1143,7 +1147,7 @@ mod tests {
         // Add alice's real signature next to it and it passes.
         let (kid1, sk1) = key(1);
         let mut v = v;
-        let sig = sk1.sign(&e.signing_bytes());
+        let sig = sk1.sign(e.signing_bytes());
         v["signatures"]["a.example.com"][kid1.as_str()] = json!(BASE64.encode(sig.to_bytes()));
         let (e, _) = Event::from_value(v).unwrap();
         assert_eq!(e.origin_signatures().len(), 2);
