@@ -11,7 +11,7 @@ use scaiwave::ids::KeyId;
 use serde_json::{json, Value};
 
 use crate::federation::{bodies, shared_room};
-use crate::testnet::{self, message, signed_event, TestNet};
+use crate::testnet::{self, message, signed_event, TestNet, User};
 
 /// A hand-built signed request, so a test can break one thing at a time.
 struct Raw {
@@ -85,6 +85,15 @@ impl Raw {
             serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null),
         )
     }
+}
+
+/// The bodies of the messages `u` sees in `room`.
+async fn texts(net: &TestNet, u: &User, room: &str) -> Vec<String> {
+    bodies(net, u, room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect()
 }
 
 fn code(v: &Value) -> &str {
@@ -360,11 +369,7 @@ async fn send_body_and_event_refusals() {
     );
 
     // Nothing refused was stored on b.test (the accepted relay reached a.test only so far).
-    let after: Vec<String> = bodies(&net, &bob, &room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let after = texts(&net, &bob, &room).await;
     assert!(
         !after.iter().any(|b| b == "forged"
             || b == "changed after signing"
@@ -603,11 +608,7 @@ async fn a_host_cannot_put_two_events_at_one_seq() {
         ],
         "{v}"
     );
-    let after: Vec<String> = bodies(&net, &bob, &room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let after = texts(&net, &bob, &room).await;
     assert!(after.contains(&"first".to_string()), "{after:?}");
     assert!(
         !after
