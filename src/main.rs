@@ -7,9 +7,9 @@ use clap::Parser;
 use scaiwave::cli::{Cli, Command};
 use scaiwave::config::{Config, LogFormat};
 
-// glibc's and musl's allocators spend a large share of the /send path in
-// malloc and free (measured: ~23 % of CPU while draining a backlog);
-// mimalloc cuts that, and behaves the same in the static musl build.
+// With the system allocator, malloc and free took ~23 % of the CPU while
+// draining a backlog (sled copies nodes, JSON allocates per value);
+// with mimalloc its share was ~14 %, and it links into the static build.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
