@@ -514,10 +514,20 @@ async fn send_round(
     };
     let launch = |rows: Rows, edus: Vec<serde_json::Value>| async move {
         let started = tokio::time::Instant::now();
-        let attempt = app
-            .transport
-            .send(app, peer, transaction_body(&rows, edus))
-            .await;
+        // The rows were read before this point; a commit that wrote them
+        // may not have flushed yet, and nothing leaves before it is durable.
+        let attempt = match app.store.make_reads_durable().await {
+            Ok(()) => {
+                app.transport
+                    .send(app, peer, transaction_body(&rows, edus))
+                    .await
+            }
+            Err(e) => Attempt::Retry {
+                code: e.code.as_str().into(),
+                message: e.message,
+                retry_after_secs: None,
+            },
+        };
         (rows, attempt, started)
     };
     let mut in_flight = futures_util::stream::FuturesUnordered::new();

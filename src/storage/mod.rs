@@ -23,6 +23,8 @@ pub mod codec;
 pub mod records;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -101,6 +103,22 @@ pub fn prefix(owner: &str) -> Vec<u8> {
 pub struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
+    commits: Arc<CommitCounts>,
+}
+
+/// What [`Store::reads_are_durable`] needs to know: a reader (the delivery
+/// loop) can see a commit's rows before the committer's own flush made
+/// them durable, and must not send them to a peer until then: a crash in
+/// between would let the host give that seq to another event.
+#[derive(Default)]
+struct CommitCounts {
+    /// Commits running now (counted before sled applies them).
+    running: AtomicU64,
+    /// Commits finished (counted after sled applied them).
+    finished: AtomicU64,
+    /// `finished` as read when the latest completed flush started: every
+    /// one of those commits is durable.
+    durable: AtomicU64,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
@@ -130,7 +148,11 @@ impl Store {
             .map(|n| db.open_tree(n))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(sled_err)?;
-        let store = Store { db, trees };
+        let store = Store {
+            db,
+            trees,
+            commits: Arc::default(),
+        };
         let meta = store.tree(T::Meta);
         match meta.get(b"schema_version").map_err(sled_err)? {
             None => {
@@ -160,13 +182,36 @@ impl Store {
     /// Make every write so far durable (sled's flush: see docs/operations.md
     /// for what that means on power loss).
     pub async fn flush(&self) -> Result<()> {
+        let covered = self.commits.finished.load(Ordering::SeqCst);
         self.db.flush_async().await.map_err(sled_err)?;
+        self.commits.durable.fetch_max(covered, Ordering::SeqCst);
         Ok(())
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
+        let covered = self.commits.finished.load(Ordering::SeqCst);
         self.db.flush().map_err(sled_err)?;
+        self.commits.durable.fetch_max(covered, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether everything a read made before this call could see is durable.
+    /// A commit seen by the read either still runs (then no) or counted
+    /// itself finished before it stopped running (then `durable` says).
+    pub fn reads_are_durable(&self) -> bool {
+        let c = &self.commits;
+        c.running.load(Ordering::SeqCst) == 0
+            && c.durable.load(Ordering::SeqCst) >= c.finished.load(Ordering::SeqCst)
+    }
+
+    /// Make everything reads before this call could see durable: nothing
+    /// to do in the common case (every committer flushes right after its
+    /// commit), one flush when a read raced a commit.
+    pub async fn make_reads_durable(&self) -> Result<()> {
+        if self.reads_are_durable() {
+            return Ok(());
+        }
+        self.flush().await
     }
 
     /// Run `f` as one atomic transaction over every tree. sled may run the
@@ -330,7 +375,9 @@ impl Store {
         if writes.ops.is_empty() {
             return Ok(());
         }
-        self.transact(|tx| {
+        let c = &self.commits;
+        c.running.fetch_add(1, Ordering::SeqCst);
+        let applied = self.transact(|tx| {
             for (t, k, v) in &writes.ops {
                 match v {
                     Some(bytes) => {
@@ -342,7 +389,12 @@ impl Store {
                 }
             }
             Ok(())
-        })
+        });
+        // Finished before no longer running: a reader that sees `running`
+        // at zero sees this commit counted.
+        c.finished.fetch_add(1, Ordering::SeqCst);
+        c.running.fetch_sub(1, Ordering::SeqCst);
+        applied
     }
 }
 
@@ -480,6 +532,27 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(store.get::<PeerRecord>(T::Peers, b"a").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_commit_is_not_durable_to_readers_until_a_flush_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.reads_are_durable(), "nothing committed yet");
+        let mut w = WriteSet::default();
+        w.put(T::Peers, b"a".to_vec(), &PeerRecord::default())
+            .unwrap();
+        store.commit(&w).unwrap();
+        assert!(!store.reads_are_durable(), "committed, not flushed");
+        store.make_reads_durable().await.unwrap();
+        assert!(store.reads_are_durable());
+        // A flush that started before a commit finished does not cover it.
+        let covered = store.commits.finished.load(Ordering::SeqCst);
+        store.commit(&w).unwrap();
+        store.commits.durable.fetch_max(covered, Ordering::SeqCst);
+        assert!(!store.reads_are_durable());
+        store.flush_blocking().unwrap();
+        assert!(store.reads_are_durable());
     }
 
     #[test]

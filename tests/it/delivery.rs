@@ -48,6 +48,8 @@ pub struct Script {
     pub delays: Mutex<VecDeque<Duration>>,
     /// Transactions in flight now, and the most there ever were at once.
     pub in_flight: Mutex<(usize, usize)>,
+    /// For each attempt: whether everything the sender could read was durable.
+    pub durable_at_send: Mutex<Vec<bool>>,
 }
 
 fn event_ids(body: &[u8]) -> Vec<String> {
@@ -63,10 +65,14 @@ fn event_ids(body: &[u8]) -> Vec<String> {
 impl Transport for Script {
     fn send<'a>(
         &'a self,
-        _app: &'a App,
+        app: &'a App,
         _peer: &'a ServerName,
         body: Vec<u8>,
     ) -> BoxFuture<'a, Attempt> {
+        self.durable_at_send
+            .lock()
+            .unwrap()
+            .push(app.store.reads_are_durable());
         let ids = event_ids(&body);
         self.attempts
             .lock()
@@ -189,6 +195,14 @@ pub fn enqueue(app: &Arc<App>, n: usize) -> Vec<String> {
 }
 
 pub fn enqueue_in(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
+    let ids = enqueue_unflushed(app, room, n);
+    // As every committer does: flush after the commit.
+    app.store.flush_blocking().unwrap();
+    ids
+}
+
+/// Queue `n` events, committed but not yet flushed, and wake the sender.
+fn enqueue_unflushed(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
     let mut w = WriteSet::default();
     let peer = ServerName::parse(PEER).unwrap();
     let mut ids = Vec::new();
@@ -467,6 +481,27 @@ async fn a_slow_transaction_does_not_hold_up_the_window() {
     want.sort();
     assert_eq!(delivered, want);
     assert_eq!(queue_depth(&app), 0);
+    stop(app).await;
+}
+
+// Real time: the flush runs on sled's own threads, which paused time
+// would not wait for.
+#[tokio::test]
+async fn rows_leave_only_once_durable() {
+    let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
+    // The delivery loop can read rows whose commit has not been flushed
+    // yet; were they sent and the host crashed, it would give their seqs
+    // to other events.
+    let ids = enqueue_unflushed(&app, "!RoomHostedHere000000:a.test", 150);
+    crate::testnet::eventually("every row sent", || async {
+        script.delivered.lock().unwrap().len() == ids.len()
+    })
+    .await;
+    let durable = script.durable_at_send.lock().unwrap().clone();
+    assert!(
+        !durable.is_empty() && durable.iter().all(|d| *d),
+        "{durable:?}"
+    );
     stop(app).await;
 }
 
