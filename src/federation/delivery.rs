@@ -440,13 +440,17 @@ struct Feed {
     cursor: Option<Vec<u8>>,
     /// Whether reading on may give more rows for parallel transactions.
     more: bool,
+    /// The round's time, and the age at which rows are given up: older
+    /// rows are left for the outer loop.
+    now: i64,
+    max_age_ms: i64,
 }
 
 impl Feed {
     /// The next transaction's rows: at most [`EVENTS_PER_TRANSACTION_MAX`],
     /// read on from the queue (parallel-safe, not yet aged rows only; the
     /// outer loop handles the others from the head).
-    fn next_chunk(&mut self, app: &App, peer: &ServerName, now: i64, max_age_ms: i64) -> Rows {
+    fn next_chunk(&mut self, app: &App, peer: &ServerName) -> Rows {
         let step = EVENTS_PER_TRANSACTION_MAX;
         if self.pending.len() < step && self.more {
             if let Some(cursor) = &self.cursor {
@@ -459,7 +463,8 @@ impl Feed {
                 match read {
                     Ok(rows) => {
                         for (k, it) in rows {
-                            if now - it.queued_at_ms >= max_age_ms || !parallel_safe(app, &it) {
+                            let aged = self.now - it.queued_at_ms >= self.max_age_ms;
+                            if aged || !parallel_safe(app, &it) {
                                 self.more = false;
                                 break;
                             }
@@ -484,17 +489,15 @@ impl Feed {
 /// completed one is replaced at once, so neither side waits for the
 /// other); anything else, or a probe while backing off, is one
 /// transaction. The first retryable failure stops the window.
-#[allow(clippy::too_many_arguments)]
 async fn send_round(
     app: &App,
     peer: &ServerName,
     signals: &PeerSignals,
-    live: Rows,
+    mut feed: Feed,
     edus: Vec<serde_json::Value>,
-    now: i64,
-    max_age_ms: i64,
     probing: bool,
 ) -> Round {
+    let now = feed.now;
     // We never send to a server our policy refuses (SPEC §7): its rows
     // wait (an admin may change the policy) until they age out.
     if let Err(e) = app.policy().admit(peer) {
@@ -504,14 +507,11 @@ async fn send_round(
             ..Round::default()
         };
     }
-    let parallel =
-        !probing && !live.is_empty() && live.iter().all(|(_, it)| parallel_safe(app, it));
+    let parallel = !probing
+        && !feed.pending.is_empty()
+        && feed.pending.iter().all(|(_, it)| parallel_safe(app, it));
     let depth = if parallel { PIPELINE_DEPTH } else { 1 };
-    let mut feed = Feed {
-        cursor: live.last().map(|(k, _)| k.clone()),
-        pending: live.into(),
-        more: parallel,
-    };
+    feed.more = parallel;
     let launch = |rows: Rows, edus: Vec<serde_json::Value>| async move {
         let started = tokio::time::Instant::now();
         // The rows were read before this point; a commit that wrote them
@@ -532,11 +532,11 @@ async fn send_round(
     };
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
     // EDUs ride on the first transaction, which goes even without events.
-    in_flight.push(launch(feed.next_chunk(app, peer, now, max_age_ms), edus));
+    in_flight.push(launch(feed.next_chunk(app, peer), edus));
     let mut round = Round::default();
     loop {
         while parallel && round.retry.is_none() && !round.stuck && in_flight.len() < depth {
-            let rows = feed.next_chunk(app, peer, now, max_age_ms);
+            let rows = feed.next_chunk(app, peer);
             if rows.is_empty() || app.shutdown.is_cancelled() {
                 break;
             }
@@ -641,17 +641,14 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             continue;
         }
         let oldest_at = live.first().map(|(_, it)| it.queued_at_ms);
-        let round = send_round(
-            &app,
-            &peer,
-            &signals,
-            live,
-            edus,
+        let feed = Feed {
+            cursor: live.last().map(|(k, _)| k.clone()),
+            pending: live.into(),
+            more: false,
             now,
             max_age_ms,
-            failures > 0,
-        )
-        .await;
+        };
+        let round = send_round(&app, &peer, &signals, feed, edus, failures > 0).await;
         let delay = match (&round.retry, round.stuck) {
             (None, false) => {
                 failures = 0;
