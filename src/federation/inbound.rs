@@ -368,11 +368,11 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
     }
     let t_verified = t0.elapsed();
     // The events move into storage; answers need only where each was and its id.
-    let slots = |events: &mut dyn Iterator<Item = (usize, &Event)>| -> Vec<(usize, String)> {
-        events.map(|(i, e)| (i, e.event_id.to_string())).collect()
-    };
     if !to_host.is_empty() {
-        let ids = slots(&mut to_host.iter().map(|(i, e)| (*i, e)));
+        let ids: Vec<(usize, String)> = to_host
+            .iter()
+            .map(|(i, e)| (*i, e.event_id.to_string()))
+            .collect();
         let batch = to_host
             .into_iter()
             .map(|(_, e)| (e, Source::Peer(origin.clone())))
@@ -383,7 +383,10 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
         }
     }
     if !from_host.is_empty() {
-        let ids = slots(&mut from_host.iter().map(|(i, e, _)| (*i, e)));
+        let ids: Vec<(usize, String)> = from_host
+            .iter()
+            .map(|(i, e, _)| (*i, e.event_id.to_string()))
+            .collect();
         let batch = from_host.into_iter().map(|(_, e, s)| (e, s)).collect();
         let outcomes = replica::accept_from_host(app, origin, batch).await?;
         for ((i, id), o) in ids.into_iter().zip(outcomes.iter()) {

@@ -249,6 +249,16 @@ fn fresh(fallback: Option<Answer>) -> (tempfile::TempDir, Arc<Script>, Arc<App>)
     (dir, script, app)
 }
 
+/// Every id in `ids` reached the peer, each once (in any order), and the
+/// queue is empty.
+fn assert_all_delivered_once(script: &Script, app: &App, mut ids: Vec<String>) {
+    let mut delivered = script.delivered.lock().unwrap().clone();
+    delivered.sort();
+    ids.sort();
+    assert_eq!(delivered, ids);
+    assert_eq!(queue_depth(app), 0);
+}
+
 async fn settle() {
     // Let the delivery task run without moving time much.
     for _ in 0..50 {
@@ -439,12 +449,7 @@ async fn events_we_host_go_in_parallel_transactions() {
         attempts.iter().all(|a| a.0 == attempts[0].0),
         "sent together"
     );
-    let mut delivered = script.delivered.lock().unwrap().clone();
-    delivered.sort();
-    let mut want = ids;
-    want.sort();
-    assert_eq!(delivered, want);
-    assert_eq!(queue_depth(&app), 0);
+    assert_all_delivered_once(&script, &app, ids);
     stop(app).await;
 }
 
@@ -475,12 +480,7 @@ async fn a_slow_transaction_does_not_hold_up_the_window() {
         "never more than the window"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let mut delivered = script.delivered.lock().unwrap().clone();
-    delivered.sort();
-    let mut want = ids;
-    want.sort();
-    assert_eq!(delivered, want);
-    assert_eq!(queue_depth(&app), 0);
+    assert_all_delivered_once(&script, &app, ids);
     stop(app).await;
 }
 
