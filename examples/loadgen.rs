@@ -38,12 +38,12 @@ use scaiwave::federation::event::{Content, Event};
 use scaiwave::federation::wire::{SendAnswer, SendBody, SendStatus};
 use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
 use scaiwave::rooms::flows;
+use scaiwave::server::Running;
+use scaiwave::storage::{PowerLevel, Store, WriteSet};
 
 // The same allocator as the shipped binary, so the figures are the binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use scaiwave::server::Running;
-use scaiwave::storage::{PowerLevel, Store, WriteSet};
 
 const TARGET_NAME: &str = "target.test";
 const PEER_NAME: &str = "peer.test";
