@@ -20,6 +20,10 @@ use scaiwave::rooms::host::{self, Source};
 use scaiwave::rooms::{flows, search};
 use scaiwave::storage::PowerLevel;
 
+// The same allocator as the shipped binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 100_000)]
