@@ -20,6 +20,15 @@ pub async fn bodies(net: &TestNet, u: &User, room: &str) -> Vec<(Option<u64>, St
         .collect()
 }
 
+/// The bodies of the messages `u` sees in `room`, in order.
+pub async fn texts(net: &TestNet, u: &User, room: &str) -> Vec<String> {
+    bodies(net, u, room)
+        .await
+        .into_iter()
+        .map(|m| m.1)
+        .collect()
+}
+
 /// alice@a.test hosts a room; bob@b.test is invited and joins.
 pub async fn shared_room(net: &TestNet) -> (User, User, String) {
     let alice = net.user("a.test", "alice").await;
@@ -155,11 +164,7 @@ async fn joiner_backfills_history_and_members() {
         net.post(&carol, &room, json!({"body": b})).await;
     }
     net.invite_and_join(&alice, &room, &bob).await;
-    let seen: Vec<String> = bodies(&net, &bob, &room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let seen: Vec<String> = texts(&net, &bob, &room).await;
     assert_eq!(
         seen,
         ["early-1", "early-2"],
@@ -429,11 +434,7 @@ async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
         bodies(&net, &bob, &room).await.len() == 3
     })
     .await;
-    let got: Vec<String> = bodies(&net, &bob, &room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let got: Vec<String> = texts(&net, &bob, &room).await;
     assert_eq!(got, ["while down 0", "while down 1", "while down 2"]);
     net.stop_all().await;
 }

@@ -10,8 +10,8 @@ use scaiwave::federation::httpsig;
 use scaiwave::ids::KeyId;
 use serde_json::{json, Value};
 
-use crate::federation::{bodies, shared_room};
-use crate::testnet::{self, message, signed_event, TestNet, User};
+use crate::federation::{bodies, shared_room, texts};
+use crate::testnet::{self, message, signed_event, TestNet};
 
 /// A hand-built signed request, so a test can break one thing at a time.
 struct Raw {
@@ -85,15 +85,6 @@ impl Raw {
             serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap_or(Value::Null),
         )
     }
-}
-
-/// The bodies of the messages `u` sees in `room`.
-async fn texts(net: &TestNet, u: &User, room: &str) -> Vec<String> {
-    bodies(net, u, room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect()
 }
 
 fn code(v: &Value) -> &str {

@@ -6,7 +6,7 @@ use reqwest::Method;
 use scaiwave::federation::event::{Content, Membership};
 use serde_json::{json, Value};
 
-use crate::federation::{bodies, shared_room};
+use crate::federation::{bodies, shared_room, texts};
 use crate::testnet::{
     self, enc, eventually, message, signed_event, signed_event_with, TestNet, User,
 };
@@ -243,16 +243,7 @@ async fn a_replica_fills_gaps_from_the_host() {
             .await;
     }
     // Those deliveries are lost (as after a 24 h give-up).
-    let a = net.server("a.test").app().clone();
-    let outbox = scaiwave::storage::prefix("b.test");
-    let mut end = outbox.clone();
-    end.push(0xff);
-    assert_eq!(
-        a.store
-            .remove_range(scaiwave::storage::T::Outbox, &outbox, &end)
-            .unwrap(),
-        5
-    );
+    assert_eq!(drop_queue(&net, "a.test", "b.test"), 5);
     net.server_mut("b.test").restart().await;
     net.post(&alice, &room, json!({"body": "after the gap"}))
         .await;
@@ -260,11 +251,7 @@ async fn a_replica_fills_gaps_from_the_host() {
         bodies(&net, &bob, &room).await.len() == 6
     })
     .await;
-    let on_b: Vec<String> = bodies(&net, &bob, &room)
-        .await
-        .into_iter()
-        .map(|m| m.1)
-        .collect();
+    let on_b: Vec<String> = texts(&net, &bob, &room).await;
     assert_eq!(
         on_b,
         [
@@ -560,16 +547,7 @@ async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
     let (alice, bob, room) = shared_room(&net).await;
     net.server_mut("b.test").stop().await;
     net.post(&alice, &room, json!({"body": "lost"})).await;
-    let a = net.server("a.test").app().clone();
-    let outbox = scaiwave::storage::prefix("b.test");
-    let mut end = outbox.clone();
-    end.push(0xff);
-    assert_eq!(
-        a.store
-            .remove_range(scaiwave::storage::T::Outbox, &outbox, &end)
-            .unwrap(),
-        1
-    );
+    assert_eq!(drop_queue(&net, "a.test", "b.test"), 1);
     // While the host serves no history, the gap cannot be filled.
     net.set_policy("a.test", json!({"max_backfill_events_per_request": 0}))
         .await;
@@ -597,13 +575,22 @@ async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
         .await;
     net.post(&alice, &room, json!({"body": "third"})).await;
     eventually("b filled the old gap", || async {
-        let got: Vec<String> = bodies(&net, &bob, &room)
-            .await
-            .into_iter()
-            .map(|m| m.1)
-            .collect();
+        let got: Vec<String> = texts(&net, &bob, &room).await;
         got == ["lost", "second", "third"]
     })
     .await;
     net.stop_all().await;
+}
+
+/// Drop everything `from` has queued for `to`, as a 24 h give-up would;
+/// answers how many rows went.
+fn drop_queue(net: &TestNet, from: &str, to: &str) -> usize {
+    let queue = scaiwave::storage::prefix(to);
+    let mut end = queue.clone();
+    end.push(0xff);
+    net.server(from)
+        .app()
+        .store
+        .remove_range(scaiwave::storage::T::Outbox, &queue, &end)
+        .unwrap()
 }
