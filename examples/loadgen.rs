@@ -559,6 +559,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                         SEND_PATH,
                         Some(body),
                         REQUEST_TIMEOUT,
+                        scaiwave::limits::S2S_REPLY_BYTES_MAX,
                     )
                     .await;
                 tally.latencies.push(t0.elapsed());

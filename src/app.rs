@@ -18,6 +18,7 @@ use crate::federation::keys::Keys;
 use crate::federation::policy::Policy;
 use crate::federation::verifier::Verifier;
 use crate::ids::{Fqid, LocalId, ServerName};
+use crate::limits::S2S_REPLY_BYTES_MAX;
 use crate::rooms::RoomLocks;
 use crate::storage::{keys, AuditRow, Participant, PeerError, PeerRecord, PowerLevel, Store, T};
 
@@ -188,8 +189,11 @@ impl App {
         })
     }
 
-    /// A signed S2S request from us to `dest`. The outer error is ours (no
-    /// key to sign with); the inner one means no HTTP answer came back.
+    /// A signed S2S request from us to `dest` whose answer is small (read
+    /// up to [`S2S_REPLY_BYTES_MAX`]). The outer error is ours: no key to
+    /// sign with, or our policy refuses `dest` (SPEC §7: we never send to a
+    /// server we would refuse, whatever the flow); the inner one means no
+    /// HTTP answer came back.
     pub async fn s2s(
         &self,
         method: http::Method,
@@ -198,10 +202,40 @@ impl App {
         body: Option<Vec<u8>>,
         timeout: std::time::Duration,
     ) -> Result<std::result::Result<Reply, NetworkError>> {
+        self.s2s_reading(
+            method,
+            dest,
+            path_and_query,
+            body,
+            timeout,
+            S2S_REPLY_BYTES_MAX,
+        )
+        .await
+    }
+
+    /// [`App::s2s`] for an answer that may be up to `reply_bytes_max`.
+    pub async fn s2s_reading(
+        &self,
+        method: http::Method,
+        dest: &ServerName,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: std::time::Duration,
+        reply_bytes_max: usize,
+    ) -> Result<std::result::Result<Reply, NetworkError>> {
+        self.admit(dest)?;
         let signer = self.signer()?;
         Ok(self
             .outbound
-            .signed(&signer, method, dest, path_and_query, body, timeout)
+            .signed(
+                &signer,
+                method,
+                dest,
+                path_and_query,
+                body,
+                timeout,
+                reply_bytes_max,
+            )
             .await)
     }
 

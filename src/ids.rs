@@ -78,8 +78,15 @@ impl ServerName {
                 "the host must be lower-case labels of [a-z0-9-] separated by dots",
             ));
         }
-        if host.parse::<std::net::Ipv4Addr>().is_ok() {
-            return Err(bad("IP literals are not server names"));
+        // URL parsers (and inet_aton) read a host whose last label is all
+        // digits, or starts with 0x, as an IPv4 address: `2130706433`,
+        // `127.1`, `0x7f000001` and `017700000001` all dial 127.0.0.1. No
+        // DNS name ends that way, so such names are refused (SPEC §2).
+        let last = host.rsplit('.').next().unwrap_or(host);
+        if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") {
+            return Err(bad(
+                "IP literals (and names whose last label is a number) are not server names",
+            ));
         }
         if let Some(port) = port {
             let digits_ok = !port.is_empty()
@@ -308,7 +315,15 @@ mod tests {
 
     #[test]
     fn server_names() {
-        for ok in ["a.example.com", "localhost:8448", "b-2.test", "x:1"] {
+        for ok in [
+            "a.example.com",
+            "localhost:8448",
+            "b-2.test",
+            "x:1",
+            "1a.example.com",
+            "a.1x",
+            "0x.test",
+        ] {
             assert!(ServerName::parse(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -321,6 +336,14 @@ mod tests {
             "a.com:65536",
             "a_b.com",
             "a.com:08",
+            // Numeric forms URL parsers read as IPv4 (all 127.0.0.1).
+            "2130706433:8448",
+            "127.1:8448",
+            "0x7f000001:8448",
+            "017700000001:8448",
+            "0x7f.1",
+            "a.b.1",
+            "localhost.0x1",
         ] {
             assert!(ServerName::parse(bad).is_err(), "{bad}");
         }

@@ -41,6 +41,31 @@ pub const NEW_ORIGIN_FETCHES_PER_SEC_MAX: u32 = 10;
 pub const SYNC_S2S_TIMEOUT_SECS: u64 = 10;
 /// Outbound S2S request timeout for queued deliveries.
 pub const DELIVERY_TIMEOUT_SECS: u64 = 30;
+/// Outbound TCP connect and TLS handshake, each.
+pub const OUTBOUND_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Pooled outbound connections idle this long are closed: below a peer's
+/// default `limits.idle_timeout` (60 s), so a peer never closes one under
+/// a request we are sending.
+pub const OUTBOUND_POOL_IDLE_SECS: u64 = 50;
+/// Answers to S2S requests whose answer is small (a `/send` result list,
+/// a profile, a probe) are read up to this much.
+pub const S2S_REPLY_BYTES_MAX: usize = 1024 * 1024;
+/// A host's members list is read up to this much.
+pub const MEMBERS_REPLY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Room for a wire event beyond its canonical bytes (signatures, `unsigned`).
+const WIRE_EVENT_OVERHEAD_BYTES: usize = 1024;
+
+/// A backfill answer of `limit` events is read up to this much: a legal
+/// answer of `limit` events of the largest size fits, nothing much larger
+/// is held in memory.
+pub const fn backfill_reply_bytes_max(limit: u64) -> usize {
+    let events = if limit > BACKFILL_EVENTS_MAX {
+        BACKFILL_EVENTS_MAX
+    } else {
+        limit
+    } as usize;
+    events * (EVENT_CANONICAL_BYTES_MAX + WIRE_EVENT_OVERHEAD_BYTES) + 64 * 1024
+}
 /// SPEC §8: a repeated (origin, txn_id) within this window gets the cached answer.
 pub const TXN_CACHE_SECS: u64 = 24 * 3600;
 /// Upper bound on `/v1/rooms/{id}/messages` page size.

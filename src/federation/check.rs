@@ -148,15 +148,27 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
         });
     }
     // 5. Our policy towards them.
-    out.push(match app.policy().admit(peer) {
-        Ok(()) => Finding::ok("our policy", format!("we federate with {peer}")),
-        Err(e) => Finding::fail(
+    if let Err(e) = app.policy().admit(peer) {
+        out.push(Finding::fail(
             "our policy",
             e.code,
             e.message,
             "PUT /v1/admin/federation/policy",
-        ),
-    });
+        ));
+        // We never send to a server we refuse, so no probe either.
+        out.push(Finding::fail(
+            "their policy",
+            e.code,
+            format!("not probed: our policy refuses {peer}"),
+            "fix our policy first",
+        ));
+        out.push(last_delivery(app, peer));
+        return out;
+    }
+    out.push(Finding::ok(
+        "our policy",
+        format!("we federate with {peer}"),
+    ));
     // 6. Their policy towards us: a signed probe.
     let path = format!("/_scaiwave/federation/v1/profile/{PROBE_LOCAL_ID}");
     match app
@@ -199,9 +211,14 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
             }
         }
     }
-    // 7. What delivery last saw.
+    out.push(last_delivery(app, peer));
+    out
+}
+
+/// 7. What delivery last saw.
+fn last_delivery(app: &App, peer: &ServerName) -> Finding {
     match app.peer_record(peer) {
-        Ok(rec) => out.push(match rec.last_error {
+        Ok(rec) => match rec.last_error {
             Some(e) => Finding::fail(
                 "last delivery",
                 Code::parse(&e.code).unwrap_or(Code::Internal),
@@ -214,13 +231,7 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
                     .map(|t| format!("last seen {}", crate::clock::rfc3339(t)))
                     .unwrap_or_else(|| "no traffic yet".into()),
             ),
-        }),
-        Err(e) => out.push(Finding::fail(
-            "last delivery",
-            e.code,
-            e.message,
-            "see the server log",
-        )),
+        },
+        Err(e) => Finding::fail("last delivery", e.code, e.message, "see the server log"),
     }
-    out
 }

@@ -228,6 +228,13 @@ pub fn backoff(initial: Duration, max: Duration, failures: u32, jitter: f64) -> 
     base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// A peer's `Retry-After`, clamped to `[0, retry_max_interval]`: a peer
+/// can slow us down as far as our own backoff would, never further, and a
+/// huge value cannot overflow into a negative delay (a hot retry loop).
+pub fn retry_after(secs: Option<u64>, retry_max_interval: Duration) -> Duration {
+    Duration::from_secs(secs.unwrap_or(0)).min(retry_max_interval)
+}
+
 /// Classify a transport result by SPEC §10's retry classes.
 pub fn classify(
     reply: std::result::Result<
@@ -667,8 +674,9 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
                 if let Some((code, message, _)) = retry {
                     tracing::warn!(peer = %peer, code = %code, attempt = failures, "delivery failed, will retry: {message}");
                 }
-                d.max(Duration::from_secs(
-                    retry.as_ref().and_then(|r| r.2).unwrap_or(0),
+                d.max(retry_after(
+                    retry.as_ref().and_then(|r| r.2),
+                    fed.retry_max_interval,
                 ))
             }
         };
@@ -712,6 +720,7 @@ mod tests {
             status,
             retry_after_secs: retry_after,
             date_secs: None,
+            max_age_secs: None,
             body: body.into(),
         })
     }
@@ -751,6 +760,16 @@ mod tests {
             classify(reply(404, None, None)),
             Attempt::Refused { .. }
         ));
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_the_backoff_cap() {
+        let max = Duration::from_secs(3600);
+        assert_eq!(retry_after(None, max), Duration::ZERO);
+        assert_eq!(retry_after(Some(30), max), Duration::from_secs(30));
+        assert_eq!(retry_after(Some(u64::MAX), max), max);
+        // The delay becomes a wake-up time in milliseconds: it must stay positive.
+        assert!(retry_after(Some(u64::MAX), max).as_millis() as i64 > 0);
     }
 
     #[test]

@@ -566,12 +566,13 @@ pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Resu
     let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
     let enc = crate::api::encode_segment(room_id.as_str());
     let reply = app
-        .s2s(
+        .s2s_reading(
             http::Method::GET,
             &host,
             &format!("/_scaiwave/federation/v1/rooms/{enc}/members"),
             None,
             timeout,
+            crate::limits::MEMBERS_REPLY_BYTES_MAX,
         )
         .await?
         .map_err(|e| Error::new(Code::Internal, e.0))?;
@@ -626,12 +627,13 @@ pub async fn backfill(
         path.push_str(&format!("&before_seq={b}"));
     }
     let reply = app
-        .s2s(
+        .s2s_reading(
             http::Method::GET,
             &host,
             &path,
             None,
             Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
+            crate::limits::backfill_reply_bytes_max(limit),
         )
         .await?
         .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;
