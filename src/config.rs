@@ -35,6 +35,7 @@ pub struct Config {
     pub tls: TlsConfig,
     pub federation: FederationConfig,
     pub audit: AuditConfig,
+    pub limits: LimitsConfig,
     pub log: LogConfig,
     /// `None` leaves calls disabled (SPEC §14).
     pub livekit: Option<LivekitConfig>,
@@ -73,6 +74,41 @@ pub struct FederationConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditConfig {
     pub retention: Duration,
+}
+
+/// What one client may hold of the listener (SPEC §12 `[limits]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// A connection must deliver a whole request head within this.
+    pub request_head_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// A request body must arrive within this once it is being read.
+    pub request_body_timeout: Duration,
+    pub connections_max: usize,
+    pub connections_per_ip_max: usize,
+    /// Signed S2S requests per origin server (burst: twice the rate).
+    pub rate_per_origin: Rate,
+    /// Local API requests per bearer token (burst: twice the rate).
+    pub rate_per_token: Rate,
+}
+
+/// `N/s`, `N/m` or `N/h`: so many requests per second, minute or hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            3600 => "h",
+            60 => "m",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -174,11 +210,12 @@ const ENV_NOT_KEYS: [&str; 2] = ["SCAIWAVE_CONFIG", "SCAIWAVE_LOG"];
 enum EnvForm {
     Text,
     Bool,
+    Integer,
     CommaList,
     FileOnly,
 }
 
-const SECTIONS: [&str; 5] = ["tls", "federation", "audit", "log", "livekit"];
+const SECTIONS: [&str; 6] = ["tls", "federation", "audit", "limits", "log", "livekit"];
 
 /// Every key of SPEC §12 by section (`""` is the top level). The typed walk
 /// below must read exactly these; a test holds the two together.
@@ -201,6 +238,13 @@ const KEYS: &[(&str, &str, EnvForm)] = &[
     ("federation", "allow_private_addresses", EnvForm::Bool),
     ("federation", "resolve", EnvForm::FileOnly),
     ("audit", "retention", EnvForm::Text),
+    ("limits", "request_head_timeout", EnvForm::Text),
+    ("limits", "idle_timeout", EnvForm::Text),
+    ("limits", "request_body_timeout", EnvForm::Text),
+    ("limits", "connections_max", EnvForm::Integer),
+    ("limits", "connections_per_ip_max", EnvForm::Integer),
+    ("limits", "rate_per_origin", EnvForm::Text),
+    ("limits", "rate_per_token", EnvForm::Text),
     ("log", "format", EnvForm::Text),
     ("livekit", "url", EnvForm::Text),
     ("livekit", "api_key", EnvForm::Text),
@@ -231,6 +275,21 @@ impl Config {
             },
             audit: AuditConfig {
                 retention: Duration::from_secs(90 * DAY),
+            },
+            limits: LimitsConfig {
+                request_head_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                request_body_timeout: Duration::from_secs(30),
+                connections_max: 4096,
+                connections_per_ip_max: 256,
+                rate_per_origin: Rate {
+                    count: 300,
+                    per: Duration::from_secs(1),
+                },
+                rate_per_token: Rate {
+                    count: 20,
+                    per: Duration::from_secs(1),
+                },
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -388,6 +447,23 @@ allow_private_addresses = false
 # Audit rows older than this are deleted.
 retention = "90d"
 
+[limits]
+# What one client may hold of this server. A connection must send a whole
+# request head within request_head_timeout, is closed after idle_timeout
+# with no request, and a body must arrive within request_body_timeout;
+# a slow one is closed without an answer.
+request_head_timeout = "10s"
+idle_timeout = "60s"
+request_body_timeout = "30s"
+# Connections past these are closed as they are accepted.
+connections_max = 4096
+connections_per_ip_max = 256
+# Requests per second (/s), minute (/m) or hour (/h), with bursts of twice
+# that: signed requests per origin server, local API calls per token.
+# Past them: 429 SW_FED_RATE_LIMITED with Retry-After.
+rate_per_origin = "300/s"
+rate_per_token = "20/s"
+
 [log]
 # "text" for people, "json" for machines. --log-format overrides it; the
 # SCAIWAVE_LOG variable sets the filter (e.g. info,scaiwave=debug).
@@ -466,6 +542,11 @@ fn apply_env(
                 "true" => Value::Boolean(true),
                 "false" => Value::Boolean(false),
                 _ => Value::String(value),
+            },
+            // Likewise: not a number stays a string, refused by the walk.
+            EnvForm::Integer => match value.parse::<i64>() {
+                Ok(n) => Value::Integer(n),
+                Err(_) => Value::String(value),
             },
             // An empty variable is an empty list, so the file's list can be
             // cleared from the environment.
@@ -593,6 +674,38 @@ fn duration(v: &Value) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// A count of at least 1 (connection caps).
+fn count(v: &Value) -> Result<usize, String> {
+    match v.as_integer() {
+        Some(n) if n >= 1 && n <= u32::MAX as i64 => Ok(n as usize),
+        _ => Err(format!(
+            "expected a whole number of at least 1, got {}",
+            describe(v)
+        )),
+    }
+}
+
+fn rate(v: &Value) -> Result<Rate, String> {
+    const EXPECTED: &str = "expected a rate like 300/s, 600/m or 1000/h";
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("{EXPECTED} (a quoted string), got {}", describe(v)))?;
+    let parsed = s.split_once('/').and_then(|(n, unit)| {
+        let count = n.trim().parse::<u32>().ok().filter(|n| *n >= 1)?;
+        let per = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return None,
+        };
+        Some(Rate {
+            count,
+            per: Duration::from_secs(per),
+        })
+    });
+    parsed.ok_or_else(|| format!("{EXPECTED}, got {s:?}"))
 }
 
 fn boolean(v: &Value) -> Result<bool, String> {
@@ -788,6 +901,8 @@ impl Walker {
             return Err(self.err("audit.retention", MUST_BE_POSITIVE.to_string()));
         }
 
+        let limits = self.limits(root, d.limits)?;
+
         let l = self.section(root, "log")?;
         let log = LogConfig {
             format: self
@@ -804,9 +919,51 @@ impl Walker {
             tls,
             federation,
             audit,
+            limits,
             log,
             livekit,
         })
+    }
+
+    fn limits(&self, root: &Table, d: LimitsConfig) -> Result<LimitsConfig, ConfigError> {
+        const S: &str = "limits";
+        let t = self.section(root, S)?;
+        let dur = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
+            let d = self.get(t, S, name, duration)?.unwrap_or(default);
+            // Zero would close every connection at once.
+            if d.is_zero() {
+                return Err(self.err(&join(S, name), MUST_BE_POSITIVE.to_string()));
+            }
+            Ok(d)
+        };
+        let limits = LimitsConfig {
+            request_head_timeout: dur("request_head_timeout", d.request_head_timeout)?,
+            idle_timeout: dur("idle_timeout", d.idle_timeout)?,
+            request_body_timeout: dur("request_body_timeout", d.request_body_timeout)?,
+            connections_max: self
+                .get(t, S, "connections_max", count)?
+                .unwrap_or(d.connections_max),
+            connections_per_ip_max: self
+                .get(t, S, "connections_per_ip_max", count)?
+                .unwrap_or(d.connections_per_ip_max),
+            rate_per_origin: self
+                .get(t, S, "rate_per_origin", rate)?
+                .unwrap_or(d.rate_per_origin),
+            rate_per_token: self
+                .get(t, S, "rate_per_token", rate)?
+                .unwrap_or(d.rate_per_token),
+        };
+        if limits.connections_per_ip_max > limits.connections_max {
+            return Err(self.err(
+                "limits.connections_per_ip_max",
+                format!(
+                    "{} exceeds limits.connections_max ({}); one address can never hold more \
+                     than all of them",
+                    limits.connections_per_ip_max, limits.connections_max
+                ),
+            ));
+        }
+        Ok(limits)
     }
 
     fn tls(&self, root: &Table) -> Result<TlsConfig, ConfigError> {
@@ -991,6 +1148,14 @@ allow_private_addresses = true
 "c.test:8443" = "[::1]:8443"
 [audit]
 retention = "30d"
+[limits]
+request_head_timeout = "5s"
+idle_timeout = "2m"
+request_body_timeout = "20s"
+connections_max = 1000
+connections_per_ip_max = 50
+rate_per_origin = "1000/m"
+rate_per_token = "5/s"
 [log]
 format = "json"
 [livekit]
@@ -1027,6 +1192,38 @@ api_secret = "s3cret"
     #[test]
     fn example_toml_loads_and_is_the_default() {
         assert_eq!(load(EXAMPLE_TOML, &[]).unwrap(), Config::default_embedded());
+    }
+
+    #[test]
+    fn limits_refuse_what_cannot_work() {
+        for (text, key) in [
+            ("[limits]\nidle_timeout = \"0s\"", "limits.idle_timeout"),
+            ("[limits]\nconnections_max = 0", "limits.connections_max"),
+            (
+                "[limits]\nconnections_max = 10\nconnections_per_ip_max = 11",
+                "limits.connections_per_ip_max",
+            ),
+            (
+                "[limits]\nrate_per_origin = \"300\"",
+                "limits.rate_per_origin",
+            ),
+            (
+                "[limits]\nrate_per_token = \"0/s\"",
+                "limits.rate_per_token",
+            ),
+            (
+                "[limits]\nrate_per_token = \"5/d\"",
+                "limits.rate_per_token",
+            ),
+        ] {
+            let e = load(text, &[]).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+        let e = load("", &[("SCAIWAVE_LIMITS__CONNECTIONS_MAX", "many")]).unwrap_err();
+        assert!(
+            e.message.contains("SCAIWAVE_LIMITS__CONNECTIONS_MAX"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1077,6 +1274,18 @@ api_secret = "s3cret"
         assert_eq!(f.resolve[&c8443], "[::1]:8443".parse().unwrap());
         assert_eq!(f.resolve.len(), 2);
         assert_eq!(c.audit.retention, secs(30 * DAY));
+        let l = &c.limits;
+        assert_eq!(
+            (
+                l.request_head_timeout,
+                l.idle_timeout,
+                l.request_body_timeout
+            ),
+            (secs(5), secs(120), secs(20))
+        );
+        assert_eq!((l.connections_max, l.connections_per_ip_max), (1000, 50));
+        assert_eq!(l.rate_per_origin.to_string(), "1000/m");
+        assert_eq!(l.rate_per_token.to_string(), "5/s");
         assert_eq!(c.log.format, LogFormat::Json);
         let lk = c.livekit.as_ref().unwrap();
         assert_eq!(lk.url, "wss://livekit.example.com");
@@ -1523,6 +1732,13 @@ api_secret = "s3cret"
             ("SCAIWAVE_FEDERATION__INVITE_TTL", "1d 12h"),
             ("SCAIWAVE_FEDERATION__ALLOW_PRIVATE_ADDRESSES", "true"),
             ("SCAIWAVE_AUDIT__RETENTION", "30d"),
+            ("SCAIWAVE_LIMITS__REQUEST_HEAD_TIMEOUT", "5s"),
+            ("SCAIWAVE_LIMITS__IDLE_TIMEOUT", "2m"),
+            ("SCAIWAVE_LIMITS__REQUEST_BODY_TIMEOUT", "20s"),
+            ("SCAIWAVE_LIMITS__CONNECTIONS_MAX", "1000"),
+            ("SCAIWAVE_LIMITS__CONNECTIONS_PER_IP_MAX", "50"),
+            ("SCAIWAVE_LIMITS__RATE_PER_ORIGIN", "1000/m"),
+            ("SCAIWAVE_LIMITS__RATE_PER_TOKEN", "5/s"),
             ("SCAIWAVE_LOG__FORMAT", "json"),
             ("SCAIWAVE_LIVEKIT__URL", "wss://livekit.example.com"),
             ("SCAIWAVE_LIVEKIT__API_KEY", "APIkey"),

@@ -9,6 +9,20 @@ pub const LOCAL_ID_BYTES_MAX: usize = 64;
 pub const BODY_BYTES_MAX: u64 = 8 * 1024 * 1024;
 /// Local API bodies are small JSON documents.
 pub const LOCAL_BODY_BYTES_MAX: u64 = 256 * 1024;
+/// Request bodies held in memory at once, over all requests: each request
+/// reserves its declared length (or the route's maximum) before reading,
+/// so many concurrent senders wait instead of exhausting memory. 32 largest
+/// `/send` bodies, or thousands of ordinary ones.
+pub const BODY_BUFFER_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// SPEC §12: concurrent HTTP/2 streams per connection.
+pub const HTTP2_STREAMS_PER_CONNECTION_MAX: u32 = 100;
+/// SPEC §12: request headers of one HTTP/2 request.
+pub const HTTP2_HEADER_LIST_BYTES_MAX: u32 = 16 * 1024;
+/// HTTP/1.1 read buffer: a request head larger than this is refused (the
+/// HTTP/1.1 counterpart of the HTTP/2 header limit; bodies stream through).
+pub const HTTP1_BUFFER_BYTES_MAX: usize = 64 * 1024;
+/// A TLS handshake that takes longer than this is dropped.
+pub const TLS_HANDSHAKE_TIMEOUT_SECS: u64 = 10;
 /// SPEC §8: events per `/send` transaction (also what a sender batches).
 pub const EVENTS_PER_TRANSACTION_MAX: usize = 100;
 /// SPEC §8: EDUs per `/send` transaction.
@@ -76,5 +90,3 @@ pub const BACKFILL_EVENTS_MAX: u64 = 1000;
 pub const AUDIT_PAGE_MAX: usize = 1000;
 /// How long graceful shutdown waits for in-flight requests, seconds.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
-/// Concurrent inbound TLS connections; beyond this, accept waits.
-pub const CONNECTIONS_MAX: usize = 4096;

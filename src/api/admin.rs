@@ -9,10 +9,15 @@ use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
 use crate::limits::{AUDIT_PAGE_MAX, BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX};
-use crate::storage::{self, AuditRow, OutboxItem, PowerLevel, T};
+use crate::storage::{self, AuditRow, OutboxItem, Participant, PowerLevel, T};
 
-pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> {
-    let admin = require_admin(app, req)?;
+pub async fn route(
+    app: &App,
+    req: &Request,
+    rest: &[&str],
+    admin: Participant,
+) -> Result<Response> {
+    require_admin(&admin)?;
     match (req.method.as_str(), rest) {
         ("GET", ["federation", "identity"]) => Ok(json_reply(200, &identity(app))),
         ("GET", ["federation", "peers"]) => Ok(json_reply(200, &json!({ "peers": peers(app)? }))),

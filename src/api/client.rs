@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::api::{caller, json_reply, not_found_route, Request, Response};
+use crate::api::{json_reply, not_found_route, Request, Response};
 use crate::app::App;
 use crate::error::{Error, Result};
 use crate::federation::event::{Content, Membership, ReactionAction};
@@ -108,8 +108,12 @@ fn tokio_stream_from(
     })
 }
 
-pub async fn route(app: &std::sync::Arc<App>, req: &Request, rest: &[&str]) -> Result<Response> {
-    let me = caller(app, req)?;
+pub async fn route(
+    app: &std::sync::Arc<App>,
+    req: &Request,
+    rest: &[&str],
+    me: crate::storage::Participant,
+) -> Result<Response> {
     match (req.method.as_str(), rest) {
         ("GET", ["events"]) => Ok(live_stream(app, flows::fqid_of(app, &me))),
         ("GET", ["me"]) => Ok(json_reply(

@@ -1,8 +1,11 @@
-//! HTTP: the only module that knows warp and HTTP. One warp filter collects
-//! a request ([`Request`]), a small router sends it to the S2S, admin or
-//! client handlers, and every answer (errors included) is built here.
+//! HTTP: the only module that knows warp and HTTP. [`Front::handle`] takes
+//! a request's head, routes and authenticates it, applies the rate limits,
+//! and only then reads the body (bounded in size, time and, across all
+//! requests, memory) into a [`Request`] for the S2S, admin or client
+//! handlers. Every answer (errors included) is built here.
 //!
-//! - [`serve`]: the HTTPS listener (rustls + hyper-util), graceful shutdown.
+//! - [`serve`]: the HTTPS listener (rustls + hyper-util), connection
+//!   limits and timeouts, graceful shutdown.
 //! - [`s2s`]: `/.well-known/scaiwave/server` and `/_scaiwave/federation/v1/*`.
 //! - [`admin`]: `/v1/admin/*`; [`client`]: the rest of `/v1/*`.
 
@@ -11,25 +14,29 @@ pub mod client;
 pub mod s2s;
 pub mod serve;
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
-use futures_util::{Stream, StreamExt};
+use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
+use http_body_util::BodyExt;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Serialize;
 use serde_json::Value;
-use warp::Filter;
 
 use crate::app::App;
+use crate::config::{LimitsConfig, Rate};
 use crate::error::{Code, Error, Result};
-use crate::limits::{BODY_BYTES_MAX, LOCAL_BODY_BYTES_MAX};
+use crate::ids::ServerName;
+use crate::limits::{BODY_BUFFER_BYTES_MAX, BODY_BYTES_MAX, LOCAL_BODY_BYTES_MAX};
 use crate::storage::{Participant, PowerLevel};
 
 /// Facts about the TLS connection, put into request extensions by [`serve`].
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub sni: Option<String>,
+    /// Whether ALPN chose HTTP/2.
+    pub alpn_h2: bool,
     pub peer: std::net::SocketAddr,
 }
 
@@ -123,72 +130,280 @@ pub fn error_reply(e: &Error) -> Response {
     r
 }
 
-/// The bearer token's participant.
-pub fn caller(app: &App, req: &Request) -> Result<Participant> {
+/// The bearer token's participant, and the token's hash (what rate
+/// limits are kept by).
+fn caller(app: &App, req: &Request) -> Result<(Participant, [u8; 32])> {
     let token = req
         .header("authorization")
         .and_then(|h| h.strip_prefix("Bearer "))
         .ok_or_else(|| Error::new(Code::Unauthenticated, "send Authorization: Bearer <token>; an admin creates tokens with POST /v1/admin/participants"))?;
-    app.authenticate(token.trim())
+    let token = token.trim();
+    Ok((app.authenticate(token)?, crate::app::token_hash(token)))
 }
 
-pub fn require_admin(app: &App, req: &Request) -> Result<Participant> {
-    let p = caller(app, req)?;
+/// The caller must hold an admin token.
+pub fn require_admin(p: &Participant) -> Result<()> {
     if p.power_level != PowerLevel::Admin {
         return Err(Error::forbidden(
             "this needs an admin token (power_level admin)",
         ));
     }
-    Ok(p)
+    Ok(())
 }
 
-async fn read_body<S, B>(headers: &HeaderMap, stream: S) -> Result<Bytes>
-where
-    S: Stream<Item = std::result::Result<B, warp::Error>>,
-    B: Buf,
-{
-    let too_large = || {
-        Error::new(Code::TooLarge, format!("request bodies are limited to {BODY_BYTES_MAX} bytes; send fewer events per transaction"))
-    };
-    let declared = headers
+/// What the listener holds for every request: the app, the limits, and
+/// the rate limiters (HTTP concerns, so they live here, not in [`App`]).
+pub struct Front {
+    pub app: Arc<App>,
+    limits: LimitsConfig,
+    per_origin: Limiter<ServerName>,
+    per_token: Limiter<[u8; 32]>,
+    /// Bytes of request bodies being held at once, across all requests.
+    body_budget: Arc<tokio::sync::Semaphore>,
+}
+
+type Limiter<K> = governor::DefaultKeyedRateLimiter<K>;
+
+fn limiter<K: std::hash::Hash + Eq + Clone>(rate: Rate) -> Limiter<K> {
+    let period = rate.per / rate.count.max(1);
+    let burst = std::num::NonZeroU32::new(rate.count.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
+    let quota = governor::Quota::with_period(period)
+        .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(burst);
+    governor::RateLimiter::keyed(quota)
+}
+
+/// The answer to a request over its rate: 429 with the wait.
+fn rate_limited<K: std::hash::Hash + Eq + Clone>(
+    kind: &str,
+    limiter: &Limiter<K>,
+    not_until: governor::NotUntil<
+        <governor::clock::DefaultClock as governor::clock::Clock>::Instant,
+    >,
+) -> Error {
+    let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut e = Error::new(
+        Code::RateLimited,
+        format!("too many requests for this {kind}; retry after {secs} s (limits.rate_per_{kind})"),
+    );
+    e.retry_after_secs = Some(secs.max(1));
+    e
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_BYTES_MAX) {
-        return Err(too_large());
-    }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
-    let mut stream = std::pin::pin!(stream);
-    while let Some(chunk) = stream.next().await {
-        let mut chunk =
-            chunk.map_err(|e| Error::bad_request(format!("could not read the body: {e}")))?;
-        if body.len() as u64 + chunk.remaining() as u64 > BODY_BYTES_MAX {
-            return Err(too_large());
-        }
-        while chunk.has_remaining() {
-            let c = chunk.chunk();
-            body.extend_from_slice(c);
-            let n = c.len();
-            chunk.advance(n);
-        }
-    }
-    Ok(Bytes::from(body))
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
-async fn dispatch(app: Arc<App>, req: Request) -> Response {
-    let segs = segments(&req.path);
-    let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let result = match seg_refs.as_slice() {
-        [".well-known", "scaiwave", "server"] => s2s::descriptor(&app, &req),
-        ["_scaiwave", "federation", "v1", rest @ ..] => s2s::route(&app, &req, rest).await,
-        ["v1", ..] if req.body.len() as u64 > LOCAL_BODY_BYTES_MAX => Err(Error::bad_request(
-            format!("local API bodies are limited to {LOCAL_BODY_BYTES_MAX} bytes"),
-        )),
-        ["v1", "admin", rest @ ..] => admin::route(&app, &req, rest).await,
-        ["v1", rest @ ..] => client::route(&app, &req, rest).await,
-        _ => Err(not_found_route(&req)),
-    };
-    result.unwrap_or_else(|e| error_reply(&e))
+fn s2s_too_large() -> Error {
+    Error::new(
+        Code::TooLarge,
+        format!("request bodies are limited to {BODY_BYTES_MAX} bytes; send fewer events per transaction"),
+    )
+}
+
+fn local_too_large() -> Error {
+    Error::bad_request(format!(
+        "local API bodies are limited to {LOCAL_BODY_BYTES_MAX} bytes"
+    ))
+}
+
+/// A request that must be closed without an answer (its body was too slow).
+#[derive(Debug)]
+pub struct CloseConnection(&'static str);
+
+impl std::fmt::Display for CloseConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for CloseConnection {}
+
+impl Front {
+    pub fn new(app: Arc<App>) -> Front {
+        let limits = app.config.limits.clone();
+        Front {
+            per_origin: limiter(limits.rate_per_origin),
+            per_token: limiter(limits.rate_per_token),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUFFER_BYTES_MAX)),
+            limits,
+            app,
+        }
+    }
+
+    /// Forget rate state of keys that are back to a full bucket, so the
+    /// maps stay as small as the set of recently active peers and tokens.
+    pub fn forget_idle_rates(&self) {
+        self.per_origin.retain_recent();
+        self.per_origin.shrink_to_fit();
+        self.per_token.retain_recent();
+        self.per_token.shrink_to_fit();
+    }
+
+    /// Read a body of at most `max` bytes within the body timeout, holding
+    /// its size of the shared body budget until the request is done. Too
+    /// slow: the connection is closed without an answer (SPEC §12).
+    async fn read_body(
+        &self,
+        headers: &HeaderMap,
+        body: hyper::body::Incoming,
+        max: u64,
+        too_large: fn() -> Error,
+    ) -> std::result::Result<Result<(Bytes, tokio::sync::OwnedSemaphorePermit)>, CloseConnection>
+    {
+        let declared = declared_length(headers);
+        if declared.is_some_and(|n| n > max) {
+            return Ok(Err(too_large()));
+        }
+        // Reserve what the body may take before reading it: with many slow
+        // senders at once, memory stays bounded and later ones wait.
+        let reserve = declared.unwrap_or(max) as u32;
+        let read = async {
+            let permit = self
+                .body_budget
+                .clone()
+                .acquire_many_owned(reserve.max(1))
+                .await
+                .map_err(|e| Error::internal("body budget", e))?;
+            let collected = http_body_util::Limited::new(body, max as usize)
+                .collect()
+                .await;
+            match collected {
+                Ok(c) => Ok((c.to_bytes(), permit)),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+                Err(e) => Err(Error::bad_request(format!("could not read the body: {e}"))),
+            }
+        };
+        tokio::time::timeout(self.limits.request_body_timeout, read)
+            .await
+            .map_err(|_| CloseConnection("request body too slow"))
+    }
+
+    /// One request, start to end. The route is chosen and the request
+    /// authenticated from its head; only then is the body read (SPEC §12).
+    pub async fn handle(
+        &self,
+        conn: ConnInfo,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> std::result::Result<Response, CloseConnection> {
+        let (parts, body) = req.into_parts();
+        // HTTP/2 names the destination in `:authority` (the URI), HTTP/1.1
+        // in Host. A request carrying both, differently, is malformed (RFC
+        // 9113 §8.3.1): it names no tenant, so step 2 of §4 refuses it.
+        let host = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok());
+        let authority = match (parts.uri.authority().map(|a| a.as_str()), host) {
+            (Some(a), Some(h)) if !a.eq_ignore_ascii_case(h) => {
+                Some(format!("{h} (Host) / {a} (:authority)"))
+            }
+            (Some(a), _) => Some(a.to_string()),
+            (None, h) => h.map(str::to_string),
+        };
+        let mut req = Request {
+            method: parts.method,
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().map(str::to_string),
+            authority,
+            headers: parts.headers,
+            body: Bytes::new(),
+            conn: Some(conn),
+        };
+        let segs = segments(&req.path);
+        let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let app = &self.app;
+        let answer = match seg_refs.as_slice() {
+            [".well-known", "scaiwave", "server"] => s2s::descriptor(app, &req),
+            ["_scaiwave", "federation", "v1", rest @ ..] => {
+                if s2s::known(req.method.as_str(), rest) {
+                    self.s2s(&mut req, body, rest).await?
+                } else {
+                    Err(not_found_route(&req))
+                }
+            }
+            ["v1", rest @ ..] => self.local(&mut req, body, rest).await?,
+            _ => Err(not_found_route(&req)),
+        };
+        Ok(answer.unwrap_or_else(|e| error_reply(&e)))
+    }
+
+    async fn s2s(
+        &self,
+        req: &mut Request,
+        body: hyper::body::Incoming,
+        rest: &[&str],
+    ) -> std::result::Result<Result<Response>, CloseConnection> {
+        let app = &self.app;
+        // A declared length over the limit is refused before anything else
+        // (SPEC §10: 413 before the body is buffered).
+        if declared_length(&req.headers).is_some_and(|n| n > BODY_BYTES_MAX) {
+            return Ok(Err(s2s_too_large()));
+        }
+        let origin = match s2s::authenticate(app, req).await {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Err(not_until) = self.per_origin.check_key(&origin) {
+            return Ok(Err(rate_limited("origin", &self.per_origin, not_until)));
+        }
+        let _permit = if s2s::has_body(req.method.as_str()) {
+            match self
+                .read_body(&req.headers, body, BODY_BYTES_MAX, s2s_too_large)
+                .await?
+            {
+                Ok((bytes, permit)) => {
+                    req.body = bytes;
+                    if let Err(e) = s2s::check_digest(app, req, &origin) {
+                        return Ok(Err(e));
+                    }
+                    Some(permit)
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            None
+        };
+        Ok(s2s::route(app, req, &origin, rest).await)
+    }
+
+    async fn local(
+        &self,
+        req: &mut Request,
+        body: hyper::body::Incoming,
+        rest: &[&str],
+    ) -> std::result::Result<Result<Response>, CloseConnection> {
+        let app = &self.app;
+        let (me, token) = match caller(app, req) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Err(not_until) = self.per_token.check_key(&token) {
+            return Ok(Err(rate_limited("token", &self.per_token, not_until)));
+        }
+        let _permit = if matches!(req.method, Method::POST | Method::PUT) {
+            match self
+                .read_body(&req.headers, body, LOCAL_BODY_BYTES_MAX, local_too_large)
+                .await?
+            {
+                Ok((bytes, permit)) => {
+                    req.body = bytes;
+                    Some(permit)
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        } else {
+            None
+        };
+        Ok(match rest {
+            ["admin", rest @ ..] => admin::route(app, req, rest, me).await,
+            _ => client::route(app, req, rest, me).await,
+        })
+    }
 }
 
 pub fn not_found_route(req: &Request) -> Error {
@@ -196,54 +411,4 @@ pub fn not_found_route(req: &Request) -> Error {
         "no route {} {}; see docs/api.md",
         req.method, req.path
     ))
-}
-
-/// The single warp filter that serves everything.
-pub fn routes(
-    app: Arc<App>,
-) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    let optional_query = warp::query::raw()
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify();
-    warp::method()
-        .and(warp::path::full())
-        .and(optional_query)
-        .and(warp::host::optional().or(warp::any().map(|| None)).unify())
-        .and(warp::header::headers_cloned())
-        .and(warp::ext::optional::<ConnInfo>())
-        .and(warp::body::stream())
-        .then(
-            move |method,
-                  path: warp::path::FullPath,
-                  query,
-                  authority: Option<warp::host::Authority>,
-                  headers: HeaderMap,
-                  conn,
-                  body| {
-                let app = app.clone();
-                async move {
-                    let body = match read_body(&headers, body).await {
-                        Ok(b) => b,
-                        Err(e) => return error_reply(&e),
-                    };
-                    let req = Request {
-                        method,
-                        path: path.as_str().to_string(),
-                        query,
-                        authority: authority.map(|a| a.as_str().to_string()),
-                        headers,
-                        body,
-                        conn,
-                    };
-                    dispatch(app, req).await
-                }
-            },
-        )
-        .recover(|_rejection: warp::Rejection| async move {
-            Ok::<_, std::convert::Infallible>(error_reply(&Error::bad_request(
-                "the request could not be read; check the method, Host header and body",
-            )))
-        })
-        .unify()
 }

@@ -24,7 +24,8 @@ pub fn descriptor(app: &App, req: &Request) -> Result<Response> {
     Ok(r)
 }
 
-async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
+/// SPEC §4 on the request's head (the body is not read yet).
+pub async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
     let sig_input = req.header_joined("signature-input");
     let sig = req.header_joined("signature");
     let signed = SignedRequest {
@@ -37,31 +38,46 @@ async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
         signature_input: sig_input.as_deref(),
         signature: sig.as_deref(),
         content_digest: req.header("content-digest"),
-        body: &req.body,
     };
     inbound::authenticate(app, &signed).await
 }
 
-pub async fn route(app: &App, req: &Request, rest: &[&str]) -> Result<Response> {
-    let known = matches!(
-        (req.method.as_str(), rest),
+/// Routes that exist: anything else is 404 before it is authenticated or
+/// its body read.
+pub fn known(method: &str, rest: &[&str]) -> bool {
+    matches!(
+        (method, rest),
         ("POST", ["send"])
             | ("GET", ["profile", _])
             | ("GET", ["rooms", _, "members" | "backfill"])
-    );
-    if !known {
-        return Err(not_found_route(req));
-    }
-    let origin = authenticate(app, req).await?;
+    )
+}
+
+pub fn has_body(method: &str) -> bool {
+    inbound::has_body(method)
+}
+
+/// Step 4 of SPEC §4 on the body just read.
+pub fn check_digest(app: &App, req: &Request, origin: &ServerName) -> Result<()> {
+    inbound::check_body_digest(app, origin, req.header("content-digest"), &req.body)
+}
+
+/// An authenticated request from `origin` to a [`known`] route.
+pub async fn route(
+    app: &App,
+    req: &Request,
+    origin: &ServerName,
+    rest: &[&str],
+) -> Result<Response> {
     match rest {
         ["send"] => Ok(bytes_reply(
             200,
-            inbound::send(app, &origin, &req.body).await?,
+            inbound::send(app, origin, &req.body).await?,
         )),
-        ["profile", local] => profile(app, &origin, local),
+        ["profile", local] => profile(app, origin, local),
         ["rooms", room, what] => {
             let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
-            let members = hosted_room_for(app, &origin, &room_id)?;
+            let members = hosted_room_for(app, origin, &room_id)?;
             if *what == "members" {
                 let room = load_room(app, &room_id)?.expect("checked above");
                 Ok(json_reply(

@@ -284,6 +284,15 @@ fn sw_member<'a>(header: &str, value: &'a str) -> Result<Member<'a>> {
 /// Step 4 of SPEC §4: the `sha-256` member of Content-Digest matches the body.
 /// Other algorithms are ignored.
 pub fn check_content_digest(header: Option<&str>, body: &[u8]) -> Result<()> {
+    if content_digest_sha256(header)? == Sha256::digest(body)[..] {
+        return Ok(());
+    }
+    Err(digest_error("sha-256 does not match the body"))
+}
+
+/// The `sha-256` digest a Content-Digest header claims: everything of step
+/// 4 that needs no body, so a request can be refused before it is read.
+pub fn content_digest_sha256(header: Option<&str>) -> Result<Vec<u8>> {
     let problem = match header.map(parse_dictionary) {
         None => "is missing".to_string(),
         Some(Err(why)) => format!("is not a valid RFC 8941 dictionary ({why})"),
@@ -291,17 +300,20 @@ pub fn check_content_digest(header: Option<&str>, body: &[u8]) -> Result<()> {
         Some(Ok(members)) => match members.iter().rev().find(|m| m.key == "sha-256") {
             None => "has no sha-256 member".to_string(),
             Some(member) => match member.value.bytes() {
-                Some(digest) if digest == &Sha256::digest(body)[..] => return Ok(()),
-                Some(_) => "sha-256 does not match the body".to_string(),
+                Some(digest) => return Ok(digest.to_vec()),
                 None => "sha-256 is not a byte sequence".to_string(),
             },
         },
     };
-    Err(Error::signature(format!(
+    Err(digest_error(&problem))
+}
+
+fn digest_error(problem: &str) -> Error {
+    Error::signature(format!(
         "Content-Digest {problem}; send Content-Digest: sha-256=:<base64>: computed over the \
          exact body bytes (RFC 9530, SPEC §4)"
     ))
-    .with_reason("digest"))
+    .with_reason("digest")
 }
 
 // --- RFC 8941 structured fields: the subset these headers use --------------
