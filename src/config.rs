@@ -687,12 +687,23 @@ fn count(v: &Value) -> Result<usize, String> {
     }
 }
 
+const RATE_EXPECTED: &str = "expected a rate like 300/s, 600/m or 1000/h";
+
 fn rate(v: &Value) -> Result<Rate, String> {
-    const EXPECTED: &str = "expected a rate like 300/s, 600/m or 1000/h";
-    let s = v
-        .as_str()
-        .ok_or_else(|| format!("{EXPECTED} (a quoted string), got {}", describe(v)))?;
-    let parsed = s.split_once('/').and_then(|(n, unit)| {
+    v.as_str()
+        .ok_or_else(|| format!("{RATE_EXPECTED} (a quoted string), got {}", describe(v)))?
+        .parse()
+}
+
+impl FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Rate, String> {
+        parse_rate(s).ok_or_else(|| format!("{RATE_EXPECTED}, got {s:?}"))
+    }
+}
+
+fn parse_rate(s: &str) -> Option<Rate> {
+    s.split_once('/').and_then(|(n, unit)| {
         let count = n.trim().parse::<u32>().ok().filter(|n| *n >= 1)?;
         let per = match unit.trim() {
             "s" => 1,
@@ -704,8 +715,7 @@ fn rate(v: &Value) -> Result<Rate, String> {
             count,
             per: Duration::from_secs(per),
         })
-    });
-    parsed.ok_or_else(|| format!("{EXPECTED}, got {s:?}"))
+    })
 }
 
 fn boolean(v: &Value) -> Result<bool, String> {

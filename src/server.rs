@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::api::serve::ConnectionCounts;
 use crate::app::App;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -14,6 +15,19 @@ use crate::error::{Error, Result};
 pub struct Running {
     pub addr: SocketAddr,
     pub app: Arc<App>,
+    /// Connections the listener accepted, by HTTP version.
+    pub connections: Arc<ConnectionCounts>,
+}
+
+/// How the listener offers HTTP (not configuration: a deployment always
+/// offers both; tests use this to pin a peer to HTTP/1.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HttpVersions {
+    /// HTTP/2 and HTTP/1.1, chosen by ALPN.
+    #[default]
+    Both,
+    /// HTTP/1.1 only, like a peer behind a proxy that does not speak h2.
+    Http1Only,
 }
 
 impl Running {
@@ -45,6 +59,16 @@ pub async fn start_on(
     clock: Clock,
     listener: std::net::TcpListener,
 ) -> Result<Running> {
+    start_on_with(config, clock, listener, HttpVersions::Both).await
+}
+
+/// [`start_on`] with the HTTP versions the listener offers.
+pub async fn start_on_with(
+    config: Config,
+    clock: Clock,
+    listener: std::net::TcpListener,
+    http: HttpVersions,
+) -> Result<Running> {
     let app = App::open(config, clock)?;
     app.first_start()?;
     let (cert, key) = crate::tls::certificate_paths(
@@ -53,7 +77,10 @@ pub async fn start_on(
         &app.config.data_dir,
         &app.server_name,
     )?;
-    let tls = crate::tls::server_config(&cert, &key)?;
+    let mut tls = crate::tls::server_config(&cert, &key)?;
+    if http == HttpVersions::Http1Only {
+        Arc::make_mut(&mut tls).alpn_protocols = vec![b"http/1.1".to_vec()];
+    }
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::internal("listener", e))?;
@@ -62,14 +89,23 @@ pub async fn start_on(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("local addr", e))?;
-    app.tasks
-        .spawn(crate::api::serve::serve(listener, tls, app.clone()));
+    let connections = Arc::new(ConnectionCounts::default());
+    app.tasks.spawn(crate::api::serve::serve(
+        listener,
+        tls,
+        app.clone(),
+        connections.clone(),
+    ));
     app.delivery.start(&app)?;
     app.tasks.spawn(rotation_timer(app.clone()));
     app.tasks.spawn(crate::cli::serve_socket(app.clone()));
     app.tasks.spawn(audit_retention(app.clone()));
     tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
-    Ok(Running { addr, app })
+    Ok(Running {
+        addr,
+        app,
+        connections,
+    })
 }
 
 /// Rotate the key when it reaches `key_rotation_interval` (the same

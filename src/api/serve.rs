@@ -8,9 +8,10 @@
 //! reads and its requests in flight (hyper's own HTTP/1.1 header timeout
 //! also runs between keep-alive requests, which would make every idle
 //! connection last only `request_head_timeout`):
-//! - HTTP/1.1: from the first byte of a request head, the whole head must
-//!   arrive within `request_head_timeout`; with no request in flight and
-//!   no byte read, the connection lives `idle_timeout`.
+//! - HTTP/1.1: from the first byte of a request head (for a new connection:
+//!   from the handshake), the whole head must arrive within
+//!   `request_head_timeout`; between requests, with no byte read, the
+//!   connection lives `idle_timeout`.
 //! - HTTP/2: the first request must come within `request_head_timeout`
 //!   of the handshake; after that, `idle_timeout` with no stream open
 //!   (HTTP/2 exchanges control frames while idle, so bytes say nothing).
@@ -37,6 +38,14 @@ use crate::limits::{
     HTTP1_BUFFER_BYTES_MAX, HTTP2_HEADER_LIST_BYTES_MAX, HTTP2_STREAMS_PER_CONNECTION_MAX,
     SHUTDOWN_GRACE_SECS, TLS_HANDSHAKE_TIMEOUT_SECS,
 };
+
+/// Connections accepted so far, by the protocol ALPN chose (HTTP/1.1 when
+/// the client named none).
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    pub http1: std::sync::atomic::AtomicU64,
+    pub http2: std::sync::atomic::AtomicU64,
+}
 
 /// How often rate-limiter state of idle keys is forgotten.
 const RATE_STATE_SWEEP_SECS: u64 = 60;
@@ -81,7 +90,12 @@ fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr, limits: &LimitsConfig) -> Op
     })
 }
 
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: Arc<App>) {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Arc<App>,
+    counts: Arc<ConnectionCounts>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let front = Arc::new(Front::new(app.clone()));
     let limits = app.config.limits.clone();
@@ -127,6 +141,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let limits = limits.clone();
+        let counts = counts.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let tls = match tokio::time::timeout(
@@ -148,6 +163,12 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, app: A
                 alpn_h2: session.alpn_protocol() == Some(b"h2"),
                 peer,
             };
+            let counter = if info.alpn_h2 {
+                &counts.http2
+            } else {
+                &counts.http1
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let activity = Arc::new(Activity::new(info.alpn_h2));
             let io = Watched {
                 inner: tls,
@@ -247,6 +268,11 @@ impl Activity {
             Some(t) => (
                 t + limits.request_head_timeout,
                 "request head not complete within request_head_timeout",
+            ),
+            // A new connection owes its first request head from the start.
+            None if s.requests == 0 => (
+                s.quiet_since + limits.request_head_timeout,
+                "no request within request_head_timeout",
             ),
             None => (s.quiet_since + limits.idle_timeout, "idle for idle_timeout"),
         })

@@ -1,0 +1,321 @@
+//! The open internet: what a client or peer we do not control can make the
+//! listener and the outbound client do (SPEC §2, §12 `[limits]`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::testnet::{self, TestNet};
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `server` offering only HTTP/1.1, so a test can
+/// write raw requests (or nothing) and watch what the server does.
+async fn raw_tls(net: &TestNet, server: &str) -> std::io::Result<Tls> {
+    let s = net.server(server);
+    let mut config = scaiwave::tls::client_config(&[net.ca.ca_path()]).unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(s.addr).await?;
+    let sni = rustls::pki_types::ServerName::try_from(s.name.host().to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(sni, tcp)
+        .await
+}
+
+/// Everything the server sends until it closes the connection, or `None`
+/// if it is still open after `limit`.
+async fn until_closed(conn: &mut Tls, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// The status line of the first answer on `conn`.
+async fn status_line(conn: &mut Tls) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    text.lines().next().unwrap().to_string()
+}
+
+fn short_limits(c: &mut scaiwave::config::Config) {
+    c.limits.request_head_timeout = Duration::from_secs(1);
+    c.limits.idle_timeout = Duration::from_secs(3);
+    c.limits.request_body_timeout = Duration::from_secs(1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numeric_and_private_names_are_never_dialled() {
+    // Something listening on loopback, which nothing may reach.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_conn, _)) = target.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let room = net
+        .create_room(&alice, json!({"name": "r", "room_type": "standard"}))
+        .await;
+    for numeric in ["2130706433", "127.1", "0x7f000001", "017700000001"] {
+        let name = format!("{numeric}:{port}");
+        // A participant cannot name it: the FQID is refused as written.
+        let fqid = format!("@x:{name}");
+        let (s, v) = net.post_invitation(&alice, &room, &fqid).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (400, Some("SW_BAD_REQUEST")),
+            "{name}: {v}"
+        );
+        let (s, v) = net
+            .as_user(
+                &alice,
+                Method::POST,
+                "/v1/me/federated-dms",
+                Some(json!({ "fqid": fqid })),
+            )
+            .await;
+        assert_eq!(s, 400, "{name}: {v}");
+        // Nor can an unauthenticated client claiming to be it.
+        let resp = net
+            .http
+            .post("https://a.test/_scaiwave/federation/v1/send")
+            .header("scaiwave-origin", &name)
+            .header("content-digest", "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:")
+            .header(
+                "signature-input",
+                r#"sw=("@method" "@authority" "@path" "@query" "scaiwave-origin" "content-digest");created=1;keyid="ed25519:AAAAAAAA";alg="ed25519";tag="scaiwave-v1""#,
+            )
+            .header("signature", "sw=:AAAA:")
+            .body("")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "{name}");
+    }
+    // A DNS name that resolves to loopback is refused at connect time.
+    let fqid = format!("@x:localhost:{port}");
+    let (s, v) = net.post_invitation(&alice, &room, &fqid).await;
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("private addresses"),
+        "the refusal says why: {v}"
+    );
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "no connection reached loopback"
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_heads_are_closed_without_an_answer() {
+    let mut net = testnet::start(&["a.test"], |_, c| short_limits(c)).await;
+
+    // A connection that never sends a request.
+    let mut silent = raw_tls(&net, "a.test").await.unwrap();
+    let got = until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert_eq!(got, Some(vec![]), "closed, with nothing sent back");
+
+    // Slowloris: a head that trickles in, a byte at a time.
+    let mut slow = raw_tls(&net, "a.test").await.unwrap();
+    let head = b"GET /.well-known/scaiwave/server HTTP/1.1\r\nHost: a.test\r\nX-Slow: ";
+    let mut closed = false;
+    for byte in head.iter().chain(std::iter::repeat(&b'x')).take(60) {
+        if slow.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if !closed {
+        let got = until_closed(&mut slow, Duration::from_secs(3)).await;
+        assert_eq!(got, Some(vec![]), "closed without an answer");
+    }
+
+    // Keep-alive: a served connection lives on past the head timeout while
+    // idle, and is closed after the idle timeout.
+    let mut kept = raw_tls(&net, "a.test").await.unwrap();
+    let get = b"GET /.well-known/scaiwave/server HTTP/1.1\r\nHost: a.test\r\n\r\n";
+    kept.write_all(get).await.unwrap();
+    assert_eq!(status_line(&mut kept).await, "HTTP/1.1 200 OK");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kept.write_all(get).await.unwrap();
+    // (the rest of the first answer may still be buffered; the second follows)
+    let got = until_closed(&mut kept, Duration::from_secs(8))
+        .await
+        .expect("closed when idle");
+    let answers = String::from_utf8_lossy(&got)
+        .matches("HTTP/1.1 200 OK")
+        .count();
+    assert_eq!(
+        answers, 1,
+        "the second request was served before the idle close"
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_caps_are_closed_at_accept() {
+    let mut net = testnet::start(&["a.test"], |_, c| {
+        c.limits.connections_max = 4;
+        c.limits.connections_per_ip_max = 2;
+    })
+    .await;
+    let first = raw_tls(&net, "a.test").await.unwrap();
+    let _second = raw_tls(&net, "a.test").await.unwrap();
+    assert!(
+        raw_tls(&net, "a.test").await.is_err(),
+        "a third from one address is refused"
+    );
+    drop(first);
+    testnet::eventually("a slot is free again", || async {
+        raw_tls(&net, "a.test").await.is_ok()
+    })
+    .await;
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_read_only_for_routes_that_exist_after_authentication() {
+    let mut net = testnet::start(&["a.test"], |_, c| {
+        // Long enough that waiting for the body would show.
+        c.limits.request_body_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // Each head announces a body that never comes; each is answered at once.
+    for (head, status) in [
+        (
+            "POST /_scaiwave/federation/v1/send",
+            "HTTP/1.1 401 Unauthorized",
+        ),
+        (
+            "POST /_scaiwave/federation/v1/nothing-here",
+            "HTTP/1.1 404 Not Found",
+        ),
+        ("POST /v1/rooms", "HTTP/1.1 401 Unauthorized"),
+        ("POST /elsewhere", "HTTP/1.1 404 Not Found"),
+    ] {
+        let mut conn = raw_tls(&net, "a.test").await.unwrap();
+        let req = format!("{head} HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000000\r\n\r\n");
+        conn.write_all(req.as_bytes()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(status_line(&mut conn).await, status, "{head}");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{head}: answered without the body"
+        );
+    }
+    // Over 8 MiB declared: 413 before anything is read.
+    let mut conn = raw_tls(&net, "a.test").await.unwrap();
+    let req = "POST /_scaiwave/federation/v1/send HTTP/1.1\r\nHost: a.test\r\nContent-Length: 9000000\r\n\r\n";
+    conn.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(
+        status_line(&mut conn).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_is_closed_without_an_answer_and_changes_nothing() {
+    let mut net = testnet::start(&["a.test"], |_, c| short_limits(c)).await;
+    let alice = net.user("a.test", "alice").await;
+    let mut conn = raw_tls(&net, "a.test").await.unwrap();
+    let body = br#"{"name": "never made", "room_type": "standard"}"#;
+    let head = format!(
+        "POST /v1/rooms HTTP/1.1\r\nHost: a.test\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        alice.token,
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(&body[..10]).await.unwrap();
+    let got = until_closed(&mut conn, Duration::from_secs(5)).await;
+    assert_eq!(got, Some(vec![]), "closed, no answer");
+    assert!(net.rooms(&alice).await.is_empty(), "nothing created");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rates_are_limited_per_token_and_per_origin() {
+    let mut net = testnet::start(&["a.test", "b.test"], |name, c| {
+        if name == "b.test" {
+            c.limits.rate_per_origin = "1/h".parse().unwrap();
+        }
+    })
+    .await;
+    // Per origin: a burst of twice the rate, then 429 with Retry-After.
+    let path = "/_scaiwave/federation/v1/profile/nobody";
+    for _ in 0..2 {
+        let (s, v) = net.s2s_get("a.test", "b.test", path).await;
+        assert_eq!(s, 404, "{v}");
+    }
+    let (s, v) = net.s2s_get("a.test", "b.test", path).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (429, Some("SW_FED_RATE_LIMITED")),
+        "{v}"
+    );
+    assert_eq!(v["error"]["retryable"], true);
+    net.stop_all().await;
+
+    let mut net = testnet::start(&["a.test"], |_, c| {
+        c.limits.rate_per_token = "1/h".parse().unwrap();
+    })
+    .await;
+    // The admin token spent one call creating alice.
+    let alice = net.user("a.test", "alice").await;
+    for _ in 0..2 {
+        let (s, _) = net.as_user(&alice, Method::GET, "/v1/me", None).await;
+        assert_eq!(s, 200);
+    }
+    let resp = net
+        .http
+        .get("https://a.test/v1/me")
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let wait: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait >= 1, "Retry-After {wait}");
+    let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "SW_FED_RATE_LIMITED");
+    // Another token has its own budget.
+    let (s, v) = net
+        .admin("a.test", Method::GET, "/v1/admin/federation/identity", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    net.stop_all().await;
+}
