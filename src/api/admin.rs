@@ -55,15 +55,7 @@ pub async fn route(
                 .and_then(Value::as_bool)
                 .ok_or_else(|| Error::bad_request("send {\"enabled\": true|false}"))?;
             let _guard = app.room_locks.lock_all([room_id.clone()]).await;
-            let mut room = crate::rooms::load_room(app, &room_id)?
-                .ok_or_else(|| Error::not_found(format!("room {room_id} not found")))?;
-            if enabled && !room.room_type.federable() {
-                return Err(Error::new(
-                    Code::RoomTypeForbidden,
-                    format!("{} rooms never federate", room.room_type.as_str()),
-                )
-                .as_conflict());
-            }
+            let mut room = crate::rooms::flows::room_for_admin(app, &room_id)?;
             room.federate = enabled;
             app.store
                 .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
@@ -75,12 +67,20 @@ pub async fn route(
         }
         ("POST", ["rooms", room, "federation", "invite"]) => {
             let room_id = RoomId::parse(room)?;
+            crate::rooms::flows::room_for_admin(app, &room_id)?;
             let fqid = fqid_field(&req.json()?)?;
-            let invite_id = crate::rooms::flows::invite(app, &admin, &room_id, &fqid).await?;
+            let invite_id = crate::rooms::flows::admin_invite(app, &admin, &room_id, &fqid).await?;
             Ok(json_reply(200, &json!({"invite_id": invite_id})))
         }
         ("POST", ["rooms", room, "federation", "backfill"]) => {
             let room_id = RoomId::parse(room)?;
+            crate::rooms::flows::room_for_admin(app, &room_id)?;
+            if room_id.host() == app.server_name {
+                return Err(Error::bad_request(format!(
+                    "{} hosts {room_id} and holds its whole history; backfill pulls from a room's host",
+                    app.server_name
+                )));
+            }
             let limit = match req.body.is_empty() {
                 true => BACKFILL_EVENTS_MAX,
                 false => req

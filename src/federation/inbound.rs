@@ -245,8 +245,15 @@ fn from_outcome(event_id: String, o: &Outcome) -> SendResult {
     }
 }
 
-/// Check an event a replica sends us as host: the origin_ts window.
-fn check_for_host(app: &App, event: &Event) -> Result<()> {
+/// Check an event a replica sends us as host: its origin is the sender
+/// (before any key of that origin is fetched), and the origin_ts window.
+fn check_for_host(app: &App, origin: &ServerName, event: &Event) -> Result<()> {
+    if event.origin != *origin {
+        return Err(Error::bad_event(format!(
+            "event origin {} differs from the sending server {origin}; a replica sends only its own participants' events",
+            event.origin
+        )));
+    }
     let now = app.clock.now_ms();
     let skew = app.config.federation.max_clock_skew.as_millis() as i64;
     let oldest = app.config.federation.retry_max_age.as_millis() as i64 + skew;
@@ -341,7 +348,7 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
         let routed = async {
             let (event, seq) = event?;
             let seq = if event.room_id.host() == app.server_name {
-                check_for_host(app, &event)?;
+                check_for_host(app, origin, &event)?;
                 None
             } else {
                 if event.room_id.host() != *origin {

@@ -69,8 +69,31 @@ fn outcome_to_result(o: Outcome) -> Result<Option<u64>> {
 
 /// Sequence an event in a room we host (one outcome).
 async fn commit_local(app: &App, event: Event) -> Result<Option<u64>> {
-    let mut out = host::commit(app, vec![(event, Source::Local)]).await?;
+    commit_as(app, event, Source::Local).await
+}
+
+async fn commit_as(app: &App, event: Event, source: Source) -> Result<Option<u64>> {
+    let mut out = host::commit(app, vec![(event, source)]).await?;
     outcome_to_result(out.pop().expect("one outcome per event"))
+}
+
+/// A room of this server for an admin route (SPEC §9): any room, member or
+/// not; a type that never federates is refused before anything else.
+pub fn room_for_admin(app: &App, room_id: &RoomId) -> Result<Room> {
+    let room = load_room(app, room_id)?.ok_or_else(|| {
+        Error::not_found(format!(
+            "room {room_id} is not known on {}; check the id",
+            app.server_name
+        ))
+    })?;
+    if !room.room_type.federable() {
+        return Err(Error::new(
+            Code::RoomTypeForbidden,
+            format!("{} rooms never federate", room.room_type.as_str()),
+        )
+        .as_conflict());
+    }
+    Ok(room)
 }
 
 pub async fn create_room(
@@ -323,10 +346,44 @@ fn remote_error(
     }
 }
 
-/// Invite a local or foreign participant to a room we host.
+/// Invite a local or foreign participant to a room `p` is in.
 pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<String> {
+    let room = joined_room(app, room_id, &fqid_of(app, p))?;
+    invite_into(app, p, room, target, Source::Local).await
+}
+
+/// `POST /v1/admin/rooms/{room_id}/federation/invite`: a server admin
+/// invites into any room this server hosts without being a member; in a
+/// room hosted elsewhere the host decides, so the admin must be joined.
+pub async fn admin_invite(
+    app: &App,
+    admin: &Participant,
+    room_id: &RoomId,
+    target: &Fqid,
+) -> Result<String> {
+    let room = room_for_admin(app, room_id)?;
+    if room_id.host() != app.server_name {
+        let me = fqid_of(app, admin);
+        if joined_room(app, room_id, &me).is_err() {
+            return Err(Error::forbidden(format!(
+                "{room_id} is hosted by {}, which decides who may invite; join the room as {me} first",
+                room_id.host()
+            )));
+        }
+        return invite(app, admin, room_id, target).await;
+    }
+    invite_into(app, admin, room, target, Source::LocalAdmin).await
+}
+
+async fn invite_into(
+    app: &App,
+    p: &Participant,
+    room: Room,
+    target: &Fqid,
+    source: Source,
+) -> Result<String> {
     let me = fqid_of(app, p);
-    let room = joined_room(app, room_id, &me)?;
+    let room_id = &RoomId::parse(&room.room_id)?;
     // In a room hosted elsewhere, the invite goes to the host, which checks
     // it against the room (membership, foreign limit), sequences it and
     // delivers it (SPEC §6: any participant can invite).
@@ -384,7 +441,7 @@ pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid)
         replica::submit(app, &event).await?;
         return Ok(invite_id);
     }
-    commit_local(app, event).await?;
+    commit_as(app, event, source).await?;
     if let Some(name) = display_name {
         let k = keys::member(room_id.as_str(), target.as_str());
         if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {

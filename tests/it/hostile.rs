@@ -319,3 +319,33 @@ async fn rates_are_limited_per_token_and_per_origin() {
     assert_eq!(s, 200, "{v}");
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_fetches_no_key_for_an_event_whose_origin_is_not_the_sender() {
+    // c.test is somewhere we can see every connection to.
+    let c = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c_addr = c.local_addr().unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_conn, _)) = c.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let extra = std::collections::BTreeMap::from([("c.test".to_string(), c_addr)]);
+    let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let room = net
+        .create_room(&alice, json!({"name": "r", "room_type": "standard"}))
+        .await;
+    let b = net.server("b.test").app().clone();
+    let forged = testnet::signed_event(&b, &room, "@eve:c.test", testnet::message("hi"));
+    let (s, code) = net.send_one("b.test", "a.test", "t1", &forged).await;
+    assert_eq!((s, code.as_deref()), (200, Some("SW_FED_BAD_EVENT")));
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "c.test was never contacted"
+    );
+    net.stop_all().await;
+}

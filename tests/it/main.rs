@@ -1,5 +1,6 @@
 //! The one integration-test binary: real servers over loopback HTTPS.
 
+mod admin;
 mod check;
 mod crash;
 mod delivery;
