@@ -489,14 +489,15 @@ async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
         json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]}),
     )
     .await;
-    // An event of c.test's, carried by a.test to b.test: c.test is unknown to b.
+    // An event of c.test's, relayed by its room's host a.test to b.test:
+    // c.test is unknown to b.
     let carol_event = testnet::signed_event(
         net.server("c.test").app(),
-        "!RoomHostedOnB000000:b.test",
+        "!RoomHostedOnA000000:a.test",
         "@carol:c.test",
         testnet::message("relayed"),
     );
-    let events = vec![carol_event.to_wire_value(None)];
+    let events = vec![carol_event.to_wire_value(Some(5))];
     let (s, v) = net
         .send_events("a.test", "b.test", "same-txn", events.clone())
         .await;
@@ -517,7 +518,7 @@ async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
         .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(
-        v["results"][0]["error"]["code"], "SW_FED_ROOM_NOT_FOUND",
+        v["results"][0]["error"]["code"], "SW_FED_NOT_MEMBER",
         "a fresh answer, not the cached refusal: {v}"
     );
     net.stop_all().await;
