@@ -101,7 +101,11 @@ pub async fn accept_from_host(
         w.append(rows.take().expect("each event is staged once"));
         plan.room.next_seq = plan.room.next_seq.max(seq + 1);
         let expires = match &event.content {
-            Content::Member { expires_at_ms, .. } => *expires_at_ms,
+            Content::Member {
+                membership: Membership::Invite,
+                expires_at_ms,
+                ..
+            } => Some(capped_expiry(app, *expires_at_ms)),
             _ => None,
         };
         plan.apply_membership(app, event, &mut w, expires)?;
@@ -163,6 +167,16 @@ pub async fn accept_from_host(
     Ok(outcomes)
 }
 
+/// The expiry we keep for an invite received now: what its signer wrote,
+/// but never later than our own `invite_ttl` from receipt (SPEC §6:
+/// unanswered invites expire after `invite_ttl` on both sides), so a
+/// host cannot plant invitations that never lapse.
+fn capped_expiry(app: &App, signed_ms: Option<i64>) -> i64 {
+    let ttl_ms = i64::try_from(app.config.federation.invite_ttl.as_millis()).unwrap_or(i64::MAX);
+    let cap = app.clock.now_ms().saturating_add(ttl_ms);
+    signed_ms.map_or(cap, |e| e.min(cap))
+}
+
 fn invite_for_unknown_room(
     app: &App,
     event: &Event,
@@ -202,7 +216,7 @@ fn invite_for_unknown_room(
             }),
         inviter: event.sender.to_string(),
         target: target.to_string(),
-        expires_at_ms: expires_at_ms.unwrap_or(i64::MAX),
+        expires_at_ms: capped_expiry(app, *expires_at_ms),
     };
     w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
     w.put(

@@ -4,6 +4,7 @@ mod check;
 mod crash;
 mod delivery;
 mod federation;
+mod hostile_rooms;
 mod process;
 mod refusals;
 mod rooms;

@@ -1,0 +1,81 @@
+//! A room host that lies: what a replica must refuse or bound when the
+//! events and answers come from a real host server signing with its real
+//! key (SPEC §6: a host can withhold or delay events, never forge them,
+//! and never decide our participants' membership).
+
+use scaiwave::federation::event::{Content, Membership, RoomSummary};
+use scaiwave::ids::{Fqid, RoomId};
+use serde_json::Value;
+
+use crate::testnet::{self, signed_event, TestNet};
+
+/// A room id hosted by `host` that its replicas have never heard of.
+fn unknown_room(net: &TestNet, host: &str) -> String {
+    RoomId::generate(&net.server(host).name).to_string()
+}
+
+/// An invite of `target` to `room`, signed by `host` for its `sender`.
+fn invite(
+    net: &TestNet,
+    host: &str,
+    room: &str,
+    sender: &str,
+    target: &str,
+    expires_at_ms: i64,
+) -> Value {
+    let content = Content::Member {
+        membership: Membership::Invite,
+        target: Fqid::parse(target).unwrap(),
+        expires_at_ms: Some(expires_at_ms),
+        room: Some(RoomSummary {
+            name: "Far future".into(),
+            room_type: "standard".into(),
+        }),
+    };
+    signed_event(net.server(host).app(), room, sender, content).to_wire_value(Some(1))
+}
+
+fn results(v: &Value) -> &Vec<Value> {
+    v["results"].as_array().expect("a /send answer")
+}
+
+fn ms_of(rfc3339: &str) -> i64 {
+    humantime::parse_rfc3339(rfc3339)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_far_future_invite_is_capped_and_the_invitation_list_still_answers() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let bob = net.user("b.test", "bob").await;
+    let room = unknown_room(&net, "a.test");
+    // Past year 10000, still a valid JSON integer (< 2^53).
+    let far = 9_000_000_000_000_000;
+    let event = invite(&net, "a.test", &room, &alice.fqid, &bob.fqid, far);
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-far", vec![event])
+        .await;
+    assert_eq!(
+        (s, results(&v)[0]["status"].as_str()),
+        (200, Some("accepted")),
+        "{v}"
+    );
+    let ttl = net.server("b.test").config.federation.invite_ttl;
+    let now = net.server("b.test").app().clock.now_ms();
+    let (s, v) = net
+        .as_user(&bob, reqwest::Method::GET, "/v1/me/invitations", None)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let listed = &v["invitations"][0];
+    assert_eq!(listed["room_id"], room.as_str(), "{v}");
+    let expires = ms_of(listed["expires_at"].as_str().unwrap());
+    assert!(
+        expires <= now + ttl.as_millis() as i64,
+        "expiry {expires} is capped at receipt + invite_ttl: {v}"
+    );
+    net.stop_all().await;
+}
