@@ -21,23 +21,18 @@ pub async fn accept_from_host(
     batch: Vec<(Event, u64)>,
 ) -> Result<Vec<Outcome>> {
     // What needs no room state is done before the room lock, which
-    // serialises every batch of the room: each event's rows are encoded
-    // now, and its search postings are written now, ahead of the commit.
-    // A crash in between leaves postings without their event (search
-    // checks the message itself), never an event without its postings.
+    // serialises every batch of the room: each event's rows are encoded now.
     let mut staged = Vec::with_capacity(batch.len());
-    let mut postings = Vec::new();
     for (event, seq) in &batch {
         let mut rows = WriteSet::default();
         write_event_unindexed(&mut rows, event, *seq, event.content_hash())?;
         staged.push(Some(rows));
-        if event.room_id.host() == *host {
-            postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
-        }
     }
-    if !postings.is_empty() {
-        app.store.put_many(T::Search, &postings)?;
-    }
+    // Search postings of the events that pass the checks below, written
+    // just before the commit: a crash in between leaves postings without
+    // their event (search checks the message itself), never an event
+    // without its postings, and a refused event leaves none.
+    let mut postings = Vec::new();
     let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
     let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
@@ -99,6 +94,7 @@ pub async fn accept_from_host(
             continue;
         }
         w.append(rows.take().expect("each event is staged once"));
+        postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
         plan.room.next_seq = plan.room.next_seq.max(seq + 1);
         let expires = match &event.content {
             Content::Member {
@@ -134,6 +130,9 @@ pub async fn accept_from_host(
     }
     for plan in plans.values() {
         plan.finish(&mut w)?;
+    }
+    if !postings.is_empty() {
+        app.store.put_many(T::Search, &postings)?;
     }
     let t0 = std::time::Instant::now();
     app.store.commit(&w)?;

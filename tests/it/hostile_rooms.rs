@@ -5,9 +5,11 @@
 
 use scaiwave::federation::event::{Content, Membership, RoomSummary};
 use scaiwave::ids::{Fqid, RoomId};
-use serde_json::Value;
+use scaiwave::storage::{self, T};
+use serde_json::{json, Value};
 
-use crate::testnet::{self, signed_event, TestNet};
+use crate::federation::shared_room;
+use crate::testnet::{self, eventually, signed_event, TestNet};
 
 /// A room id hosted by `host` that its replicas have never heard of.
 fn unknown_room(net: &TestNet, host: &str) -> String {
@@ -77,5 +79,71 @@ async fn a_far_future_invite_is_capped_and_the_invitation_list_still_answers() {
         expires <= now + ttl.as_millis() as i64,
         "expiry {expires} is capped at receipt + invite_ttl: {v}"
     );
+    net.stop_all().await;
+}
+
+/// A message from `sender` in `room`, signed by `host`, at `seq`.
+fn message_at(net: &TestNet, host: &str, room: &str, sender: &str, body: &str, seq: u64) -> Value {
+    signed_event(net.server(host).app(), room, sender, testnet::message(body))
+        .to_wire_value(Some(seq))
+}
+
+/// Rows of `server`'s search index under the word `token`.
+fn postings(net: &TestNet, server: &str, token: &str) -> usize {
+    net.server(server)
+        .app()
+        .store
+        .count_prefix(T::Search, &storage::prefix(token))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_replica_rejects_leave_no_search_postings() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let elsewhere = unknown_room(&net, "a.test");
+    // Refused for a room b does not know, and for a seq b already holds.
+    let refused: Vec<Value> = (0..20)
+        .map(|i| {
+            message_at(
+                &net,
+                "a.test",
+                &elsewhere,
+                &alice.fqid,
+                "rejectedword",
+                i + 1,
+            )
+        })
+        .chain([message_at(
+            &net,
+            "a.test",
+            &room,
+            &alice.fqid,
+            "rejectedword heldseq",
+            1,
+        )])
+        .collect();
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-refused-postings", refused)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(results(&v).iter().all(|r| r["status"] == "rejected"), "{v}");
+    assert_eq!(postings(&net, "b.test", "rejectedword"), 0);
+    assert_eq!(postings(&net, "b.test", "heldseq"), 0);
+    // What b stores is indexed and found.
+    net.post(&alice, &room, json!({"body": "acceptedword arrives"}))
+        .await;
+    eventually("b finds the accepted message", || async {
+        let (_, v) = net
+            .as_user(
+                &bob,
+                reqwest::Method::GET,
+                "/v1/search?q=acceptedword",
+                None,
+            )
+            .await;
+        v["results"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    assert_eq!(postings(&net, "b.test", "acceptedword"), 1);
     net.stop_all().await;
 }
