@@ -53,3 +53,11 @@ pub const AUDIT_PAGE_MAX: usize = 1000;
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
 /// Concurrent inbound TLS connections; beyond this, accept waits.
 pub const CONNECTIONS_MAX: usize = 4096;
+
+// Rooms and storage bounds (issue 9).
+
+/// Entries a replica takes from one host's `members` answer: each is a
+/// member row written under the room lock (about 100 bytes and one sled
+/// insert), so a lying host could otherwise fill our store in one answer.
+/// Far above any room a replica shares (the foreign limit is 50 by default).
+pub const MEMBERS_ANSWER_ENTRIES_MAX: usize = 10_000;

@@ -14,7 +14,9 @@ use crate::federation::delivery::{classify, Attempt};
 use crate::federation::event::{Content, Event, Membership, RoomSummary};
 use crate::federation::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
 use crate::ids::{EventId, Fqid, RoomId};
-use crate::limits::{BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS};
+use crate::limits::{
+    BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS,
+};
 use crate::rooms::host::{self, Source};
 use crate::rooms::{load_members, load_room, replica, Outcome};
 use crate::storage::{
@@ -583,16 +585,26 @@ pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Resu
     Ok(())
 }
 
+/// Take the host's member list after our join. It is the host's word, so
+/// it is bounded ([`MEMBERS_ANSWER_ENTRIES_MAX`] entries, names of at most
+/// [`SHORT_TEXT_BYTES_MAX`] bytes) and never touches our own participants,
+/// whose membership only their own events decide.
 async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
     let _guard = app.room_locks.lock_all([room_id.clone()]).await;
     let mut w = storage::WriteSet::default();
-    for m in &answer.members {
+    if answer.members.len() > MEMBERS_ANSWER_ENTRIES_MAX {
+        tracing::warn!(room_id = %room_id, listed = answer.members.len(), "the host listed more members than we take; keeping the first {MEMBERS_ANSWER_ENTRIES_MAX}");
+    }
+    for m in answer.members.iter().take(MEMBERS_ANSWER_ENTRIES_MAX) {
         let Some(membership) = Membership::parse(&m.membership) else {
             continue;
         };
         let Ok(f) = Fqid::parse(&m.fqid) else {
             continue;
         };
+        if app.is_local(&f) {
+            continue;
+        }
         let k = keys::member(room_id.as_str(), f.as_str());
         let prev: Option<Member> = app.store.get(T::Members, &k)?;
         let mut member = prev.unwrap_or(Member {
@@ -602,13 +614,25 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
             invite_expires_at_ms: None,
         });
         member.membership = membership;
-        if m.display_name.is_some() {
-            member.display_name = m.display_name.clone();
+        if let Some(name) = &m.display_name {
+            // Truncated rather than dropped: the start of a long name still
+            // tells members apart, and no name at all shows a bare FQID.
+            member.display_name = Some(truncate_at_char_boundary(name, SHORT_TEXT_BYTES_MAX));
         }
         w.put(T::Members, k, &member)?;
     }
     app.store.commit(&w)?;
     Ok(())
+}
+
+/// The longest prefix of `text` of at most `bytes_max` bytes that ends
+/// on a character boundary.
+fn truncate_at_char_boundary(text: &str, bytes_max: usize) -> String {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// Fetch history before `before_seq` from the host, verify every event, and

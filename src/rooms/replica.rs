@@ -81,6 +81,10 @@ pub async fn accept_from_host(
             )));
             continue;
         }
+        if let Err(e) = check_relayed_membership(host, plan, event) {
+            outcomes.push(Outcome::Rejected(e));
+            continue;
+        }
         let held = !taken.insert((event.room_id.clone(), *seq))
             || (*seq < stored_below[&event.room_id]
                 && app
@@ -164,6 +168,55 @@ pub async fn accept_from_host(
         "replica store timings"
     );
     Ok(outcomes)
+}
+
+/// SPEC §6 "What the host accepts", applied again to what a host relays:
+/// the host has no more right than a replica to act for someone else, so
+/// it cannot join, decline or leave for our participants (or anyone),
+/// kick from outside its own server, or invite in the name of a stranger.
+/// No pending invite is required for a join: delivery pipelines several
+/// transactions, so an invite and the join after it may arrive in either
+/// order.
+fn check_relayed_membership(host: &ServerName, plan: &Plan, event: &Event) -> Result<()> {
+    let Content::Member {
+        membership, target, ..
+    } = &event.content
+    else {
+        return Ok(());
+    };
+    let sender = &event.sender;
+    match membership {
+        Membership::Join | Membership::Decline | Membership::Leave => {
+            if target != sender {
+                return Err(Error::bad_event(format!(
+                    "a {} relayed by {host}: its target must be its sender, but {sender} names {target}; only a kick removes someone else",
+                    membership.as_str()
+                )));
+            }
+        }
+        Membership::Kick => {
+            if sender.server() != *host {
+                return Err(Error::new(
+                    Code::NotMember,
+                    format!(
+                        "a kick relayed by {host} comes from {sender}; kicks come only from the host's own room admins"
+                    ),
+                ));
+            }
+        }
+        Membership::Invite => {
+            if sender.server() != *host && !plan.members.contains_key(sender.as_str()) {
+                return Err(Error::new(
+                    Code::NotMember,
+                    format!(
+                        "{sender} is not known in {}; only members invite to a room",
+                        event.room_id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The expiry we keep for an invite received now: what its signer wrote,

@@ -5,7 +5,7 @@
 
 use scaiwave::federation::event::{Content, Membership, RoomSummary};
 use scaiwave::ids::{Fqid, RoomId};
-use scaiwave::storage::{self, T};
+use scaiwave::storage::{self, keys, Member, T};
 use serde_json::{json, Value};
 
 use crate::federation::shared_room;
@@ -145,5 +145,132 @@ async fn events_the_replica_rejects_leave_no_search_postings() {
     })
     .await;
     assert_eq!(postings(&net, "b.test", "acceptedword"), 1);
+    net.stop_all().await;
+}
+
+/// A membership event by `sender` about `target`, signed by `host`, at `seq`.
+fn membership_at(
+    net: &TestNet,
+    host: &str,
+    room: &str,
+    sender: &str,
+    membership: Membership,
+    target: &str,
+    seq: u64,
+) -> Value {
+    let content = Content::Member {
+        membership,
+        target: Fqid::parse(target).unwrap(),
+        expires_at_ms: None,
+        room: None,
+    };
+    signed_event(net.server(host).app(), room, sender, content).to_wire_value(Some(seq))
+}
+
+/// `fqid`'s member row in `room` on `server`, if any.
+fn member_row(net: &TestNet, server: &str, room: &str, fqid: &str) -> Option<Member> {
+    net.server(server)
+        .app()
+        .store
+        .get(T::Members, &keys::member(room, fqid))
+        .unwrap()
+}
+
+fn code(r: &Value) -> &str {
+    r["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_cannot_join_or_remove_our_participants_for_them() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let carol = net.user("b.test", "carol").await;
+    let carol_rooms = net.rooms(&carol).await;
+    let next = net.host_events("a.test", "b.test", &room).await.len() as u64 + 1;
+    let forged = vec![
+        // alice "joins" carol, and "leaves" for bob.
+        membership_at(
+            &net,
+            "a.test",
+            &room,
+            &alice.fqid,
+            Membership::Join,
+            &carol.fqid,
+            next,
+        ),
+        membership_at(
+            &net,
+            "a.test",
+            &room,
+            &alice.fqid,
+            Membership::Leave,
+            &bob.fqid,
+            next + 1,
+        ),
+    ];
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-forced-join", forged)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for r in results(&v) {
+        assert_eq!(
+            (r["status"].as_str(), code(r)),
+            (Some("rejected"), "SW_FED_BAD_EVENT"),
+            "{v}"
+        );
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("target must be its sender"),
+            "{v}"
+        );
+    }
+    assert_eq!(member_row(&net, "b.test", &room, &carol.fqid), None);
+    assert_eq!(net.rooms(&carol).await, carol_rooms);
+    assert_eq!(
+        member_row(&net, "b.test", &room, &bob.fqid).map(|m| m.membership),
+        Some(Membership::Join)
+    );
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_member_list_does_not_decide_our_participants_membership() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let bob = net.user("b.test", "bob").await;
+    let carol = net.user("b.test", "carol").await;
+    let room = net
+        .create_room(&alice, json!({"name": "Listed", "room_type": "standard"}))
+        .await;
+    // The host's list claims carol joined, and a name far over the bound.
+    let dave = format!("@dave:{}", net.server("a.test").name);
+    let host_store = &net.server("a.test").app().store;
+    let listed = |fqid: &str, display_name: String| Member {
+        fqid: fqid.to_string(),
+        membership: Membership::Join,
+        display_name: Some(display_name),
+        invite_expires_at_ms: None,
+    };
+    for m in [
+        listed(&carol.fqid, "Carol".into()),
+        listed(&dave, "é".repeat(1000)),
+    ] {
+        host_store
+            .put(T::Members, &keys::member(&room, &m.fqid), &m)
+            .unwrap();
+    }
+    net.invite_and_join(&alice, &room, &bob).await;
+    eventually("b stored the host's member list", || async {
+        member_row(&net, "b.test", &room, &dave).is_some()
+    })
+    .await;
+    assert_eq!(member_row(&net, "b.test", &room, &carol.fqid), None);
+    assert!(net.rooms(&carol).await.is_empty());
+    let name = member_row(&net, "b.test", &room, &dave)
+        .and_then(|m| m.display_name)
+        .unwrap();
+    assert!(name.len() <= 256 && name.starts_with("é"), "{name}");
     net.stop_all().await;
 }
