@@ -683,7 +683,7 @@ pub async fn backfill(
                             rejected: true,
                         },
                     )?;
-                    top = top.max(seq + 1);
+                    top = top.max(seq.saturating_add(1));
                 }
             }
             continue;
@@ -707,7 +707,7 @@ pub async fn backfill(
             continue;
         }
         crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
-        top = top.max(seq + 1);
+        top = top.max(seq.saturating_add(1));
         stored += 1;
     }
     app.store.commit(&w)?;
@@ -810,7 +810,7 @@ pub const GAP_FILL_DELAY_MS: u64 = 2000;
 /// short wait, from the host's backfill endpoint (SPEC §6).
 pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
     tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
-    let hi = hi.min(lo + BACKFILL_EVENTS_MAX);
+    let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
     let mut missing = Vec::new();
     for seq in lo..hi {
         if !app
@@ -824,7 +824,8 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
         return Ok(0);
     };
     tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
-    let (_, stored, _) = backfill(app, room_id, Some(last + 1), last - first + 1).await?;
+    let (_, stored, _) =
+        backfill(app, room_id, Some(last.saturating_add(1)), last - first + 1).await?;
     Ok(stored)
 }
 

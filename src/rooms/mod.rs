@@ -225,17 +225,21 @@ impl Plan {
         let Some(start) = self.room.contiguous_seq.or(self.room.joined_seq) else {
             return Ok(None);
         };
+        let next_seq = self.room.next_seq;
+        let after = |c: u64| c.checked_add(1).filter(|n| *n < next_seq);
         let mut c = start;
-        while c + 1 < self.room.next_seq
-            && (fresh.contains(&(c + 1))
+        while let Some(n) = after(c) {
+            let held = fresh.contains(&n)
                 || app
                     .store
-                    .contains(T::Events, &keys::event(&self.room.room_id, c + 1))?)
-        {
-            c += 1;
+                    .contains(T::Events, &keys::event(&self.room.room_id, n))?;
+            if !held {
+                break;
+            }
+            c = n;
         }
         self.room.contiguous_seq = Some(c);
-        Ok((c + 1 < self.room.next_seq).then_some(c + 1))
+        Ok(after(c))
     }
 
     /// Record the room and the changed members into `w`.

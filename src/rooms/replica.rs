@@ -99,7 +99,7 @@ pub async fn accept_from_host(
         }
         w.append(rows.take().expect("each event is staged once"));
         postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
-        plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+        plan.room.next_seq = plan.room.next_seq.max(seq.saturating_add(1));
         let expires = match &event.content {
             Content::Member {
                 membership: Membership::Invite,
@@ -355,13 +355,33 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
     let Some(mut plan) = Plan::load(app, &event.room_id)? else {
         return Ok(());
     };
+    let pending_key = keys::pending(event.room_id.as_str(), &event.event_id.to_string());
+    let at = keys::event(event.room_id.as_str(), seq);
+    if let Some(stored) = app.store.get::<StoredEvent>(T::Events, &at)? {
+        let same = !stored.rejected
+            && Event::parse(&stored.json)
+                .is_ok_and(|(e, _)| e.origin == event.origin && e.event_id == event.event_id);
+        if !same {
+            // The host gave one seq to two events: what we hold there came
+            // in first and stays; ours cannot be placed, so it failed.
+            tracing::warn!(
+                room_id = %event.room_id,
+                event_id = %event.event_id,
+                seq,
+                "the host answered our event with a seq that holds another event; keeping the stored one and marking ours failed"
+            );
+            if let Some(mut ours) = app.store.get::<StoredEvent>(T::Pending, &pending_key)? {
+                ours.state = DeliveryState::Failed;
+                app.store.put(T::Pending, &pending_key, &ours)?;
+                app.store.flush().await?;
+            }
+            return Ok(());
+        }
+    }
     let mut w = WriteSet::default();
-    w.remove(
-        T::Pending,
-        keys::pending(event.room_id.as_str(), &event.event_id.to_string()),
-    );
+    w.remove(T::Pending, pending_key);
     write_event(&mut w, event, seq, event.content_hash())?;
-    plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+    plan.room.next_seq = plan.room.next_seq.max(seq.saturating_add(1));
     if let Content::Member {
         membership: Membership::Join,
         target,

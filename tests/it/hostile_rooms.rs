@@ -3,12 +3,14 @@
 //! key (SPEC §6: a host can withhold or delay events, never forge them,
 //! and never decide our participants' membership).
 
-use scaiwave::federation::event::{Content, Membership, RoomSummary};
+use scaiwave::error::Code;
+use scaiwave::federation::event::{Content, Event, Membership, RoomSummary};
 use scaiwave::ids::{Fqid, RoomId};
-use scaiwave::storage::{self, keys, Member, T};
+use scaiwave::rooms::replica;
+use scaiwave::storage::{self, keys, Member, StoredEvent, T};
 use serde_json::{json, Value};
 
-use crate::federation::shared_room;
+use crate::federation::{bodies, shared_room, texts};
 use crate::testnet::{self, eventually, signed_event, TestNet};
 
 /// A room id hosted by `host` that its replicas have never heard of.
@@ -272,5 +274,99 @@ async fn a_hosts_member_list_does_not_decide_our_participants_membership() {
         .and_then(|m| m.display_name)
         .unwrap();
     assert!(name.len() <= 256 && name.starts_with("é"), "{name}");
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seqs_beyond_json_integers_are_refused_at_parse() {
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let room = unknown_room(&net, "a.test");
+    let mut event = message_at(&net, "a.test", &room, &alice.fqid, "hi", 1);
+    for (seq, ok) in [
+        (json!((1u64 << 53) - 1), true),
+        (json!(1u64 << 53), false),
+        (json!(u64::MAX), false),
+    ] {
+        event["unsigned"]["seq"] = seq.clone();
+        let parsed = Event::from_value(event.clone());
+        match parsed {
+            Ok((_, got)) => assert!(ok && got == seq.as_u64(), "{seq} must be refused"),
+            Err(e) => {
+                assert!(!ok, "{seq}: {e:?}");
+                assert_eq!(e.code, Code::BadEvent, "{seq}");
+                assert!(e.message.contains("unsigned.seq"), "{}", e.message);
+            }
+        }
+    }
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_seq_at_u64_max_does_not_wrap() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, _bob, room) = shared_room(&net).await;
+    // Below the parser, which refuses such a seq: nothing may overflow.
+    let event = signed_event(
+        net.server("a.test").app(),
+        &room,
+        &alice.fqid,
+        testnet::message("at the end"),
+    );
+    let b = net.server("b.test").app().clone();
+    let host = net.server("a.test").name.clone();
+    let out = replica::accept_from_host(&b, &host, vec![(event, u64::MAX)])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_never_overwrites_a_stored_event() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    net.post(&alice, &room, json!({"body": "first"})).await;
+    eventually("b has alice's message", || async {
+        texts(&net, &bob, &room).await == ["first"]
+    })
+    .await;
+    let b = net.server("b.test").app().clone();
+    let first_seq = net.messages(&bob, &room).await[0]["seq"].as_u64().unwrap();
+    let stored_before: StoredEvent = b
+        .store
+        .get(T::Events, &keys::event(&room, first_seq))
+        .unwrap()
+        .unwrap();
+    // bob's message waits for the host, which then "answers" with a seq
+    // that already holds alice's message.
+    net.server_mut("a.test").stop().await;
+    let (s, v) = net.post(&bob, &room, json!({"body": "mine"})).await;
+    assert_eq!(s, 200, "{v}");
+    let event_id = v["event_id"].as_str().unwrap();
+    let pending: StoredEvent = b
+        .store
+        .get(T::Pending, &keys::pending(&room, event_id))
+        .unwrap()
+        .unwrap();
+    let (event, _) = Event::parse(&pending.json).unwrap();
+    replica::settle(&b, &event, first_seq).await.unwrap();
+    let stored_after: Option<StoredEvent> = b
+        .store
+        .get(T::Events, &keys::event(&room, first_seq))
+        .unwrap();
+    assert_eq!(stored_after, Some(stored_before));
+    let roomid = RoomId::parse(&room).unwrap();
+    assert_eq!(
+        scaiwave::rooms::flows::pending_state(&b, &roomid, event_id).unwrap(),
+        Some(scaiwave::storage::DeliveryState::Failed)
+    );
+    assert_eq!(
+        bodies(&net, &bob, &room).await,
+        [
+            (Some(first_seq), "first".into(), "sent".into()),
+            (None, "mine".into(), "failed".into())
+        ]
+    );
     net.stop_all().await;
 }
