@@ -61,3 +61,10 @@ pub const CONNECTIONS_MAX: usize = 4096;
 /// insert), so a lying host could otherwise fill our store in one answer.
 /// Far above any room a replica shares (the foreign limit is 50 by default).
 pub const MEMBERS_ANSWER_ENTRIES_MAX: usize = 10_000;
+/// How far past the newest seq it has seen a replica takes a host's event
+/// while it tracks the room's history. A seq beyond it would open a gap no
+/// backfill closes (each fill pulls at most `BACKFILL_EVENTS_MAX`), kept
+/// open for ever. Delivery keeps at most 8 transactions of 100 events in
+/// flight, far below it; a replica left further behind catches up with an
+/// admin backfill, which starts from the newest events.
+pub const SEQ_AHEAD_MAX: u64 = 10_000;

@@ -18,7 +18,8 @@ pub mod replica;
 pub mod search;
 pub mod sever;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
@@ -29,11 +30,46 @@ use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
 use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
 
-/// One async mutex per room, created on first use.
+/// One async mutex per room, created on first use, and the per-room
+/// background work that must not run twice at once (gap fills).
 #[derive(Default)]
-pub struct RoomLocks(Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>);
+pub struct RoomLocks {
+    locks: Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Rooms whose gap fill runs now. A std mutex: held only for one set
+    /// update, never across an await.
+    filling: Mutex<HashSet<RoomId>>,
+    /// Fill tasks running now, counted apart from the set so a test sees
+    /// tasks, not rooms.
+    fills_running: AtomicUsize,
+}
 
 impl RoomLocks {
+    /// Claim the room's one gap fill; false if one already runs (it will
+    /// see this batch's gap too, or the next batch tries again).
+    pub fn begin_gap_fill(&self, room_id: &RoomId) -> bool {
+        let claimed = self
+            .filling
+            .lock()
+            .expect("gap fill set")
+            .insert(room_id.clone());
+        if claimed {
+            self.fills_running.fetch_add(1, Ordering::SeqCst);
+        }
+        claimed
+    }
+
+    /// Release what [`RoomLocks::begin_gap_fill`] claimed.
+    pub fn end_gap_fill(&self, room_id: &RoomId) {
+        if self.filling.lock().expect("gap fill set").remove(room_id) {
+            self.fills_running.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many gap fill tasks run now.
+    pub fn gap_fills_running(&self) -> usize {
+        self.fills_running.load(Ordering::SeqCst)
+    }
+
     /// Lock every room in `rooms`, in sorted order so two batches never deadlock.
     pub async fn lock_all(
         &self,
@@ -41,7 +77,7 @@ impl RoomLocks {
     ) -> Vec<OwnedMutexGuard<()>> {
         let sorted: BTreeSet<RoomId> = rooms.into_iter().collect();
         let locks: Vec<_> = {
-            let mut map = self.0.lock().expect("room lock map");
+            let mut map = self.locks.lock().expect("room lock map");
             sorted
                 .into_iter()
                 .map(|r| map.entry(r).or_default().clone())
@@ -185,6 +221,20 @@ impl Plan {
             }
         }
         self.set_member(m);
+        let replica_room = RoomId::parse(&room_id).is_ok_and(|r| r.host() != app.server_name);
+        if local_target && *membership != Membership::Join && replica_room {
+            let anyone_of_ours_joined = self.members.values().any(|m| {
+                m.membership == Membership::Join
+                    && crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| app.is_local(&f))
+            });
+            if !anyone_of_ours_joined {
+                // Nothing of this room is ours to keep complete any more; a
+                // later invite may come at any seq, and gap tracking starts
+                // again at the next join (which `replica::settle` records).
+                self.room.joined_seq = None;
+                self.room.contiguous_seq = None;
+            }
+        }
         if local_target {
             let ur = keys::user_room(target.as_str(), &room_id);
             match membership {

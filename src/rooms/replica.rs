@@ -9,6 +9,7 @@ use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
+use crate::limits::SEQ_AHEAD_MAX;
 use crate::rooms::{dedup, search, write_event, write_event_unindexed, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
@@ -85,6 +86,20 @@ pub async fn accept_from_host(
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
+        // While we track the room's history, a seq far past what we have
+        // seen would hold a gap open that no backfill can close. With no
+        // participant of ours joined, nothing is tracked and a new invite
+        // may come at any seq.
+        let ahead_max = plan.room.next_seq.saturating_add(SEQ_AHEAD_MAX);
+        if plan.room.joined_seq.is_some() && *seq > ahead_max {
+            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
+                "seq {seq} of {} is more than {SEQ_AHEAD_MAX} past the newest seq {} has seen ({}); a host numbers a room's events one after another",
+                event.room_id,
+                app.server_name,
+                plan.room.next_seq.saturating_sub(1)
+            ))));
+            continue;
+        }
         let held = !taken.insert((event.room_id.clone(), *seq))
             || (*seq < stored_below[&event.room_id]
                 && app
@@ -148,8 +163,13 @@ pub async fn accept_from_host(
     app.publish(live);
     // Fill gaps shortly, if they are still there then; a gap that cannot
     // be filled now is tried again with the next batch for the room.
+    // One fill per room at a time: batches arriving meanwhile would each
+    // pull the same history (up to a whole backfill answer each).
     for (room_id, from, to) in gaps {
         if let Some(handle) = app.delivery.app_handle() {
+            if !handle.room_locks.begin_gap_fill(&room_id) {
+                continue;
+            }
             let tasks = handle.tasks.clone();
             tasks.spawn(async move {
                 let fill = crate::rooms::flows::fill_gap(&handle, &room_id, from, to);
@@ -159,6 +179,7 @@ pub async fn accept_from_host(
                     },
                     _ = handle.shutdown.cancelled() => {}
                 }
+                handle.room_locks.end_gap_fill(&room_id);
             });
         }
     }
@@ -281,6 +302,11 @@ fn invite_for_unknown_room(
         },
     )?;
     Ok(Outcome::Accepted(seq))
+}
+
+/// Gap fills running now (at most one per room).
+pub fn gap_fills_running(app: &App) -> usize {
+    app.room_locks.gap_fills_running()
 }
 
 /// Create the local record of a replica room before our join goes out, so

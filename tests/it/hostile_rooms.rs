@@ -370,3 +370,99 @@ async fn settle_never_overwrites_a_stored_event() {
     );
     net.stop_all().await;
 }
+
+/// The seq b's copy of `room` expects next.
+fn next_seq(net: &TestNet, server: &str, room: &str) -> u64 {
+    net.server(server)
+        .app()
+        .store
+        .get::<scaiwave::storage::Room>(T::Rooms, room.as_bytes())
+        .unwrap()
+        .unwrap()
+        .next_seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_far_ahead_is_refused_and_opens_no_gap() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, _bob, room) = shared_room(&net).await;
+    let before = next_seq(&net, "b.test", &room);
+    let far = message_at(&net, "a.test", &room, &alice.fqid, "far", 1 << 52);
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-far-seq", vec![far])
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let r = &results(&v)[0];
+    assert_eq!(
+        (r["status"].as_str(), code(r)),
+        (Some("rejected"), "SW_FED_BAD_EVENT"),
+        "{v}"
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("past the newest seq"),
+        "{v}"
+    );
+    assert_eq!(next_seq(&net, "b.test", &room), before);
+    assert_eq!(replica::gap_fills_running(net.server("b.test").app()), 0);
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_with_a_gap_share_one_fill() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, _bob, room) = shared_room(&net).await;
+    let next = next_seq(&net, "b.test", &room);
+    for i in 0..4 {
+        let e = message_at(
+            &net,
+            "a.test",
+            &room,
+            &alice.fqid,
+            "after a gap",
+            next + 5 + i,
+        );
+        let (s, v) = net
+            .send_events("a.test", "b.test", &format!("t-gap-{i}"), vec![e])
+            .await;
+        assert_eq!(
+            (s, results(&v)[0]["status"].as_str()),
+            (200, Some("accepted")),
+            "{v}"
+        );
+    }
+    // Well within the fill's first wait.
+    assert_eq!(replica::gap_fills_running(net.server("b.test").app()), 1);
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_everyone_of_ours_left_an_invite_may_come_at_any_seq() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let path = format!("/v1/rooms/{}/leave", testnet::enc(&room));
+    let (s, v) = net.as_user(&bob, reqwest::Method::POST, &path, None).await;
+    assert_eq!(s, 200, "{v}");
+    eventually("bob's leave is settled on b", || async {
+        member_row(&net, "b.test", &room, &bob.fqid)
+            .is_some_and(|m| m.membership == Membership::Leave)
+    })
+    .await;
+    // The room went on for a long time without b.
+    let seq = next_seq(&net, "b.test", &room) + 50_000;
+    let far = net.server("b.test").app().clock.now_ms() + 60_000;
+    let mut again = invite(&net, "a.test", &room, &alice.fqid, &bob.fqid, far);
+    again["unsigned"]["seq"] = json!(seq);
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-reinvite", vec![again])
+        .await;
+    assert_eq!(
+        (s, results(&v)[0]["status"].as_str()),
+        (200, Some("accepted")),
+        "{v}"
+    );
+    assert_eq!(net.invitations(&bob).await.len(), 1);
+    net.stop_all().await;
+}
