@@ -34,7 +34,11 @@ use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet
 /// background work that must not run twice at once (gap fills).
 #[derive(Default)]
 pub struct RoomLocks {
-    locks: Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Shared with every [`RoomGuard`], which removes its room's entry
+    /// when it is the last one out: room ids come from peers, so the map
+    /// holds only rooms locked or waited for now. A std mutex: held for
+    /// map updates only, never across an await.
+    locks: Arc<LockMap>,
     /// Rooms whose gap fill runs now. A std mutex: held only for one set
     /// update, never across an await.
     filling: Mutex<HashSet<RoomId>>,
@@ -71,24 +75,76 @@ impl RoomLocks {
     }
 
     /// Lock every room in `rooms`, in sorted order so two batches never deadlock.
-    pub async fn lock_all(
-        &self,
-        rooms: impl IntoIterator<Item = RoomId>,
-    ) -> Vec<OwnedMutexGuard<()>> {
+    pub async fn lock_all(&self, rooms: impl IntoIterator<Item = RoomId>) -> Vec<RoomGuard> {
         let sorted: BTreeSet<RoomId> = rooms.into_iter().collect();
-        let locks: Vec<_> = {
+        // Each room counts this caller as a user before any await, and the
+        // count drops with the `LockUser` whether the lock was got or the
+        // caller was cancelled while waiting.
+        let entries: Vec<(LockUser, Arc<tokio::sync::Mutex<()>>)> = {
             let mut map = self.locks.lock().expect("room lock map");
             sorted
                 .into_iter()
-                .map(|r| map.entry(r).or_default().clone())
+                .map(|r| {
+                    let e = map.entry(r.clone()).or_insert_with(|| LockEntry {
+                        lock: Arc::default(),
+                        users: 0,
+                    });
+                    e.users += 1;
+                    let user = LockUser {
+                        room_id: r,
+                        map: self.locks.clone(),
+                    };
+                    (user, e.lock.clone())
+                })
                 .collect()
         };
-        let mut guards = Vec::with_capacity(locks.len());
-        for l in locks {
-            guards.push(l.lock_owned().await);
+        let mut guards = Vec::with_capacity(entries.len());
+        for (user, lock) in entries {
+            guards.push(RoomGuard {
+                _guard: lock.lock_owned().await,
+                _user: user,
+            });
         }
         guards
     }
+
+    /// Rooms with a lock entry now (held or waited for).
+    pub fn entries(&self) -> usize {
+        self.locks.lock().expect("room lock map").len()
+    }
+}
+
+struct LockEntry {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Callers holding or waiting for `lock`.
+    users: usize,
+}
+
+type LockMap = Mutex<HashMap<RoomId, LockEntry>>;
+
+/// One caller's claim on a room's entry; the last one out removes it.
+struct LockUser {
+    room_id: RoomId,
+    map: Arc<LockMap>,
+}
+
+impl Drop for LockUser {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("room lock map");
+        if let Some(e) = map.get_mut(&self.room_id) {
+            e.users -= 1;
+            if e.users == 0 {
+                map.remove(&self.room_id);
+            }
+        }
+    }
+}
+
+/// A held room lock. Fields drop in order: the room is unlocked first,
+/// then the claim on its entry goes.
+pub struct RoomGuard {
+    _guard: OwnedMutexGuard<()>,
+    _user: LockUser,
 }
 
 /// What happened to one event of a batch.
@@ -362,5 +418,43 @@ pub fn dedup(app: &App, event: &Event, hash: &[u8; 32]) -> Result<Option<Outcome
             "event {} from {} was seen before with different content; an event_id names one event for ever",
             event.event_id, event.origin
         ))))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(n: u8) -> RoomId {
+        RoomId::parse(&format!("!room{n:02}aaaaaaaaaaaaaaaa:a.test")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_room_lock_is_forgotten_when_its_last_user_is_gone() {
+        let locks = Arc::new(RoomLocks::default());
+        let held = locks.lock_all([room(1), room(2)]).await;
+        assert_eq!(locks.entries(), 2);
+        // A waiter keeps the entry while the holder lets go.
+        let waiting = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let g = locks.lock_all([room(1)]).await;
+                drop(g);
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        waiting.await.unwrap();
+        assert_eq!(locks.entries(), 0);
+        // A lock_all cancelled while waiting leaves nothing behind.
+        let held = locks.lock_all([room(3)]).await;
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            locks.lock_all([room(3), room(4)]),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        drop(held);
+        assert_eq!(locks.entries(), 0);
     }
 }
