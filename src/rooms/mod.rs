@@ -15,6 +15,7 @@ pub mod flows;
 pub mod host;
 pub mod presence;
 pub mod replica;
+pub mod retention;
 pub mod search;
 pub mod sever;
 

@@ -3,6 +3,8 @@
 //! key (SPEC §6: a host can withhold or delay events, never forge them,
 //! and never decide our participants' membership).
 
+use std::time::Duration;
+
 use scaiwave::error::Code;
 use scaiwave::federation::event::{Content, Event, Membership, RoomSummary};
 use scaiwave::ids::{Fqid, RoomId};
@@ -464,5 +466,25 @@ async fn after_everyone_of_ours_left_an_invite_may_come_at_any_seq() {
         "{v}"
     );
     assert_eq!(net.invitations(&bob).await.len(), 1);
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_send_answers_go_after_a_day() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let room = unknown_room(&net, "a.test");
+    let e = message_at(&net, "a.test", &room, &alice.fqid, "x", 1);
+    net.send_events("a.test", "b.test", "t-kept-a-day", vec![e])
+        .await;
+    let b = net.server("b.test").app().clone();
+    assert_eq!(b.store.count_prefix(T::Txns, b""), 1);
+    let pass = scaiwave::rooms::retention::run_pass(&b).unwrap();
+    assert_eq!(pass.txn_answers, 0, "still fresh");
+    b.clock.advance(Duration::from_secs(25 * 3600));
+    let pass = scaiwave::rooms::retention::run_pass(&b).unwrap();
+    assert_eq!(pass.txn_answers, 1);
+    assert_eq!(b.store.count_prefix(T::Txns, b""), 0);
+    assert_eq!(b.store.count_prefix(T::TxnTimes, b""), 0);
     net.stop_all().await;
 }
