@@ -330,6 +330,7 @@ impl App {
             room_id: room_id.map(str::to_string),
             code: code.map(|c| c.as_str().to_string()),
             detail: detail.to_string(),
+            unverified: false,
         }
     }
 

@@ -88,12 +88,19 @@ impl Clock {
     }
 }
 
+/// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write.
+const RFC3339_MS_MAX: i64 = 253_402_300_799_999;
+
 /// RFC 3339 UTC text of a millisecond timestamp (SPEC §2: JSON times).
 /// Milliseconds are kept: a key's `rotated_at` decides which events it may
 /// verify, and truncating it to the second would refuse events signed
 /// just before a rotation.
+///
+/// Any i64 is taken: times before 1970 or after 9999 (which RFC 3339's
+/// four-digit year cannot write, and which stored peer data may hold) are
+/// clamped to the first or last instant it can write, never a panic.
 pub fn rfc3339(ms: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    let t = UNIX_EPOCH + Duration::from_millis(ms.clamp(0, RFC3339_MS_MAX) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
@@ -126,5 +133,17 @@ mod tests {
     #[test]
     fn formats_rfc3339() {
         assert_eq!(rfc3339(1_764_000_000_123), "2025-11-24T16:00:00.123Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(i64::MIN), "1970-01-01T00:00:00.000Z");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn rfc3339_takes_every_i64(ms in proptest::num::i64::ANY) {
+            let text = rfc3339(ms);
+            let back = humantime::parse_rfc3339(&text).unwrap();
+            let back_ms = back.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+            proptest::prop_assert_eq!(back_ms, ms.clamp(0, RFC3339_MS_MAX));
+        }
     }
 }

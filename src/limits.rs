@@ -90,3 +90,18 @@ pub const BACKFILL_EVENTS_MAX: u64 = 1000;
 pub const AUDIT_PAGE_MAX: usize = 1000;
 /// How long graceful shutdown waits for in-flight requests, seconds.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
+
+// Rooms and storage bounds (issue 9).
+
+/// Entries a replica takes from one host's `members` answer: each is a
+/// member row written under the room lock (about 100 bytes and one sled
+/// insert), so a lying host could otherwise fill our store in one answer.
+/// Far above any room a replica shares (the foreign limit is 50 by default).
+pub const MEMBERS_ANSWER_ENTRIES_MAX: usize = 10_000;
+/// How far past the newest seq it has seen a replica takes a host's event
+/// while it tracks the room's history. A seq beyond it would open a gap no
+/// backfill closes (each fill pulls at most `BACKFILL_EVENTS_MAX`), kept
+/// open for ever. Delivery keeps at most 8 transactions of 100 events in
+/// flight, far below it; a replica left further behind catches up with an
+/// admin backfill, which starts from the newest events.
+pub const SEQ_AHEAD_MAX: u64 = 10_000;

@@ -99,7 +99,7 @@ pub async fn start_on_with(
     app.delivery.start(&app)?;
     app.tasks.spawn(rotation_timer(app.clone()));
     app.tasks.spawn(crate::cli::serve_socket(app.clone()));
-    app.tasks.spawn(audit_retention(app.clone()));
+    app.tasks.spawn(retention(app.clone()));
     tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
     Ok(Running {
         addr,
@@ -133,19 +133,21 @@ pub async fn rotation_timer(app: Arc<App>) {
     }
 }
 
-/// How often old audit rows are pruned.
-const AUDIT_PRUNE_INTERVAL_SECS: u64 = 3600;
+/// How often the retention pass runs.
+const RETENTION_INTERVAL_SECS: u64 = 3600;
 
-/// Keep the audit log within `audit.retention` (SPEC §11).
-async fn audit_retention(app: Arc<App>) {
+/// Keep what ages out within its retention: audit rows (`audit.retention`,
+/// SPEC §11), cached `/send` answers, and the rest of
+/// [`crate::rooms::retention::run_pass`].
+async fn retention(app: Arc<App>) {
     loop {
-        match app.prune_audit() {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(rows = n, "pruned audit rows past audit.retention"),
-            Err(e) => tracing::error!(error = %e, "audit pruning failed"),
+        match crate::rooms::retention::run_pass(&app) {
+            Ok(p) if p == Default::default() => {}
+            Ok(p) => tracing::info!(pruned = ?p, "retention pass pruned rows past their retention"),
+            Err(e) => tracing::error!(error = %e, "retention pass failed"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(AUDIT_PRUNE_INTERVAL_SECS)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(RETENTION_INTERVAL_SECS)) => {}
             _ = app.shutdown.cancelled() => return,
         }
     }

@@ -416,9 +416,16 @@ impl Event {
             None => None,
             Some(Value::Object(u)) => match u.get("seq") {
                 None => None,
+                // Bounded like every JSON integer of SPEC §5 (unsigned is
+                // outside the signed checks, and lenient parsers such as a
+                // backfill answer's take up to u64::MAX): no seq can then
+                // reach the top of u64, where `seq + 1` would wrap.
                 Some(s) => Some(
                     s.as_u64()
-                        .ok_or_else(|| wrong_type("unsigned.seq", "a non-negative integer"))?,
+                        .filter(|&n| n <= crate::limits::JSON_INTEGER_ABS_MAX as u64)
+                        .ok_or_else(|| {
+                            wrong_type("unsigned.seq", "a non-negative integer of at most 2^53-1")
+                        })?,
                 ),
             },
             Some(_) => return Err(wrong_type("unsigned", "an object")),

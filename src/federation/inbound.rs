@@ -466,7 +466,7 @@ pub async fn send(app: &App, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>
             at_ms: now,
             answer: answer.clone(),
         };
-        app.store.put(T::Txns, &txn_key, &record)?;
+        app.store.put_txn(origin.as_str(), txn_id, &record)?;
     }
     tracing::debug!(
         parse_us = t_parsed.as_micros() as u64,

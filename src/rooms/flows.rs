@@ -14,7 +14,9 @@ use crate::federation::delivery::{classify, Attempt};
 use crate::federation::event::{Content, Event, Membership, RoomSummary};
 use crate::federation::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
 use crate::ids::{EventId, Fqid, RoomId};
-use crate::limits::{BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS};
+use crate::limits::{
+    BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS,
+};
 use crate::rooms::host::{self, Source};
 use crate::rooms::{load_members, load_room, replica, Outcome};
 use crate::storage::{
@@ -641,16 +643,26 @@ pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Resu
     Ok(())
 }
 
+/// Take the host's member list after our join. It is the host's word, so
+/// it is bounded ([`MEMBERS_ANSWER_ENTRIES_MAX`] entries, names of at most
+/// [`SHORT_TEXT_BYTES_MAX`] bytes) and never touches our own participants,
+/// whose membership only their own events decide.
 async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
     let _guard = app.room_locks.lock_all([room_id.clone()]).await;
     let mut w = storage::WriteSet::default();
-    for m in &answer.members {
+    if answer.members.len() > MEMBERS_ANSWER_ENTRIES_MAX {
+        tracing::warn!(room_id = %room_id, listed = answer.members.len(), "the host listed more members than we take; keeping the first {MEMBERS_ANSWER_ENTRIES_MAX}");
+    }
+    for m in answer.members.iter().take(MEMBERS_ANSWER_ENTRIES_MAX) {
         let Some(membership) = Membership::parse(&m.membership) else {
             continue;
         };
         let Ok(f) = Fqid::parse(&m.fqid) else {
             continue;
         };
+        if app.is_local(&f) {
+            continue;
+        }
         let k = keys::member(room_id.as_str(), f.as_str());
         let prev: Option<Member> = app.store.get(T::Members, &k)?;
         let mut member = prev.unwrap_or(Member {
@@ -660,13 +672,25 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
             invite_expires_at_ms: None,
         });
         member.membership = membership;
-        if m.display_name.is_some() {
-            member.display_name = m.display_name.clone();
+        if let Some(name) = &m.display_name {
+            // Truncated rather than dropped: the start of a long name still
+            // tells members apart, and no name at all shows a bare FQID.
+            member.display_name = Some(truncate_at_char_boundary(name, SHORT_TEXT_BYTES_MAX));
         }
         w.put(T::Members, k, &member)?;
     }
     app.store.commit(&w)?;
     Ok(())
+}
+
+/// The longest prefix of `text` of at most `bytes_max` bytes that ends
+/// on a character boundary.
+fn truncate_at_char_boundary(text: &str, bytes_max: usize) -> String {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// Fetch history before `before_seq` from the host, verify every event, and
@@ -718,7 +742,7 @@ pub async fn backfill(
                             rejected: true,
                         },
                     )?;
-                    top = top.max(seq + 1);
+                    top = top.max(seq.saturating_add(1));
                 }
             }
             continue;
@@ -742,7 +766,7 @@ pub async fn backfill(
             continue;
         }
         crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
-        top = top.max(seq + 1);
+        top = top.max(seq.saturating_add(1));
         stored += 1;
     }
     app.store.commit(&w)?;
@@ -845,7 +869,7 @@ pub const GAP_FILL_DELAY_MS: u64 = 2000;
 /// short wait, from the host's backfill endpoint (SPEC §6).
 pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
     tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
-    let hi = hi.min(lo + BACKFILL_EVENTS_MAX);
+    let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
     let mut missing = Vec::new();
     for seq in lo..hi {
         if !app
@@ -859,7 +883,8 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
         return Ok(0);
     };
     tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
-    let (_, stored, _) = backfill(app, room_id, Some(last + 1), last - first + 1).await?;
+    let (_, stored, _) =
+        backfill(app, room_id, Some(last.saturating_add(1)), last - first + 1).await?;
     Ok(stored)
 }
 

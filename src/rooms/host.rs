@@ -215,7 +215,14 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
         }
         seen.insert(id_key, hash);
         let seq = plan.room.next_seq;
-        plan.room.next_seq += 1;
+        let Some(next_seq) = seq.checked_add(1) else {
+            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
+                "room {} has used every seq; it takes no more events",
+                event.room_id
+            ))));
+            continue;
+        };
+        plan.room.next_seq = next_seq;
         write_event(&mut w, event, seq, hash)?;
 
         // Fan out to servers participating before this event (so a kicked or

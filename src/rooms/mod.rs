@@ -15,10 +15,12 @@ pub mod flows;
 pub mod host;
 pub mod presence;
 pub mod replica;
+pub mod retention;
 pub mod search;
 pub mod sever;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
@@ -29,30 +31,133 @@ use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
 use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
 
-/// One async mutex per room, created on first use.
+/// One async mutex per room, created on first use, and the per-room
+/// background work that must not run twice at once (gap fills).
 #[derive(Default)]
-pub struct RoomLocks(Mutex<HashMap<RoomId, Arc<tokio::sync::Mutex<()>>>>);
+pub struct RoomLocks {
+    /// Shared with every [`RoomGuard`], which removes its room's entry
+    /// when it is the last one out: room ids come from peers, so the map
+    /// holds only rooms locked or waited for now. A std mutex: held for
+    /// map updates only, never across an await.
+    locks: Arc<LockMap>,
+    /// Rooms whose gap fill runs now, each with whether a batch came in
+    /// meanwhile with a gap of its own (the fill then runs once more). A
+    /// std mutex: held only for one map update, never across an await.
+    filling: Mutex<HashMap<RoomId, bool>>,
+    /// Fill tasks running now, counted apart from the set so a test sees
+    /// tasks, not rooms.
+    fills_running: AtomicUsize,
+}
 
 impl RoomLocks {
+    /// Claim the room's one gap fill; false if one already runs, which is
+    /// then told to run once more when it is done (it may have started
+    /// before this batch's gap could be filled).
+    pub fn begin_gap_fill(&self, room_id: &RoomId) -> bool {
+        let mut filling = self.filling.lock().expect("gap fill set");
+        if let Some(again) = filling.get_mut(room_id) {
+            *again = true;
+            return false;
+        }
+        filling.insert(room_id.clone(), false);
+        self.fills_running.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// The claimed fill is done: true if it must run once more (a batch
+    /// asked meanwhile), else the claim is released.
+    pub fn end_gap_fill(&self, room_id: &RoomId) -> bool {
+        let mut filling = self.filling.lock().expect("gap fill set");
+        match filling.get_mut(room_id) {
+            Some(again) if *again => {
+                *again = false;
+                true
+            }
+            Some(_) => {
+                filling.remove(room_id);
+                self.fills_running.fetch_sub(1, Ordering::SeqCst);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// How many gap fill tasks run now.
+    pub fn gap_fills_running(&self) -> usize {
+        self.fills_running.load(Ordering::SeqCst)
+    }
+
     /// Lock every room in `rooms`, in sorted order so two batches never deadlock.
-    pub async fn lock_all(
-        &self,
-        rooms: impl IntoIterator<Item = RoomId>,
-    ) -> Vec<OwnedMutexGuard<()>> {
+    pub async fn lock_all(&self, rooms: impl IntoIterator<Item = RoomId>) -> Vec<RoomGuard> {
         let sorted: BTreeSet<RoomId> = rooms.into_iter().collect();
-        let locks: Vec<_> = {
-            let mut map = self.0.lock().expect("room lock map");
+        // Each room counts this caller as a user before any await, and the
+        // count drops with the `LockUser` whether the lock was got or the
+        // caller was cancelled while waiting.
+        let entries: Vec<(LockUser, Arc<tokio::sync::Mutex<()>>)> = {
+            let mut map = self.locks.lock().expect("room lock map");
             sorted
                 .into_iter()
-                .map(|r| map.entry(r).or_default().clone())
+                .map(|r| {
+                    let e = map.entry(r.clone()).or_insert_with(|| LockEntry {
+                        lock: Arc::default(),
+                        users: 0,
+                    });
+                    e.users += 1;
+                    let user = LockUser {
+                        room_id: r,
+                        map: self.locks.clone(),
+                    };
+                    (user, e.lock.clone())
+                })
                 .collect()
         };
-        let mut guards = Vec::with_capacity(locks.len());
-        for l in locks {
-            guards.push(l.lock_owned().await);
+        let mut guards = Vec::with_capacity(entries.len());
+        for (user, lock) in entries {
+            guards.push(RoomGuard {
+                _guard: lock.lock_owned().await,
+                _user: user,
+            });
         }
         guards
     }
+
+    /// Rooms with a lock entry now (held or waited for).
+    pub fn entries(&self) -> usize {
+        self.locks.lock().expect("room lock map").len()
+    }
+}
+
+struct LockEntry {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Callers holding or waiting for `lock`.
+    users: usize,
+}
+
+type LockMap = Mutex<HashMap<RoomId, LockEntry>>;
+
+/// One caller's claim on a room's entry; the last one out removes it.
+struct LockUser {
+    room_id: RoomId,
+    map: Arc<LockMap>,
+}
+
+impl Drop for LockUser {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("room lock map");
+        if let Some(e) = map.get_mut(&self.room_id) {
+            e.users -= 1;
+            if e.users == 0 {
+                map.remove(&self.room_id);
+            }
+        }
+    }
+}
+
+/// A held room lock. Fields drop in order: the room is unlocked first,
+/// then the claim on its entry goes.
+pub struct RoomGuard {
+    _guard: OwnedMutexGuard<()>,
+    _user: LockUser,
 }
 
 /// What happened to one event of a batch.
@@ -185,6 +290,20 @@ impl Plan {
             }
         }
         self.set_member(m);
+        let replica_room = RoomId::parse(&room_id).is_ok_and(|r| r.host() != app.server_name);
+        if local_target && *membership != Membership::Join && replica_room {
+            let anyone_of_ours_joined = self.members.values().any(|m| {
+                m.membership == Membership::Join
+                    && crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| app.is_local(&f))
+            });
+            if !anyone_of_ours_joined {
+                // Nothing of this room is ours to keep complete any more; a
+                // later invite may come at any seq, and gap tracking starts
+                // again at the next join (which `replica::settle` records).
+                self.room.joined_seq = None;
+                self.room.contiguous_seq = None;
+            }
+        }
         if local_target {
             let ur = keys::user_room(target.as_str(), &room_id);
             match membership {
@@ -225,17 +344,21 @@ impl Plan {
         let Some(start) = self.room.contiguous_seq.or(self.room.joined_seq) else {
             return Ok(None);
         };
+        let next_seq = self.room.next_seq;
+        let after = |c: u64| c.checked_add(1).filter(|n| *n < next_seq);
         let mut c = start;
-        while c + 1 < self.room.next_seq
-            && (fresh.contains(&(c + 1))
+        while let Some(n) = after(c) {
+            let held = fresh.contains(&n)
                 || app
                     .store
-                    .contains(T::Events, &keys::event(&self.room.room_id, c + 1))?)
-        {
-            c += 1;
+                    .contains(T::Events, &keys::event(&self.room.room_id, n))?;
+            if !held {
+                break;
+            }
+            c = n;
         }
         self.room.contiguous_seq = Some(c);
-        Ok((c + 1 < self.room.next_seq).then_some(c + 1))
+        Ok(after(c))
     }
 
     /// Record the room and the changed members into `w`.
@@ -308,5 +431,43 @@ pub fn dedup(app: &App, event: &Event, hash: &[u8; 32]) -> Result<Option<Outcome
             "event {} from {} was seen before with different content; an event_id names one event for ever",
             event.event_id, event.origin
         ))))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(n: u8) -> RoomId {
+        RoomId::parse(&format!("!room{n:02}aaaaaaaaaaaaaaaa:a.test")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_room_lock_is_forgotten_when_its_last_user_is_gone() {
+        let locks = Arc::new(RoomLocks::default());
+        let held = locks.lock_all([room(1), room(2)]).await;
+        assert_eq!(locks.entries(), 2);
+        // A waiter keeps the entry while the holder lets go.
+        let waiting = {
+            let locks = locks.clone();
+            tokio::spawn(async move {
+                let g = locks.lock_all([room(1)]).await;
+                drop(g);
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        waiting.await.unwrap();
+        assert_eq!(locks.entries(), 0);
+        // A lock_all cancelled while waiting leaves nothing behind.
+        let held = locks.lock_all([room(3)]).await;
+        let cancelled = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            locks.lock_all([room(3), room(4)]),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        drop(held);
+        assert_eq!(locks.entries(), 0);
     }
 }

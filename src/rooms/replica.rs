@@ -9,6 +9,7 @@ use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
+use crate::limits::SEQ_AHEAD_MAX;
 use crate::rooms::{dedup, search, write_event, write_event_unindexed, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
@@ -21,23 +22,18 @@ pub async fn accept_from_host(
     batch: Vec<(Event, u64)>,
 ) -> Result<Vec<Outcome>> {
     // What needs no room state is done before the room lock, which
-    // serialises every batch of the room: each event's rows are encoded
-    // now, and its search postings are written now, ahead of the commit.
-    // A crash in between leaves postings without their event (search
-    // checks the message itself), never an event without its postings.
+    // serialises every batch of the room: each event's rows are encoded now.
     let mut staged = Vec::with_capacity(batch.len());
-    let mut postings = Vec::new();
     for (event, seq) in &batch {
         let mut rows = WriteSet::default();
         write_event_unindexed(&mut rows, event, *seq, event.content_hash())?;
         staged.push(Some(rows));
-        if event.room_id.host() == *host {
-            postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
-        }
     }
-    if !postings.is_empty() {
-        app.store.put_many(T::Search, &postings)?;
-    }
+    // Search postings of the events that pass the checks below, written
+    // just before the commit: a crash in between leaves postings without
+    // their event (search checks the message itself), never an event
+    // without its postings, and a refused event leaves none.
+    let mut postings = Vec::new();
     let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
     let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
@@ -86,6 +82,24 @@ pub async fn accept_from_host(
             )));
             continue;
         }
+        if let Err(e) = check_relayed_membership(host, plan, event) {
+            outcomes.push(Outcome::Rejected(e));
+            continue;
+        }
+        // While we track the room's history, a seq far past what we have
+        // seen would hold a gap open that no backfill can close. With no
+        // participant of ours joined, nothing is tracked and a new invite
+        // may come at any seq.
+        let ahead_max = plan.room.next_seq.saturating_add(SEQ_AHEAD_MAX);
+        if plan.room.joined_seq.is_some() && *seq > ahead_max {
+            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
+                "seq {seq} of {} is more than {SEQ_AHEAD_MAX} past the newest seq {} has seen ({}); a host numbers a room's events one after another",
+                event.room_id,
+                app.server_name,
+                plan.room.next_seq.saturating_sub(1)
+            ))));
+            continue;
+        }
         let held = !taken.insert((event.room_id.clone(), *seq))
             || (*seq < stored_below[&event.room_id]
                 && app
@@ -99,9 +113,14 @@ pub async fn accept_from_host(
             continue;
         }
         w.append(rows.take().expect("each event is staged once"));
-        plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+        postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
+        plan.room.next_seq = plan.room.next_seq.max(seq.saturating_add(1));
         let expires = match &event.content {
-            Content::Member { expires_at_ms, .. } => *expires_at_ms,
+            Content::Member {
+                membership: Membership::Invite,
+                expires_at_ms,
+                ..
+            } => Some(capped_expiry(app, *expires_at_ms)),
             _ => None,
         };
         plan.apply_membership(app, event, &mut w, expires)?;
@@ -131,6 +150,9 @@ pub async fn accept_from_host(
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
+    if !postings.is_empty() {
+        app.store.put_many(T::Search, &postings)?;
+    }
     let t0 = std::time::Instant::now();
     app.store.commit(&w)?;
     // The flush needs no lock: a batch that read this one's writes is
@@ -141,16 +163,35 @@ pub async fn accept_from_host(
     app.publish(live);
     // Fill gaps shortly, if they are still there then; a gap that cannot
     // be filled now is tried again with the next batch for the room.
+    // One fill per room at a time: batches arriving meanwhile would each
+    // pull the same history (up to a whole backfill answer each).
     for (room_id, from, to) in gaps {
         if let Some(handle) = app.delivery.app_handle() {
+            if !handle.room_locks.begin_gap_fill(&room_id) {
+                continue;
+            }
             let tasks = handle.tasks.clone();
             tasks.spawn(async move {
-                let fill = crate::rooms::flows::fill_gap(&handle, &room_id, from, to);
-                tokio::select! {
-                    r = fill => if let Err(e) = r {
-                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
-                    },
-                    _ = handle.shutdown.cancelled() => {}
+                let (mut from, mut to) = (from, to);
+                loop {
+                    let fill = crate::rooms::flows::fill_gap(&handle, &room_id, from, to);
+                    tokio::select! {
+                        r = fill => if let Err(e) = r {
+                            tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                        },
+                        _ = handle.shutdown.cancelled() => {}
+                    }
+                    if !handle.room_locks.end_gap_fill(&room_id) {
+                        break;
+                    }
+                    // A later batch saw a gap while this fill ran: look again.
+                    match current_gap(&handle, &room_id) {
+                        Some(gap) if !handle.shutdown.is_cancelled() => (from, to) = gap,
+                        _ => {
+                            handle.room_locks.end_gap_fill(&room_id);
+                            break;
+                        }
+                    }
                 }
             });
         }
@@ -161,6 +202,65 @@ pub async fn accept_from_host(
         "replica store timings"
     );
     Ok(outcomes)
+}
+
+/// SPEC §6 "What the host accepts", applied again to what a host relays:
+/// the host has no more right than a replica to act for someone else, so
+/// it cannot join, decline or leave for our participants (or anyone),
+/// kick from outside its own server, or invite in the name of a stranger.
+/// No pending invite is required for a join: delivery pipelines several
+/// transactions, so an invite and the join after it may arrive in either
+/// order.
+fn check_relayed_membership(host: &ServerName, plan: &Plan, event: &Event) -> Result<()> {
+    let Content::Member {
+        membership, target, ..
+    } = &event.content
+    else {
+        return Ok(());
+    };
+    let sender = &event.sender;
+    match membership {
+        Membership::Join | Membership::Decline | Membership::Leave => {
+            if target != sender {
+                return Err(Error::bad_event(format!(
+                    "a {} relayed by {host}: its target must be its sender, but {sender} names {target}; only a kick removes someone else",
+                    membership.as_str()
+                )));
+            }
+        }
+        Membership::Kick => {
+            if sender.server() != *host {
+                return Err(Error::new(
+                    Code::NotMember,
+                    format!(
+                        "a kick relayed by {host} comes from {sender}; kicks come only from the host's own room admins"
+                    ),
+                ));
+            }
+        }
+        Membership::Invite => {
+            if sender.server() != *host && !plan.members.contains_key(sender.as_str()) {
+                return Err(Error::new(
+                    Code::NotMember,
+                    format!(
+                        "{sender} is not known in {}; only members invite to a room",
+                        event.room_id
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The expiry we keep for an invite received now: what its signer wrote,
+/// but never later than our own `invite_ttl` from receipt (SPEC §6:
+/// unanswered invites expire after `invite_ttl` on both sides), so a
+/// host cannot plant invitations that never lapse.
+fn capped_expiry(app: &App, signed_ms: Option<i64>) -> i64 {
+    let ttl_ms = i64::try_from(app.config.federation.invite_ttl.as_millis()).unwrap_or(i64::MAX);
+    let cap = app.clock.now_ms().saturating_add(ttl_ms);
+    signed_ms.map_or(cap, |e| e.min(cap))
 }
 
 fn invite_for_unknown_room(
@@ -202,7 +302,7 @@ fn invite_for_unknown_room(
             }),
         inviter: event.sender.to_string(),
         target: target.to_string(),
-        expires_at_ms: expires_at_ms.unwrap_or(i64::MAX),
+        expires_at_ms: capped_expiry(app, *expires_at_ms),
     };
     w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
     w.put(
@@ -215,6 +315,20 @@ fn invite_for_unknown_room(
         },
     )?;
     Ok(Outcome::Accepted(seq))
+}
+
+/// The seqs `[from, to)` between a replica room's contiguous mark and the
+/// newest it has seen, if any are missing there.
+fn current_gap(app: &App, room_id: &RoomId) -> Option<(u64, u64)> {
+    let room = crate::rooms::load_room(app, room_id).ok()??;
+    let mark = room.contiguous_seq?;
+    let from = mark.checked_add(1)?;
+    (from < room.next_seq).then_some((from, room.next_seq))
+}
+
+/// Gap fills running now (at most one per room).
+pub fn gap_fills_running(app: &App) -> usize {
+    app.room_locks.gap_fills_running()
 }
 
 /// Create the local record of a replica room before our join goes out, so
@@ -289,13 +403,33 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
     let Some(mut plan) = Plan::load(app, &event.room_id)? else {
         return Ok(());
     };
+    let pending_key = keys::pending(event.room_id.as_str(), &event.event_id.to_string());
+    let at = keys::event(event.room_id.as_str(), seq);
+    if let Some(stored) = app.store.get::<StoredEvent>(T::Events, &at)? {
+        let same = !stored.rejected
+            && Event::parse(&stored.json)
+                .is_ok_and(|(e, _)| e.origin == event.origin && e.event_id == event.event_id);
+        if !same {
+            // The host gave one seq to two events: what we hold there came
+            // in first and stays; ours cannot be placed, so it failed.
+            tracing::warn!(
+                room_id = %event.room_id,
+                event_id = %event.event_id,
+                seq,
+                "the host answered our event with a seq that holds another event; keeping the stored one and marking ours failed"
+            );
+            if let Some(mut ours) = app.store.get::<StoredEvent>(T::Pending, &pending_key)? {
+                ours.state = DeliveryState::Failed;
+                app.store.put(T::Pending, &pending_key, &ours)?;
+                app.store.flush().await?;
+            }
+            return Ok(());
+        }
+    }
     let mut w = WriteSet::default();
-    w.remove(
-        T::Pending,
-        keys::pending(event.room_id.as_str(), &event.event_id.to_string()),
-    );
+    w.remove(T::Pending, pending_key);
     write_event(&mut w, event, seq, event.content_hash())?;
-    plan.room.next_seq = plan.room.next_seq.max(seq + 1);
+    plan.room.next_seq = plan.room.next_seq.max(seq.saturating_add(1));
     if let Content::Member {
         membership: Membership::Join,
         target,

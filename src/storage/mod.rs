@@ -10,7 +10,9 @@
 //! - `event_index`: origin ‖ 0 ‖ event_id → [`EventRef`] (dedup).
 //! - `outbox`: peer ‖ 0 ‖ id → [`OutboxItem`]: a range scan per peer is its
 //!   FIFO queue; ids come from sled's monotonic `generate_id`.
-//! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖ txn_id).
+//! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖
+//!   txn_id → [`TxnRecord`]), `txn_times` (at_ms ‖ the `txns` key → (),
+//!   so answers past `TXN_CACHE_SECS` are pruned by a range).
 //! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins).
 //! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
 //!   message bodies, written with the event).
@@ -20,6 +22,7 @@
 //! [`Store::flush`]ed before the answer.
 
 pub mod codec;
+pub mod migrate;
 pub mod records;
 
 use std::path::Path;
@@ -34,8 +37,9 @@ pub use records::*;
 
 use crate::error::{Error, Result};
 
-/// Bump when a stored format changes; `open` refuses other versions.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bump when a stored format changes; `open` upgrades the versions
+/// [`migrate`] knows and refuses any other.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const SEP: u8 = 0;
 
@@ -59,9 +63,10 @@ pub enum T {
     Txns,
     Presence,
     Search,
+    TxnTimes,
 }
 
-const TREE_NAMES: [&str; 16] = [
+const TREE_NAMES: [&str; 17] = [
     "meta",
     "participants",
     "tokens",
@@ -78,6 +83,7 @@ const TREE_NAMES: [&str; 16] = [
     "txns",
     "presence",
     "search",
+    "txn_times",
 ];
 
 /// A key made of parts separated by a zero byte (ids never contain one).
@@ -163,7 +169,12 @@ impl Store {
                 let found = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
                     .unwrap_or(0);
-                if found != SCHEMA_VERSION {
+                if found == 1 {
+                    migrate::v1_to_v2(&store)?;
+                    meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())
+                        .map_err(sled_err)?;
+                    store.flush_blocking()?;
+                } else if found != SCHEMA_VERSION {
                     return Err(Error::bad_request(format!(
                         "the database in {} has schema version {found}, this binary reads version {SCHEMA_VERSION}; \
                          run the scaiwave release that wrote it, or restore a backup made for this one",
@@ -370,6 +381,40 @@ impl Store {
         Ok(())
     }
 
+    /// Cache a `/send` answer, with its row in the time index that
+    /// [`Store::prune_txns`] walks. The index row goes first: a crash in
+    /// between leaves an index row without its answer (pruning skips it),
+    /// never an answer that no pruning would find.
+    pub fn put_txn(&self, origin: &str, txn_id: &str, record: &TxnRecord) -> Result<()> {
+        let k = keys::txn(origin, txn_id);
+        self.put(T::TxnTimes, &keys::txn_time(record.at_ms, &k), &())?;
+        self.put(T::Txns, &k, record)
+    }
+
+    /// Drop cached `/send` answers made before `cutoff_ms`: a range of the
+    /// time index, never a scan of the cache. Answers how many went.
+    pub fn prune_txns(&self, cutoff_ms: i64) -> Result<usize> {
+        let end = keys::txn_time(cutoff_ms, &[]);
+        let mut n = 0;
+        for item in self.tree(T::TxnTimes).range(..end).keys() {
+            let index_key = item.map_err(sled_err)?;
+            let txn_key = &index_key[8..];
+            // The same txn cached again later has a newer index row; this
+            // old one must not take the new answer with it.
+            let stale = self
+                .get::<TxnRecord>(T::Txns, txn_key)?
+                .is_some_and(|r| r.at_ms < cutoff_ms);
+            if stale {
+                self.tree(T::Txns).remove(txn_key).map_err(sled_err)?;
+                n += 1;
+            }
+            self.tree(T::TxnTimes)
+                .remove(&index_key)
+                .map_err(sled_err)?;
+        }
+        Ok(n)
+    }
+
     /// Apply a planned [`WriteSet`] as one atomic transaction.
     pub fn commit(&self, writes: &WriteSet) -> Result<()> {
         if writes.ops.is_empty() {
@@ -501,6 +546,12 @@ pub mod keys {
     pub fn txn(origin: &str, txn_id: &str) -> Vec<u8> {
         key(&[origin.as_bytes(), txn_id.as_bytes()])
     }
+    /// `txn_times`: at_ms ‖ the `txns` key, so a prefix of time is a range.
+    pub fn txn_time(at_ms: i64, txn_key: &[u8]) -> Vec<u8> {
+        let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
+        k.extend_from_slice(txn_key);
+        k
+    }
 }
 
 #[cfg(test)]
@@ -553,6 +604,25 @@ mod tests {
         assert!(!store.reads_are_durable());
         store.flush_blocking().unwrap();
         assert!(store.reads_are_durable());
+    }
+
+    #[test]
+    fn old_txn_answers_are_pruned_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let at = |at_ms| TxnRecord {
+            at_ms,
+            answer: b"{}".to_vec(),
+        };
+        store.put_txn("b.test", "old", &at(1_000)).unwrap();
+        store.put_txn("b.test", "new", &at(5_000)).unwrap();
+        // Cached again later: its first index row must not prune it.
+        store.put_txn("b.test", "again", &at(1_500)).unwrap();
+        store.put_txn("b.test", "again", &at(6_000)).unwrap();
+        assert_eq!(store.prune_txns(2_000).unwrap(), 1);
+        let has = |id| store.contains(T::Txns, &keys::txn("b.test", id)).unwrap();
+        assert!(!has("old") && has("new") && has("again"));
+        assert_eq!(store.count_prefix(T::TxnTimes, b""), 2);
     }
 
     #[test]

@@ -239,6 +239,9 @@ pub struct AuditRow {
     pub room_id: Option<String>,
     pub code: Option<String>,
     pub detail: String,
+    /// True when `peer` is only what an unsigned or unverified request
+    /// claimed, not an authenticated origin.
+    pub unverified: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

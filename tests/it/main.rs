@@ -6,6 +6,7 @@ mod crash;
 mod delivery;
 mod federation;
 mod hostile;
+mod hostile_rooms;
 mod process;
 mod refusals;
 mod rooms;
