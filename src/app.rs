@@ -2,7 +2,7 @@
 //! (HTTP routes, CLI, background tasks) calls: one production path each.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ use crate::federation::keys::Keys;
 use crate::federation::policy::Policy;
 use crate::federation::verifier::Verifier;
 use crate::ids::{Fqid, LocalId, ServerName};
-use crate::limits::S2S_REPLY_BYTES_MAX;
+use crate::limits::{AUDIT_DETAIL_BYTES_MAX, AUDIT_UNVERIFIED_PER_SEC_MAX, S2S_REPLY_BYTES_MAX};
 use crate::rooms::RoomLocks;
 use crate::storage::{keys, AuditRow, Participant, PeerError, PeerRecord, PowerLevel, Store, T};
 
@@ -55,6 +55,36 @@ pub struct App {
     pub live: tokio::sync::broadcast::Sender<LiveEvent>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
+    /// How many audit rows of unverified requests were written this second
+    /// (and how many were not): anyone can send those, so their rows are
+    /// rated. A std mutex: held for a counter update, never across `.await`.
+    unverified_audit: Mutex<UnverifiedWindow>,
+}
+
+#[derive(Default)]
+struct UnverifiedWindow {
+    second: i64,
+    written: u32,
+    skipped: u64,
+}
+
+/// Audit detail as stored: control characters escaped (it often quotes
+/// what a peer sent) and cut to [`AUDIT_DETAIL_BYTES_MAX`].
+pub fn audit_detail(detail: &str) -> String {
+    let mut out = String::with_capacity(detail.len().min(AUDIT_DETAIL_BYTES_MAX));
+    for c in detail.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        if out.len() + piece.len() > AUDIT_DETAIL_BYTES_MAX - '…'.len_utf8() {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
 }
 
 /// A fresh random bearer token (256 bits, hex) and the hash we store.
@@ -92,6 +122,7 @@ impl App {
             ))
         })?;
         let store = Store::open(&config.data_dir.join("db"))?;
+        crate::storage::make_private(&config.data_dir)?;
         let keys = Keys::load(&store)?;
         let policy = store.get::<Policy>(T::Meta, POLICY)?.unwrap_or_default();
         let outbound = Outbound::new(&config)?;
@@ -111,6 +142,7 @@ impl App {
             live: tokio::sync::broadcast::channel(LIVE_EVENTS_BUFFERED).0,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            unverified_audit: Mutex::default(),
         }))
     }
 
@@ -177,6 +209,15 @@ impl App {
         self.policy().admit(peer).inspect_err(|e| {
             tracing::warn!(name: "federation.policy_rejected", peer = %peer, code = %e.code, "federation.policy_rejected");
             self.audit("federation.policy_rejected", Some(peer), None, None, Some(e.code), &e.message);
+        })
+    }
+
+    /// [`App::admit`] for an origin a request only claims (SPEC §4 step 5
+    /// comes before the signature): audited as unverified, and rated.
+    pub fn admit_claimed(&self, claimed: &ServerName) -> Result<()> {
+        self.policy().admit(claimed).inspect_err(|e| {
+            tracing::warn!(name: "federation.policy_rejected", peer = %claimed, code = %e.code, "federation.policy_rejected (unverified origin)");
+            self.audit_unverified("federation.policy_rejected", Some(claimed), e.code, &e.message);
         })
     }
 
@@ -329,9 +370,44 @@ impl App {
             event_id: event_id.map(str::to_string),
             room_id: room_id.map(str::to_string),
             code: code.map(|c| c.as_str().to_string()),
-            detail: detail.to_string(),
+            detail: audit_detail(detail),
             unverified: false,
         }
+    }
+
+    /// Audit a request whose origin is only claimed (its signature was not,
+    /// or could not be, verified): marked `unverified`, and at most
+    /// [`AUDIT_UNVERIFIED_PER_SEC_MAX`] rows a second; the first row of a
+    /// second says how many were left out before it.
+    pub fn audit_unverified(
+        &self,
+        action: &str,
+        claimed: Option<&ServerName>,
+        code: Code,
+        detail: &str,
+    ) {
+        let now = self.clock.now_ms();
+        let skipped = {
+            let mut w = self.unverified_audit.lock().expect("audit window lock");
+            let second = now.div_euclid(1000);
+            if w.second != second {
+                w.second = second;
+                w.written = 0;
+            }
+            if w.written >= AUDIT_UNVERIFIED_PER_SEC_MAX {
+                w.skipped += 1;
+                return;
+            }
+            w.written += 1;
+            std::mem::take(&mut w.skipped)
+        };
+        let detail = match skipped {
+            0 => detail.to_string(),
+            n => format!("{detail} ({n} more unverified rows were not written before this one)"),
+        };
+        let mut row = self.audit_row(action, claimed, None, None, Some(code), &detail);
+        row.unverified = true;
+        self.audit_many(vec![row]);
     }
 
     /// Write audit rows in one batch. Audit rows are a log, not state: they

@@ -88,6 +88,13 @@ pub const MESSAGES_PAGE_MAX: usize = 1000;
 pub const BACKFILL_EVENTS_MAX: u64 = 1000;
 /// Audit rows returned by one query.
 pub const AUDIT_PAGE_MAX: usize = 1000;
+/// An audit row's detail is cut to this: it often quotes what a peer sent
+/// (a 60 KB `Signature-Input` made 60 KB rows, kept for 90 days).
+pub const AUDIT_DETAIL_BYTES_MAX: usize = 1024;
+/// Audit rows a second for requests whose origin is only claimed: anyone
+/// can send those, so at 1 KiB a row this bounds them to ~0.8 GiB over the
+/// default 90-day retention even under a constant flood.
+pub const AUDIT_UNVERIFIED_PER_SEC_MAX: u32 = 10;
 /// How long graceful shutdown waits for in-flight requests, seconds.
 pub const SHUTDOWN_GRACE_SECS: u64 = 10;
 

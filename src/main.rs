@@ -26,6 +26,12 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Everything this process writes (database, keys, tokens) is its
+    // user's alone, whatever umask it was started with (SPEC §12).
+    // SAFETY: umask only sets the process's file mode mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = match &cli.config {

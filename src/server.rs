@@ -77,6 +77,9 @@ pub async fn start_on_with(
         &app.config.data_dir,
         &app.server_name,
     )?;
+    // First-start files (key ring, admin token, self-signed certificate)
+    // are private whatever the umask.
+    crate::storage::make_private(&app.config.data_dir)?;
     let mut tls = crate::tls::server_config(&cert, &key)?;
     if http == HttpVersions::Http1Only {
         Arc::make_mut(&mut tls).alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -208,6 +208,7 @@ fn audit_view(row: &AuditRow) -> Value {
         "room_id": row.room_id,
         "code": row.code,
         "detail": row.detail,
+        "unverified": row.unverified,
     })
 }
 
@@ -222,6 +223,7 @@ fn audit(app: &App, req: &Request) -> Result<Vec<Value>> {
         .unwrap_or(100)
         .clamp(1, AUDIT_PAGE_MAX);
     let action = req.query_param("action");
+    let peer = req.query_param("peer");
     let matches = |a: &str| match action.as_deref() {
         None => true,
         Some(p) => match p.strip_suffix('*') {
@@ -231,7 +233,7 @@ fn audit(app: &App, req: &Request) -> Result<Vec<Value>> {
     };
     let mut rows = Vec::new();
     app.store.scan_rev_while::<AuditRow>(T::Audit, |row| {
-        if matches(&row.action) {
+        if matches(&row.action) && peer.as_ref().is_none_or(|p| row.peer.as_ref() == Some(p)) {
             rows.push(audit_view(row));
         }
         rows.len() < limit

@@ -40,14 +40,14 @@ pub fn has_body(method: &str) -> bool {
     method == "POST" || method == "PUT"
 }
 
-fn signature_failed(app: &App, origin: Option<&ServerName>, e: &Error) {
-    tracing::warn!(name: "federation.signature_verify_failed", peer = origin.map(|o| o.as_str()).unwrap_or("-"), code = %e.code, "federation.signature_verify_failed: {}", e.message);
-    app.audit(
+/// A request failed authentication: its origin is only a claim, so the
+/// audit row says so (and such rows are rated, see `App::audit_unverified`).
+fn signature_failed(app: &App, claimed: Option<&ServerName>, e: &Error) {
+    tracing::warn!(name: "federation.signature_verify_failed", peer = claimed.map(|o| o.as_str()).unwrap_or("-"), code = %e.code, "federation.signature_verify_failed: {}", crate::app::audit_detail(&e.message));
+    app.audit_unverified(
         "federation.signature_verify_failed",
-        origin,
-        None,
-        None,
-        Some(e.code),
+        claimed,
+        e.code,
         &e.message,
     );
 }
@@ -119,7 +119,7 @@ pub async fn authenticate(app: &App, req: &SignedRequest<'_>) -> Result<ServerNa
             .inspect_err(|e| signature_failed(app, Some(&origin), e))?;
     }
     // 5. policy, before any key fetch.
-    app.admit(&origin)?;
+    app.admit_claimed(&origin)?;
     // 6. the signature itself.
     let parts = RequestParts {
         method: req.method,

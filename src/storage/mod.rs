@@ -37,6 +37,39 @@ pub use records::*;
 
 use crate::error::{Error, Result};
 
+/// Make `dir` and everything under it private to this user: 0700 for
+/// directories, 0600 for files, whatever the umask was when they were made
+/// (SPEC §12: the signing key and all history live here). `main` also sets
+/// the umask to 0077, so files made later start private too.
+pub fn make_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |path: &Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {
+            Error::bad_request(format!(
+                "cannot make {} private (mode {mode:o}): {e}",
+                path.display()
+            ))
+        })
+    };
+    set(dir, 0o700)?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::bad_request(format!("cannot read {}: {e}", dir.display())))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::internal("data dir", e))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| Error::internal("data dir", e))?;
+        if kind.is_dir() {
+            make_private(&entry.path())?;
+        } else if kind.is_file() {
+            set(&entry.path(), 0o600)?;
+        }
+        // Sockets (the admin socket is made 0600 by its creator) and
+        // symlinks are left as they are.
+    }
+    Ok(())
+}
+
 /// Bump when a stored format changes; `open` upgrades the versions
 /// [`migrate`] knows and refuses any other.
 pub const SCHEMA_VERSION: u32 = 2;

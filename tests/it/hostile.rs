@@ -349,3 +349,97 @@ async fn a_host_fetches_no_key_for_an_event_whose_origin_is_not_the_sender() {
     );
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unverified_requests_cannot_bloat_the_audit_log() {
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let junk = format!("sw=(\"{}\")", "x".repeat(12 * 1024));
+    for _ in 0..60 {
+        let resp = net
+            .http
+            .get("https://a.test/_scaiwave/federation/v1/profile/alice")
+            .header("scaiwave-origin", "victim.test")
+            .header("signature-input", &junk)
+            .header("signature", "sw=:AAAA:")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401);
+    }
+    let v = net
+        .audit(
+            "a.test",
+            "action=federation.signature_verify_failed&limit=1000",
+        )
+        .await;
+    let rows = v["rows"].as_array().unwrap();
+    assert!(!rows.is_empty(), "refusals are still audited");
+    // 60 requests in a few seconds: at most 10 rows a second were written.
+    assert!(
+        rows.len() < 60,
+        "{} rows for 60 unverified requests",
+        rows.len()
+    );
+    for row in rows {
+        assert_eq!(row["unverified"], true, "{row}");
+        let detail = row["detail"].as_str().unwrap();
+        assert!(detail.len() <= 1024, "detail of {} bytes", detail.len());
+    }
+    net.stop_all().await;
+}
+
+#[test]
+fn audit_detail_is_escaped_and_bounded() {
+    let d = scaiwave::app::audit_detail("line\nbreak\u{1b}[31m");
+    assert_eq!(d, "line\\nbreak\\u{1b}[31m");
+    let long = scaiwave::app::audit_detail(&"é".repeat(5000));
+    assert!(long.len() <= 1024 && long.ends_with('…'), "{}", long.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let outer = tempfile::tempdir().unwrap();
+    let data = outer.path().join("data");
+    // As a permissive umask would leave them: readable by everyone.
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let stray = data.join("notes.txt");
+    std::fs::write(&stray, "x").unwrap();
+    std::fs::set_permissions(&stray, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = scaiwave::config::Config::default_embedded();
+    let port = listener.local_addr().unwrap().port();
+    config.server_name = scaiwave::ids::ServerName::parse(&format!("a.test:{port}")).unwrap();
+    config.listen = listener.local_addr().unwrap();
+    config.data_dir = data.clone();
+    let running = scaiwave::server::start_on(config, scaiwave::clock::Clock::system(), listener)
+        .await
+        .unwrap();
+
+    fn walk(dir: &std::path::Path, found: &mut Vec<(std::path::PathBuf, u32, bool)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_dir() {
+                found.push((entry.path(), mode, true));
+                walk(&entry.path(), found);
+            } else if meta.is_file() {
+                found.push((entry.path(), mode, false));
+            }
+        }
+    }
+    let top = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(top, 0o700, "the data dir");
+    let mut found = Vec::new();
+    walk(&data, &mut found);
+    assert!(found.iter().any(|(p, _, _)| p.ends_with("admin-token")));
+    assert!(found.iter().any(|(p, _, dir)| *dir && p.ends_with("db")));
+    for (path, mode, dir) in found {
+        let want = if dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{}", path.display());
+    }
+    running.stop().await;
+}
