@@ -7,9 +7,10 @@ use serde_json::json;
 
 use crate::testnet;
 
+/// `check` run on `from` against `peer` (a short name; others as they are).
 async fn check(net: &testnet::TestNet, from: &str, peer: &str) -> String {
     let cmd = Admin::Federation(Federation::Check {
-        server_name: peer.into(),
+        server_name: net.name(peer),
     });
     execute(net.server(from).app(), cmd).await.unwrap()
 }
@@ -23,9 +24,10 @@ async fn check_names_each_failing_step_with_its_code_and_fix() {
         .unwrap();
     let extra = BTreeMap::from([("x.test".to_string(), closed)]);
     let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
+    let (a, b) = (net.name("a.test"), net.name("b.test"));
 
     let out = check(&net, "a.test", "b.test").await;
-    assert!(out.ends_with("b.test: all checks passed"), "{out}");
+    assert!(out.ends_with(&format!("{b}: all checks passed")), "{out}");
     for step in [
         "own descriptor",
         "peer descriptor",
@@ -42,15 +44,14 @@ async fn check_names_each_failing_step_with_its_code_and_fix() {
     }
 
     // b.test refuses a.test: the signed probe learns it.
-    net.set_policy("b.test", json!({"denied_peers": ["a.test"]}))
-        .await;
+    net.set_policy("b.test", json!({"denied_peers": [a]})).await;
     let out = check(&net, "a.test", "b.test").await;
     assert!(
         out.contains("FAIL  their policy") && out.contains("SW_FED_POLICY_REJECTED"),
         "{out}"
     );
     assert!(
-        out.contains("fix: b.test's admin adds a.test to allowed_peers"),
+        out.contains(&format!("fix: {b}'s admin adds {a} to allowed_peers")),
         "{out}"
     );
 

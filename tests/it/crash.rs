@@ -12,7 +12,10 @@ use crate::process::Process;
 use crate::testnet::{self, enc, eventually_within, Ca};
 
 struct Node {
-    name: &'static str,
+    /// The short name a test calls it by (`a.test`).
+    short: &'static str,
+    /// Its server_name, port included (`a.test:40123`).
+    name: String,
     dir: tempfile::TempDir,
     proc: Option<Process>,
 }
@@ -24,6 +27,8 @@ struct ProcNet {
 }
 
 impl ProcNet {
+    /// Configs for servers called `names`, each named `<short>:<port>` like
+    /// `testnet::start`'s; none started yet.
     fn new(names: &[&'static str]) -> ProcNet {
         let ca = Ca::new();
         // Ports are picked up front so each config can name the others.
@@ -36,12 +41,18 @@ impl ProcNet {
                     .unwrap()
             })
             .collect();
+        let full: Vec<String> = names
+            .iter()
+            .zip(&addrs)
+            .map(|(n, a)| testnet::full_name(n, *a).to_string())
+            .collect();
         let mut nodes = Vec::new();
-        for (i, name) in names.iter().enumerate() {
+        for (i, short) in names.iter().enumerate() {
+            let name = &full[i];
             let dir = tempfile::tempdir().unwrap();
-            let (cert, key) = ca.leaf(name);
+            let (cert, key) = ca.leaf(short);
             let mut resolve = String::new();
-            for (j, other) in names.iter().enumerate() {
+            for (j, other) in full.iter().enumerate() {
                 if i != j {
                     resolve.push_str(&format!("\"{other}\" = \"{}\"\n", addrs[j]));
                 }
@@ -56,7 +67,8 @@ impl ProcNet {
             );
             std::fs::write(dir.path().join("scaiwave.toml"), toml).unwrap();
             nodes.push(Node {
-                name,
+                short,
+                name: name.clone(),
                 dir,
                 proc: None,
             });
@@ -74,8 +86,13 @@ impl ProcNet {
         }
     }
 
-    fn node(&mut self, name: &str) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.name == name).unwrap()
+    fn node(&mut self, short: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.short == short).unwrap()
+    }
+
+    /// The server_name (port included) of the server called `short`.
+    fn name(&self, short: &str) -> &str {
+        &self.nodes.iter().find(|n| n.short == short).unwrap().name
     }
 
     fn start(&mut self, name: &str) {
@@ -99,14 +116,15 @@ impl ProcNet {
         );
     }
 
-    fn token(&self, name: &str) -> String {
-        let node = self.nodes.iter().find(|n| n.name == name).unwrap();
+    fn token(&self, short: &str) -> String {
+        let node = self.nodes.iter().find(|n| n.short == short).unwrap();
         std::fs::read_to_string(node.dir.path().join("data/admin-token"))
             .unwrap()
             .trim()
             .to_string()
     }
 
+    /// An HTTPS call to the server called `server`, at its server_name.
     async fn call(
         &self,
         server: &str,
@@ -115,6 +133,7 @@ impl ProcNet {
         token: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        let server = self.name(server);
         testnet::request(&self.http, server, method, path, Some(token), body).await
     }
 
@@ -161,7 +180,7 @@ impl ProcNet {
             .as_array()
             .unwrap()
             .iter()
-            .find(|p| p["server_name"] == peer)
+            .find(|p| p["server_name"] == self.name(peer))
             .map(|p| p["queue_depth"].as_u64().unwrap())
             .unwrap_or(0)
     }
@@ -206,7 +225,7 @@ async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
             Method::POST,
             &format!("/v1/rooms/{}/invitations", enc(&room)),
             &alice_t,
-            Some(json!({"fqid": "@bob:b.test"})),
+            Some(json!({"fqid": format!("@bob:{}", net.name("b.test"))})),
         )
         .await;
     assert_eq!(s, 200, "{inv}");

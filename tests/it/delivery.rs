@@ -158,14 +158,23 @@ impl Transport for Script {
     }
 }
 
-pub const PEER: &str = "b.test";
+// Named with ports, as real servers often are. No socket is bound here
+// (the scripted transport stands in for the network), so a fixed port will do.
+/// This server's server_name.
+pub const SELF: &str = "a.test:8448";
+/// The scripted peer's server_name.
+pub const PEER: &str = "b.test:8448";
 /// A room this server (a.test) hosts: its events carry their seq.
-const HOSTED_ROOM: &str = "!RoomHostedHere000000:a.test";
+const HOSTED_ROOM: &str = "!RoomHostedHere000000:a.test:8448";
+/// A room the peer (b.test) hosts.
+const PEER_ROOM: &str = "!RoomHostedOnPeer0000:b.test:8448";
+/// Our participant who writes every queued event.
+const ALICE: &str = "@alice:a.test:8448";
 pub const T0: i64 = 1_800_000_000_000;
 
 pub fn config(dir: &std::path::Path) -> Config {
     let mut c = Config::default_embedded();
-    c.server_name = ServerName::parse("a.test").unwrap();
+    c.server_name = ServerName::parse(SELF).unwrap();
     c.data_dir = dir.to_path_buf();
     c
 }
@@ -193,7 +202,7 @@ pub fn open(dir: &std::path::Path, script: Arc<Script>, clock: Clock) -> Arc<App
 
 /// Queue `n` new events (in a room the peer hosts) for the peer.
 pub fn enqueue(app: &Arc<App>, n: usize) -> Vec<String> {
-    enqueue_in(app, "!RoomHostedOnPeer0000:b.test", n)
+    enqueue_in(app, PEER_ROOM, n)
 }
 
 pub fn enqueue_in(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
@@ -209,7 +218,7 @@ fn enqueue_unflushed(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
     let peer = ServerName::parse(PEER).unwrap();
     let mut ids = Vec::new();
     for i in 0..n {
-        let e = signed_event(app, room, "@alice:a.test", message(&format!("m{i}")));
+        let e = signed_event(app, room, ALICE, message(&format!("m{i}")));
         enqueue_event(
             app,
             &mut w,
@@ -354,9 +363,9 @@ async fn retry_after_is_honoured() {
 async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
     let (_dir, script, app) = fresh(None);
     // bob... here alice@a.test posts into a room b.test hosts: pending until b answers.
-    let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
+    let room = RoomId::parse(PEER_ROOM).unwrap();
     scaiwave::rooms::replica::ensure_room(&app, &room, "r", storage::RoomType::Standard).unwrap();
-    let e = signed_event(&app, room.as_str(), "@alice:a.test", message("hello?"));
+    let e = signed_event(&app, room.as_str(), ALICE, message("hello?"));
     let queued_at = app.clock.now_ms();
     scaiwave::rooms::replica::submit(&app, &e).await.unwrap();
     let max_age = app.config.federation.retry_max_age.as_millis() as i64;

@@ -66,14 +66,10 @@ async fn two_servers_share_a_room_in_host_order() {
     let rooms = net.rooms(&bob).await;
     assert_eq!(rooms[0]["room_id"], room.as_str());
     assert_eq!(rooms[0]["federated"], true);
-    let members = net.members(&alice, &room).await;
-    let bob_row = members["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["fqid"] == bob.fqid.as_str())
-        .cloned()
-        .unwrap();
+    let bob_row = net
+        .member(&alice, &room, &bob.fqid)
+        .await
+        .expect("bob is listed");
     assert_eq!(
         (
             bob_row["foreign"].clone(),
@@ -170,15 +166,9 @@ async fn joiner_backfills_history_and_members() {
         ["early-1", "early-2"],
         "bob sees the history from before his join"
     );
-    let members = net.members(&bob, &room).await;
-    let names: Vec<&str> = members["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["fqid"].as_str().unwrap())
-        .collect();
+    let names = net.member_ids(&bob, &room).await;
     for who in [&alice.fqid, &carol.fqid, &bob.fqid] {
-        assert!(names.contains(&who.as_str()), "{who} in {names:?}");
+        assert!(names.contains(who), "{who} in {names:?}");
     }
     net.stop_all().await;
 }
@@ -232,15 +222,8 @@ async fn decline_and_refused_events_end_in_failed_state() {
     let (s, v) = net.decline(&dave, &invite_id).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("declined")), "{v}");
     assert!(net.invitations(&dave).await.is_empty());
-    let members = net.members(&alice, &room).await;
-    assert!(
-        !members["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["fqid"] == dave.fqid.as_str()),
-        "{members}"
-    );
+    let dave_row = net.member(&alice, &room, &dave.fqid).await;
+    assert!(dave_row.is_none(), "{dave_row:?}");
     // Accepting a declined invitation is refused.
     let (s, _) = net.accept(&dave, &invite_id).await;
     assert_eq!(s, 404);
@@ -303,7 +286,8 @@ async fn a_tenant_with_federation_disabled_refuses_both_ways() {
     );
     let bob = net.user("b.test", "bob").await;
     let room = net.create_room(&bob, json!({"name": "local only"})).await;
-    let (s, v) = net.post_invitation(&bob, &room, "@alice:a.test").await;
+    let alice = net.fqid("alice", "a.test");
+    let (s, v) = net.post_invitation(&bob, &room, &alice).await;
     assert_eq!(
         (s, v["error"]["code"].as_str()),
         (409, Some("SW_FED_TENANT_DISABLED")),
@@ -320,11 +304,8 @@ async fn presence_travels_both_ways_and_the_newest_wins() {
     let presence_of = |viewer: User, who: String| {
         let (net, room) = (&net, room.clone());
         async move {
-            net.members(&viewer, &room).await["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|m| m["fqid"] == who.as_str())
+            net.member(&viewer, &room, &who)
+                .await
                 .map(|m| m["presence"].clone())
                 .unwrap_or(Value::Null)
         }
@@ -399,7 +380,7 @@ async fn a_peer_answering_5xx_and_429_is_retried_until_it_recovers() {
     let addr = net.server("b.test").addr;
     let (hits, stop) = testnet::scripted_peer(
         &net.ca,
-        "b.test",
+        net.server("b.test").name.host(),
         addr,
         vec![(500, None), (429, Some(1)), (503, None)],
     )

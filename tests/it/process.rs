@@ -104,15 +104,22 @@ fn admin(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_default_first_start_admin_socket_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
+    // The port is picked up front so the server can be named with it.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let name = format!("localhost:{}", listen.port());
     let mut p = Process::serve(
         dir.path(),
         &[
-            ("SCAIWAVE_LISTEN", "127.0.0.1:0".into()),
-            ("SCAIWAVE_SERVER_NAME", "localhost:8448".into()),
+            ("SCAIWAVE_LISTEN", listen.to_string()),
+            ("SCAIWAVE_SERVER_NAME", name.clone()),
         ],
     );
     let started = p.wait_for("scaiwave is serving HTTPS");
     let addr: std::net::SocketAddr = started["fields"]["addr"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr, listen);
 
     // First-start files: the admin token is 0600 and never logged.
     let data = dir.path().join("scaiwave-data");
@@ -144,22 +151,15 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
         .resolve("localhost", addr)
         .build()
         .unwrap();
-    let url = format!(
-        "https://localhost:{}/.well-known/scaiwave/server",
-        addr.port()
-    );
+    // The URL's authority is the server_name itself.
+    let url = format!("https://{name}/.well-known/scaiwave/server");
     let descriptor = |http: reqwest::Client, url: String| async move {
-        let r = http
-            .get(url)
-            .header("host", "localhost:8448")
-            .send()
-            .await
-            .unwrap();
+        let r = http.get(url).send().await.unwrap();
         assert_eq!(r.headers()["cache-control"], "max-age=300");
         serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap()
     };
     let d = descriptor(http.clone(), url.clone()).await;
-    assert_eq!(d["server_name"], "localhost:8448");
+    assert_eq!(d["server_name"], name.as_str());
     let first_key = d["key_id"].as_str().unwrap().to_string();
 
     // Admin commands go through the running server (sled allows one process).

@@ -28,7 +28,7 @@ impl Raw {
         let app = net.server(from).app();
         let k = app.keys.current().unwrap();
         Raw {
-            origin: from.into(),
+            origin: net.name(from),
             key_id: k.key_id,
             key: k.signing,
             created: app.clock.now_secs(),
@@ -37,7 +37,8 @@ impl Raw {
         }
     }
 
-    /// Headers a correct signer would send to `to`.
+    /// Headers a correct signer would send to the server named `to`
+    /// (its server_name, port included: the authority it signs).
     fn headers(&self, to: &str) -> Vec<(String, String)> {
         let digest = httpsig::content_digest(&self.body);
         let parts = httpsig::RequestParts {
@@ -58,12 +59,15 @@ impl Raw {
         ]
     }
 
-    /// Send as a correct signer would (`headers(to)`, the signed body).
+    /// Send as a correct signer would (`headers` for `to`'s server_name,
+    /// the signed body).
     async fn send_signed(&self, net: &TestNet, to: &str) -> (u16, Value) {
-        self.send(net, to, self.headers(to), self.body.clone())
+        self.send(net, to, self.headers(&net.name(to)), self.body.clone())
             .await
     }
 
+    /// Send to `to` (a short name) at its server_name, with exactly these
+    /// headers and body.
     async fn send(
         &self,
         net: &TestNet,
@@ -73,7 +77,7 @@ impl Raw {
     ) -> (u16, Value) {
         let mut req = net
             .http
-            .post(format!("https://{to}{}", self.path))
+            .post(format!("https://{}{}", net.name(to), self.path))
             .body(body);
         for (k, v) in headers {
             req = req.header(k, v);
@@ -103,7 +107,7 @@ async fn signed_request_refusals_follow_the_spec_order_and_change_nothing() {
     let before = bodies(&net, &bob, &room).await;
     let body = json!({"txn_id": "t-refused", "events": [new_event(&net, &room, &alice.fqid, "must not land")], "edus": []});
     let raw = Raw::from_server(&net, "a.test", &body);
-    let good = raw.headers("b.test");
+    let good = raw.headers(&net.name("b.test"));
     let without = |name: &str| {
         good.iter()
             .filter(|(k, _)| k != name)
@@ -164,7 +168,9 @@ async fn signed_request_refusals_follow_the_spec_order_and_change_nothing() {
         );
     }
 
-    // 2. wrong authority → 421 (the Host names no tenant here).
+    // 2. wrong authority → 421 (the Host names no tenant here). The URL,
+    // SNI and signature name b.test's real server_name; only the Host
+    // header is wrong (over HTTP/2 it contradicts `:authority`).
     let mut wrong_host = good.clone();
     wrong_host.push(("host".into(), "elsewhere.test".into()));
     let (s, v) = raw.send(&net, "b.test", wrong_host, raw.body.clone()).await;
@@ -221,10 +227,11 @@ async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
     });
     let extra = BTreeMap::from([("c.test".to_string(), counter_addr)]);
     let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
+    let a = net.name("a.test");
     let (s, v) = net
         .set_policy(
             "b.test",
-            json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]}),
+            json!({"default_mode": "invite_only", "allowed_peers": [a]}),
         )
         .await;
     assert_eq!(s, 200, "{v}");
@@ -255,7 +262,7 @@ async fn invite_only_refuses_unknown_origins_without_fetching_anything() {
     // closed refuses everyone, denied_peers wins.
     net.set_policy(
         "b.test",
-        json!({"default_mode": "open", "denied_peers": ["a.test"]}),
+        json!({"default_mode": "open", "denied_peers": [a]}),
     )
     .await;
     let raw = Raw::from_server(&net, "a.test", &body);
@@ -273,7 +280,10 @@ async fn send_body_and_event_refusals() {
     // Oversized body: 413 before it is buffered.
     let resp = net
         .http
-        .post("https://b.test/_scaiwave/federation/v1/send")
+        .post(format!(
+            "https://{}/_scaiwave/federation/v1/send",
+            net.name("b.test")
+        ))
         .header("content-length", (9 * 1024 * 1024).to_string())
         .body(vec![b' '; 9 * 1024 * 1024])
         .send()
@@ -432,18 +442,27 @@ async fn local_api_refusals() {
         .await;
     assert_eq!((s, code(&v)), (403, "SW_FORBIDDEN"));
     let room = net.create_room(&alice, json!({"name": "r"})).await;
-    for bad in ["bob@b.test", "@Bob:b.test", "@bob:", "@bob:B.test"] {
-        let (s, v) = net.post_invitation(&alice, &room, bad).await;
+    // Each a real FQID of b.test's, broken in one way.
+    let b = net.name("b.test");
+    for bad in [
+        format!("bob@{b}"),
+        format!("@Bob:{b}"),
+        "@bob:".to_string(),
+        format!("@bob:{}", b.to_uppercase()),
+    ] {
+        let (s, v) = net.post_invitation(&alice, &room, &bad).await;
         assert_eq!((s, code(&v)), (400, "SW_BAD_REQUEST"), "{bad}: {v}");
     }
     // Unknown participant on the peer: its error comes back at once.
-    let (s, v) = net.post_invitation(&alice, &room, "@nobody:b.test").await;
+    let nobody = net.fqid("nobody", "b.test");
+    let (s, v) = net.post_invitation(&alice, &room, &nobody).await;
     assert_eq!((s, code(&v)), (404, "SW_FED_PARTICIPANT_NOT_FOUND"), "{v}");
     // Incognito rooms never federate: 409 with the reason.
     let inc = net
         .create_room(&alice, json!({"name": "secret", "room_type": "incognito"}))
         .await;
-    let (s, v) = net.post_invitation(&alice, &inc, "@bob:b.test").await;
+    let bob = net.fqid("bob", "b.test");
+    let (s, v) = net.post_invitation(&alice, &inc, &bob).await;
     assert_eq!((s, code(&v)), (409, "SW_FED_ROOM_TYPE_FORBIDDEN"), "{v}");
     // Policy: a bad value names the field and changes nothing.
     let (_, before) = net
@@ -484,17 +503,18 @@ async fn local_api_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
     let mut net = testnet::start(&["a.test", "b.test", "c.test"], |_, _| {}).await;
+    let (a, c) = (net.name("a.test"), net.name("c.test"));
     net.set_policy(
         "b.test",
-        json!({"default_mode": "invite_only", "allowed_peers": ["a.test"]}),
+        json!({"default_mode": "invite_only", "allowed_peers": [a]}),
     )
     .await;
     // An event of c.test's, relayed by its room's host a.test to b.test:
     // c.test is unknown to b.
     let carol_event = testnet::signed_event(
         net.server("c.test").app(),
-        "!RoomHostedOnA000000:a.test",
-        "@carol:c.test",
+        &format!("!RoomHostedOnA000000:{}", net.name("a.test")),
+        &net.fqid("carol", "c.test"),
         testnet::message("relayed"),
     );
     let events = vec![carol_event.to_wire_value(Some(5))];
@@ -511,7 +531,7 @@ async fn a_retryable_refusal_is_not_cached_for_the_transaction() {
         "{v}"
     );
     // The admin fixes the policy; the same transaction is looked at afresh.
-    net.set_policy("b.test", json!({"allowed_peers": ["a.test", "c.test"]}))
+    net.set_policy("b.test", json!({"allowed_peers": [a, c]}))
         .await;
     let (s, v) = net
         .send_events("a.test", "b.test", "same-txn", events)

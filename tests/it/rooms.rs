@@ -11,17 +11,6 @@ use crate::testnet::{
     self, enc, eventually, message, signed_event, signed_event_with, TestNet, User,
 };
 
-async fn member_ids(net: &TestNet, u: &User, room: &str) -> Vec<String> {
-    net.members(u, room).await["members"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| m["fqid"].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// A room on a.test with bob@b.test and carol@c.test joined.
 async fn three_server_room(net: &TestNet) -> (User, User, User, String) {
     let (alice, bob, room) = shared_room(net).await;
@@ -94,7 +83,7 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     // against c.test's own key (it fetched c.test's descriptor to do so).
     let b = net.server("b.test").app().clone();
     assert_eq!(
-        b.verifier.protocol_versions(&"c.test".parse().unwrap()),
+        b.verifier.protocol_versions(&net.server("c.test").name),
         ["v1"]
     );
 
@@ -134,7 +123,7 @@ async fn kick_leave_and_peer_removal_propagate() {
     net.invite_and_join(&alice, &room, &dave).await;
     for u in [&bob, &carol] {
         eventually("everyone sees dave", || async {
-            member_ids(&net, u, &room).await.contains(&dave.fqid)
+            net.member_ids(u, &room).await.contains(&dave.fqid)
         })
         .await;
     }
@@ -151,7 +140,7 @@ async fn kick_leave_and_peer_removal_propagate() {
         .await;
     assert_eq!(s, 200, "{v}");
     eventually("b sees carol gone", || async {
-        !member_ids(&net, &bob, &room).await.contains(&carol.fqid)
+        !net.member_ids(&bob, &room).await.contains(&carol.fqid)
     })
     .await;
     eventually("carol's room list drops the room", || async {
@@ -183,42 +172,39 @@ async fn kick_leave_and_peer_removal_propagate() {
         .await;
     assert_eq!(s, 200, "{v}");
     eventually("a sees bob gone", || async {
-        !member_ids(&net, &alice, &room).await.contains(&bob.fqid)
+        !net.member_ids(&alice, &room).await.contains(&bob.fqid)
     })
     .await;
     eventually("c sees bob gone", || async {
-        !member_ids(&net, &dave, &room).await.contains(&bob.fqid)
+        !net.member_ids(&dave, &room).await.contains(&bob.fqid)
     })
     .await;
     assert!(net.rooms(&bob).await.is_empty());
 
     // Removing c.test on a.test kicks dave everywhere and stops traffic.
+    let c = net.name("c.test");
     let (s, v) = net
         .admin(
             "a.test",
             Method::DELETE,
-            "/v1/admin/federation/peers/c.test",
+            &format!("/v1/admin/federation/peers/{}", enc(&c)),
             None,
         )
         .await;
     assert_eq!((s, v["kicked"].as_u64()), (200, Some(1)), "{v}");
-    assert!(!member_ids(&net, &alice, &room).await.contains(&dave.fqid));
+    assert!(!net.member_ids(&alice, &room).await.contains(&dave.fqid));
     let (_, policy) = net
         .admin("a.test", Method::GET, "/v1/admin/federation/policy", None)
         .await;
-    assert_eq!(policy["denied_peers"], json!(["c.test"]));
+    assert_eq!(policy["denied_peers"], json!([c]));
     net.post(&alice, &room, json!({"body": "after removal"}))
         .await;
-    let (_, peers) = net
-        .admin("a.test", Method::GET, "/v1/admin/federation/peers", None)
-        .await;
+    let peers = net.peers("a.test").await;
     assert!(
-        !peers["peers"]
-            .as_array()
-            .unwrap()
+        !peers
             .iter()
-            .any(|p| p["server_name"] == "c.test" && p["queue_depth"].as_u64() > Some(0)),
-        "{peers}"
+            .any(|p| p["server_name"] == c.as_str() && p["queue_depth"].as_u64() > Some(0)),
+        "{peers:?}"
     );
     let (s, v) = net
         .send_events("c.test", "a.test", "still-there", vec![])
@@ -229,7 +215,7 @@ async fn kick_leave_and_peer_removal_propagate() {
         "{v}"
     );
     let audit = net.audit("a.test", "action=federation.peer.*").await;
-    assert_eq!(audit["rows"][0]["peer"], "c.test", "{audit}");
+    assert_eq!(audit["rows"][0]["peer"], c.as_str(), "{audit}");
     net.stop_all().await;
 }
 
@@ -317,7 +303,7 @@ async fn federated_dm_search_and_live_events() {
     // Alice listens for live events, then bob writes.
     let stream = net
         .http
-        .get("https://a.test/v1/events")
+        .get(format!("https://{}/v1/events", net.name("a.test")))
         .bearer_auth(&alice.token)
         .send()
         .await
@@ -420,7 +406,7 @@ async fn expired_invitations_and_the_foreign_limit() {
         net.send_one("b.test", "a.test", "late-join", &join).await,
         (200, Some("SW_FED_INVITE_EXPIRED".to_string()))
     );
-    assert!(!member_ids(&net, &alice, &room).await.contains(&bob.fqid));
+    assert!(!net.member_ids(&alice, &room).await.contains(&bob.fqid));
     assert!(net.rooms(&bob).await.is_empty(), "no room on b");
 
     // The foreign limit counts joined and invited foreign participants.
@@ -446,7 +432,7 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     // bob (on a replica) invites carol: the host checks, sequences and delivers it.
     net.invite_and_join(&bob, &room, &carol).await;
     eventually("the host lists carol", || async {
-        member_ids(&net, &alice, &room).await.contains(&carol.fqid)
+        net.member_ids(&alice, &room).await.contains(&carol.fqid)
     })
     .await;
 
@@ -466,8 +452,8 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
     .await;
 
     // b.test refuses c.test: carol's messages relayed by a.test are refused on b only.
-    net.set_policy("b.test", json!({"denied_peers": ["c.test"]}))
-        .await;
+    let c = net.name("c.test");
+    net.set_policy("b.test", json!({"denied_peers": [c]})).await;
     net.post(&carol, &room, json!({"body": "from a denied server"}))
         .await;
     eventually("a has carol's message", || async {
@@ -483,7 +469,7 @@ async fn replicas_invite_and_policy_covers_relayed_content() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|r| r["peer"] == "c.test")
+            .any(|r| r["peer"] == c.as_str())
     })
     .await;
     assert!(!bodies(&net, &bob, &room)
@@ -585,7 +571,7 @@ async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
 /// Drop everything `from` has queued for `to`, as a 24 h give-up would;
 /// answers how many rows went.
 fn drop_queue(net: &TestNet, from: &str, to: &str) -> usize {
-    let queue = scaiwave::storage::prefix(to);
+    let queue = scaiwave::storage::prefix(&net.name(to));
     let mut end = queue.clone();
     end.push(0xff);
     net.server(from)

@@ -1,6 +1,8 @@
 //! `TestNet`: real scaiwave servers on 127.0.0.1:0 with temporary sled
 //! databases and real TLS from a throwaway CA (rcgen), each told where the
-//! others are through `federation.resolve`.
+//! others are through `federation.resolve`. Each is named `<short>:<port>`
+//! (`a.test:40123`); tests call it by its short name (`a.test`) and get the
+//! real one from `name` / `fqid`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,6 +62,9 @@ impl Ca {
 }
 
 pub struct Server {
+    /// The short name a test calls it by (`a.test`).
+    pub short: String,
+    /// Its server_name, port included (`a.test:40123`), as real ones are.
     pub name: ServerName,
     pub addr: SocketAddr,
     pub config: Config,
@@ -127,12 +132,15 @@ pub struct TestNet {
     pub http: reqwest::Client,
 }
 
-/// Builds a net; `tweak` may change each server's config before start.
+/// Builds a net; `tweak` may change each server's config before start (it
+/// gets the short name). Each server is named `<short>:<port>`, the way a
+/// real deployment names a server on a port other than 443.
 pub async fn start(names: &[&str], tweak: impl Fn(&str, &mut Config)) -> TestNet {
     start_with_extra(names, BTreeMap::new(), tweak).await
 }
 
-/// `extra` maps more names (not scaiwave servers) to loopback addresses.
+/// `extra` maps more names (not scaiwave servers, reached on port 443) to
+/// loopback addresses.
 pub async fn start_with_extra(
     names: &[&str],
     extra: BTreeMap<String, SocketAddr>,
@@ -143,19 +151,31 @@ pub async fn start_with_extra(
         .iter()
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
-    let addrs: BTreeMap<String, SocketAddr> = names
+    // server_name (port included) -> address, for the servers' resolve tables.
+    let mut resolve: BTreeMap<ServerName, SocketAddr> = names
+        .iter()
+        .zip(&listeners)
+        .map(|(n, l)| {
+            let addr = l.local_addr().unwrap();
+            (full_name(n, addr), addr)
+        })
+        .collect();
+    for (name, addr) in &extra {
+        resolve.insert(ServerName::parse(name).unwrap(), *addr);
+    }
+    // host -> address, for the test's own client (it dials the URL's port).
+    let mut hosts: BTreeMap<String, SocketAddr> = names
         .iter()
         .zip(&listeners)
         .map(|(n, l)| (n.to_string(), l.local_addr().unwrap()))
         .collect();
-    let mut all = addrs.clone();
-    all.extend(extra.clone());
+    hosts.extend(extra.clone());
     let mut servers = Vec::new();
-    for (name, listener) in names.iter().zip(listeners) {
+    for (short, listener) in names.iter().zip(listeners) {
         let data = tempfile::tempdir().unwrap();
-        let (cert, key) = ca.leaf(name);
+        let (cert, key) = ca.leaf(short);
         let mut config = Config::default_embedded();
-        config.server_name = ServerName::parse(name).unwrap();
+        config.server_name = full_name(short, listener.local_addr().unwrap());
         config.listen = listener.local_addr().unwrap();
         config.data_dir = data.path().to_path_buf();
         config.tls.cert = Some(cert);
@@ -163,15 +183,12 @@ pub async fn start_with_extra(
         config.tls.trust_roots = vec![ca.ca_path()];
         config.federation.retry_initial = Duration::from_millis(100);
         config.federation.retry_max_interval = Duration::from_secs(1);
-        for (other, addr) in &all {
-            if other != name {
-                config
-                    .federation
-                    .resolve
-                    .insert(ServerName::parse(other).unwrap(), *addr);
-            }
-        }
-        tweak(name, &mut config);
+        config.federation.resolve = resolve
+            .iter()
+            .filter(|(name, _)| **name != config.server_name)
+            .map(|(name, addr)| (name.clone(), *addr))
+            .collect();
+        tweak(short, &mut config);
         let clock = Clock::system();
         let running = scaiwave::server::start_on(config.clone(), clock.clone(), listener)
             .await
@@ -181,6 +198,7 @@ pub async fn start_with_extra(
             .trim()
             .to_string();
         servers.push(Server {
+            short: short.to_string(),
             name: config.server_name.clone(),
             addr: running.addr,
             config,
@@ -189,8 +207,13 @@ pub async fn start_with_extra(
             admin_token,
         });
     }
-    let http = client(&ca, all);
+    let http = client(&ca, hosts);
     TestNet { ca, servers, http }
+}
+
+/// `<short>:<port>` of a server listening on `addr`.
+pub fn full_name(short: &str, addr: SocketAddr) -> ServerName {
+    ServerName::parse(&format!("{short}:{}", addr.port())).unwrap()
 }
 
 /// An HTTPS client that trusts only `ca` and finds each name in `names`.
@@ -235,24 +258,42 @@ pub async fn request(
 /// A participant on a server, with its token.
 #[derive(Clone)]
 pub struct User {
+    /// The short name of its server (`a.test`).
     pub server: String,
+    /// `@local:<server_name>`, port included.
     pub fqid: String,
     pub token: String,
 }
 
 impl TestNet {
+    /// A server by its short name (`a.test`) or its server_name.
     pub fn server(&self, name: &str) -> &Server {
         self.servers
             .iter()
-            .find(|s| s.name.as_str() == name)
+            .find(|s| s.short == name || s.name.as_str() == name)
             .expect("known server")
     }
 
     pub fn server_mut(&mut self, name: &str) -> &mut Server {
         self.servers
             .iter_mut()
-            .find(|s| s.name.as_str() == name)
+            .find(|s| s.short == name || s.name.as_str() == name)
             .expect("known server")
+    }
+
+    /// The server_name (port included) of the server called `short`; names
+    /// that are not servers of this net are returned as they are.
+    pub fn name(&self, short: &str) -> String {
+        self.servers
+            .iter()
+            .find(|s| s.short == short || s.name.as_str() == short)
+            .map(|s| s.name.to_string())
+            .unwrap_or_else(|| short.to_string())
+    }
+
+    /// `@{local}:{server_name of short}`.
+    pub fn fqid(&self, local: &str, short: &str) -> String {
+        format!("@{local}:{}", self.name(short))
     }
 
     /// An HTTPS call to a server's local API (`token` as bearer, if any).
@@ -264,7 +305,7 @@ impl TestNet {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        request(&self.http, server, method, path, token, body).await
+        request(&self.http, &self.name(server), method, path, token, body).await
     }
 
     pub async fn admin(
@@ -361,6 +402,31 @@ impl TestNet {
         self.as_user(u, Method::GET, &path, None).await.1
     }
 
+    /// The fqids of `room`'s members as `u` sees them (none if the answer
+    /// lists no members, e.g. `u` is no longer in the room).
+    pub async fn member_ids(&self, u: &User, room: &str) -> Vec<String> {
+        self.members(u, room).await["members"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|m| m["fqid"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// `fqid`'s row in `room`'s members as `u` sees them, if it is listed
+    /// (the answer must list members).
+    pub async fn member(&self, u: &User, room: &str, fqid: &str) -> Option<Value> {
+        let members = self.members(u, room).await;
+        members["members"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a member list: {members}"))
+            .iter()
+            .find(|m| m["fqid"] == fqid)
+            .cloned()
+    }
+
     /// `POST /v1/rooms/{room}/invitations` for `fqid`, as `inviter`.
     pub async fn post_invitation(&self, inviter: &User, room: &str, fqid: &str) -> (u16, Value) {
         let path = format!("/v1/rooms/{}/invitations", enc(room));
@@ -425,18 +491,24 @@ impl TestNet {
 
     // --- the admin API ---
 
-    /// `peer`'s row in `server`'s `GET /v1/admin/federation/peers`.
-    pub async fn peer_row(&self, server: &str, peer: &str) -> Value {
+    /// The rows of `server`'s `GET /v1/admin/federation/peers`.
+    pub async fn peers(&self, server: &str) -> Vec<Value> {
         let (_, peers) = self
             .admin(server, Method::GET, "/v1/admin/federation/peers", None)
             .await;
-        peers["peers"]
-            .as_array()
-            .unwrap()
+        peers["peers"].as_array().unwrap().clone()
+    }
+
+    /// `peer`'s row in `server`'s `GET /v1/admin/federation/peers` (it must
+    /// have one).
+    pub async fn peer_row(&self, server: &str, peer: &str) -> Value {
+        let name = self.name(peer);
+        let peers = self.peers(server).await;
+        peers
             .iter()
-            .find(|p| p["server_name"] == peer)
+            .find(|p| p["server_name"] == name.as_str())
             .cloned()
-            .unwrap()
+            .unwrap_or_else(|| panic!("no row for {name}: {peers:?}"))
     }
 
     /// `PUT /v1/admin/federation/policy` on `server`.
@@ -477,7 +549,7 @@ impl TestNet {
         let reply = app
             .s2s(
                 method,
-                &to.parse().unwrap(),
+                &self.name(to).parse().unwrap(),
                 path,
                 body.map(|b| serde_json::to_vec(&b).unwrap()),
                 Duration::from_secs(10),
