@@ -78,7 +78,7 @@ impl ProcNet {
             .zip(&addrs)
             .map(|(n, a)| (n.to_string(), *a))
             .collect();
-        let http = testnet::client(&ca, map);
+        let http = testnet::client(&ca, map, false);
         ProcNet {
             _ca: ca,
             nodes,

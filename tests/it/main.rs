@@ -7,6 +7,7 @@ mod delivery;
 mod federation;
 mod hostile;
 mod hostile_rooms;
+mod interop;
 mod process;
 mod refusals;
 mod rooms;

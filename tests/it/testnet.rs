@@ -17,7 +17,7 @@ use scaiwave::clock::Clock;
 use scaiwave::config::Config;
 use scaiwave::federation::event::{Content, Event};
 use scaiwave::ids::{Fqid, KeyId, RoomId, ServerName};
-use scaiwave::server::Running;
+use scaiwave::server::{HttpVersions, Running};
 use serde_json::{json, Value};
 
 pub struct Ca {
@@ -69,6 +69,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub config: Config,
     pub running: Option<Running>,
+    /// The HTTP versions its listener offers.
+    pub http: HttpVersions,
     /// Kept so the data dir lives as long as the server.
     _data: tempfile::TempDir,
     pub admin_token: String,
@@ -99,7 +101,13 @@ impl Server {
                 }
                 Err(e) => panic!("{e}"),
             };
-            match scaiwave::server::start_on(self.config.clone(), Clock::system(), listener).await {
+            let started = scaiwave::server::start_on_with(
+                self.config.clone(),
+                Clock::system(),
+                listener,
+                self.http,
+            );
+            match started.await {
                 Ok(r) => break r,
                 // sled's flusher may hold the lock a moment after stop.
                 Err(e) if e.message.contains("could not acquire lock") && tries < 300 => {
@@ -130,6 +138,8 @@ pub struct TestNet {
     pub ca: Ca,
     pub servers: Vec<Server>,
     pub http: reqwest::Client,
+    /// Host -> address, as the test's own client finds servers.
+    pub hosts: BTreeMap<String, SocketAddr>,
 }
 
 /// Builds a net; `tweak` may change each server's config before start (it
@@ -144,6 +154,21 @@ pub async fn start(names: &[&str], tweak: impl Fn(&str, &mut Config)) -> TestNet
 pub async fn start_with_extra(
     names: &[&str],
     extra: BTreeMap<String, SocketAddr>,
+    tweak: impl Fn(&str, &mut Config),
+) -> TestNet {
+    start_offering(names, extra, HttpVersions::Both, tweak).await
+}
+
+/// A net whose listeners all offer only HTTP/1.1, as peers behind a proxy
+/// that does not speak HTTP/2 would: every S2S request travels as HTTP/1.1.
+pub async fn start_http1_only(names: &[&str], tweak: impl Fn(&str, &mut Config)) -> TestNet {
+    start_offering(names, BTreeMap::new(), HttpVersions::Http1Only, tweak).await
+}
+
+async fn start_offering(
+    names: &[&str],
+    extra: BTreeMap<String, SocketAddr>,
+    http: HttpVersions,
     tweak: impl Fn(&str, &mut Config),
 ) -> TestNet {
     let ca = Ca::new();
@@ -190,9 +215,10 @@ pub async fn start_with_extra(
             .collect();
         tweak(short, &mut config);
         let clock = Clock::system();
-        let running = scaiwave::server::start_on(config.clone(), clock.clone(), listener)
-            .await
-            .unwrap();
+        let running =
+            scaiwave::server::start_on_with(config.clone(), clock.clone(), listener, http)
+                .await
+                .unwrap();
         let admin_token = std::fs::read_to_string(data.path().join("admin-token"))
             .unwrap()
             .trim()
@@ -203,12 +229,17 @@ pub async fn start_with_extra(
             addr: running.addr,
             config,
             running: Some(running),
+            http,
             _data: data,
             admin_token,
         });
     }
-    let http = client(&ca, hosts);
-    TestNet { ca, servers, http }
+    TestNet {
+        http: client(&ca, hosts.clone(), false),
+        ca,
+        servers,
+        hosts,
+    }
 }
 
 /// `<short>:<port>` of a server listening on `addr`.
@@ -216,15 +247,18 @@ pub fn full_name(short: &str, addr: SocketAddr) -> ServerName {
     ServerName::parse(&format!("{short}:{}", addr.port())).unwrap()
 }
 
-/// An HTTPS client that trusts only `ca` and finds each name in `names`.
-pub fn client(ca: &Ca, names: BTreeMap<String, SocketAddr>) -> reqwest::Client {
+/// An HTTPS client that trusts only `ca` and finds each name in `names`
+/// (HTTP/1.1 only if `http1_only`, else whatever ALPN chooses).
+pub fn client(ca: &Ca, names: BTreeMap<String, SocketAddr>, http1_only: bool) -> reqwest::Client {
     scaiwave::tls::install_crypto_provider();
     let ca_pem = std::fs::read(ca.ca_path()).unwrap();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
-        .dns_resolver(Arc::new(TestResolver(names)))
-        .build()
-        .unwrap()
+        .dns_resolver(Arc::new(TestResolver(names)));
+    if http1_only {
+        builder = builder.http1_only();
+    }
+    builder.build().unwrap()
 }
 
 /// An HTTPS call to `server`'s local API (`token` as bearer, if any): the
