@@ -443,3 +443,45 @@ async fn the_data_dir_is_private_whatever_the_umask() {
     }
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolve_entry_matches_its_exact_name_port_included() {
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = target.local_addr().unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_conn, _)) = target.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let mut net = testnet::start(&["a.test"], |_, c| {
+        let name = scaiwave::ids::ServerName::parse("peer.test:9449").unwrap();
+        c.federation.resolve.insert(name, addr);
+    })
+    .await;
+    let alice = net.user("a.test", "alice").await;
+    let room = net
+        .create_room(&alice, json!({"name": "r", "room_type": "standard"}))
+        .await;
+    // Another port of the same host is not the entry's name: not dialled.
+    let (s, _) = net
+        .post_invitation(&alice, &room, "@x:peer.test:1234")
+        .await;
+    assert_ne!(s, 200);
+    assert_eq!(
+        reached.load(Ordering::SeqCst),
+        0,
+        "peer.test:1234 went elsewhere"
+    );
+    // The entry's own name is dialled at the entry's address.
+    let (s, _) = net
+        .post_invitation(&alice, &room, "@x:peer.test:9449")
+        .await;
+    assert_ne!(s, 200, "nothing answers HTTPS there");
+    assert!(
+        reached.load(Ordering::SeqCst) > 0,
+        "peer.test:9449 reached its entry"
+    );
+    net.stop_all().await;
+}
