@@ -249,15 +249,14 @@ impl Front {
     /// slow: the connection is closed without an answer (SPEC §12).
     async fn read_body(
         &self,
-        headers: &HeaderMap,
+        req: &mut Request,
         body: hyper::body::Incoming,
         max: u64,
         too_large: fn() -> Error,
-    ) -> std::result::Result<Result<(Bytes, tokio::sync::OwnedSemaphorePermit)>, CloseConnection>
-    {
-        let declared = declared_length(headers);
+    ) -> std::result::Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        let declared = declared_length(&req.headers);
         if declared.is_some_and(|n| n > max) {
-            return Ok(Err(too_large()));
+            return Err(too_large().into());
         }
         // Reserve what the body may take before reading it: with many slow
         // senders at once, memory stays bounded and later ones wait.
@@ -269,18 +268,20 @@ impl Front {
                 .acquire_many_owned(reserve.max(1))
                 .await
                 .map_err(|e| Error::internal("body budget", e))?;
-            let collected = http_body_util::Limited::new(body, max as usize)
+            match http_body_util::Limited::new(body, max as usize)
                 .collect()
-                .await;
-            match collected {
+                .await
+            {
                 Ok(c) => Ok((c.to_bytes(), permit)),
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
                 Err(e) => Err(Error::bad_request(format!("could not read the body: {e}"))),
             }
         };
-        tokio::time::timeout(self.limits.request_body_timeout, read)
+        let (bytes, permit) = tokio::time::timeout(self.limits.request_body_timeout, read)
             .await
-            .map_err(|_| CloseConnection("request body too slow"))
+            .map_err(|_| Refusal::Close(CloseConnection("request body too slow")))??;
+        req.body = bytes;
+        Ok(permit)
     }
 
     /// One request, start to end. The route is chosen and the request
@@ -318,18 +319,22 @@ impl Front {
         let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let app = &self.app;
         let answer = match seg_refs.as_slice() {
-            [".well-known", "scaiwave", "server"] => s2s::descriptor(app, &req),
-            ["_scaiwave", "federation", "v1", rest @ ..] => {
-                if s2s::known(req.method.as_str(), rest) {
-                    self.s2s(&mut req, body, rest).await?
-                } else {
-                    Err(not_found_route(&req))
-                }
+            [".well-known", "scaiwave", "server"] => {
+                s2s::descriptor(app, &req).map_err(Refusal::from)
             }
-            ["v1", rest @ ..] => self.local(&mut req, body, rest).await?,
-            _ => Err(not_found_route(&req)),
+            ["_scaiwave", "federation", "v1", rest @ ..]
+                if s2s::known(req.method.as_str(), rest) =>
+            {
+                self.s2s(&mut req, body, rest).await
+            }
+            ["v1", rest @ ..] => self.local(&mut req, body, rest).await,
+            _ => Err(not_found_route(&req).into()),
         };
-        Ok(answer.unwrap_or_else(|e| error_reply(&e)))
+        match answer {
+            Ok(r) => Ok(r),
+            Err(Refusal::Answer(e)) => Ok(error_reply(&e)),
+            Err(Refusal::Close(c)) => Err(c),
+        }
     }
 
     async fn s2s(
@@ -337,38 +342,27 @@ impl Front {
         req: &mut Request,
         body: hyper::body::Incoming,
         rest: &[&str],
-    ) -> std::result::Result<Result<Response>, CloseConnection> {
+    ) -> std::result::Result<Response, Refusal> {
         let app = &self.app;
         // A declared length over the limit is refused before anything else
         // (SPEC §10: 413 before the body is buffered).
         if declared_length(&req.headers).is_some_and(|n| n > BODY_BYTES_MAX) {
-            return Ok(Err(s2s_too_large()));
+            return Err(s2s_too_large().into());
         }
-        let origin = match s2s::authenticate(app, req).await {
-            Ok(o) => o,
-            Err(e) => return Ok(Err(e)),
-        };
+        let origin = s2s::authenticate(app, req).await?;
         if let Err(not_until) = self.per_origin.check_key(&origin) {
-            return Ok(Err(rate_limited("origin", &self.per_origin, not_until)));
+            return Err(rate_limited("origin", &self.per_origin, not_until).into());
         }
         let _permit = if s2s::has_body(req.method.as_str()) {
-            match self
-                .read_body(&req.headers, body, BODY_BYTES_MAX, s2s_too_large)
-                .await?
-            {
-                Ok((bytes, permit)) => {
-                    req.body = bytes;
-                    if let Err(e) = s2s::check_digest(app, req, &origin) {
-                        return Ok(Err(e));
-                    }
-                    Some(permit)
-                }
-                Err(e) => return Ok(Err(e)),
-            }
+            let permit = self
+                .read_body(req, body, BODY_BYTES_MAX, s2s_too_large)
+                .await?;
+            s2s::check_digest(app, req, &origin)?;
+            Some(permit)
         } else {
             None
         };
-        Ok(s2s::route(app, req, &origin, rest).await)
+        Ok(s2s::route(app, req, &origin, rest).await?)
     }
 
     async fn local(
@@ -376,33 +370,37 @@ impl Front {
         req: &mut Request,
         body: hyper::body::Incoming,
         rest: &[&str],
-    ) -> std::result::Result<Result<Response>, CloseConnection> {
+    ) -> std::result::Result<Response, Refusal> {
         let app = &self.app;
-        let (me, token) = match caller(app, req) {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
-        };
+        let (me, token) = caller(app, req)?;
         if let Err(not_until) = self.per_token.check_key(&token) {
-            return Ok(Err(rate_limited("token", &self.per_token, not_until)));
+            return Err(rate_limited("token", &self.per_token, not_until).into());
         }
         let _permit = if matches!(req.method, Method::POST | Method::PUT) {
-            match self
-                .read_body(&req.headers, body, LOCAL_BODY_BYTES_MAX, local_too_large)
-                .await?
-            {
-                Ok((bytes, permit)) => {
-                    req.body = bytes;
-                    Some(permit)
-                }
-                Err(e) => return Ok(Err(e)),
-            }
+            Some(
+                self.read_body(req, body, LOCAL_BODY_BYTES_MAX, local_too_large)
+                    .await?,
+            )
         } else {
             None
         };
         Ok(match rest {
             ["admin", rest @ ..] => admin::route(app, req, rest, me).await,
             _ => client::route(app, req, rest, me).await,
-        })
+        }?)
+    }
+}
+
+/// Why a request ends before its handler: an error to answer with, or a
+/// connection to close without an answer.
+enum Refusal {
+    Answer(Error),
+    Close(CloseConnection),
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Refusal {
+        Refusal::Answer(e)
     }
 }
 
