@@ -57,6 +57,20 @@ async fn status_line(conn: &mut Tls) -> String {
     text.lines().next().unwrap().to_string()
 }
 
+/// A loopback listener that only counts the connections reaching it.
+async fn counting_listener() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((_conn, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    (addr, reached)
+}
+
 fn short_limits(c: &mut scaiwave::config::Config) {
     c.limits.request_head_timeout = Duration::from_secs(1);
     c.limits.idle_timeout = Duration::from_secs(3);
@@ -66,15 +80,8 @@ fn short_limits(c: &mut scaiwave::config::Config) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numeric_and_private_names_are_never_dialled() {
     // Something listening on loopback, which nothing may reach.
-    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = target.local_addr().unwrap().port();
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    tokio::spawn(async move {
-        while let Ok((_conn, _)) = target.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let (target, reached) = counting_listener().await;
+    let port = target.port();
     let mut net = testnet::start(&["a.test"], |_, _| {}).await;
     let alice = net.user("a.test", "alice").await;
     let room = net
@@ -323,15 +330,7 @@ async fn rates_are_limited_per_token_and_per_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_fetches_no_key_for_an_event_whose_origin_is_not_the_sender() {
     // c.test is somewhere we can see every connection to.
-    let c = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let c_addr = c.local_addr().unwrap();
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    tokio::spawn(async move {
-        while let Ok((_conn, _)) = c.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let (c_addr, reached) = counting_listener().await;
     let extra = std::collections::BTreeMap::from([("c.test".to_string(), c_addr)]);
     let mut net = testnet::start_with_extra(&["a.test", "b.test"], extra, |_, _| {}).await;
     let alice = net.user("a.test", "alice").await;
@@ -446,15 +445,7 @@ async fn the_data_dir_is_private_whatever_the_umask() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resolve_entry_matches_its_exact_name_port_included() {
-    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = target.local_addr().unwrap();
-    let reached = Arc::new(AtomicUsize::new(0));
-    let counter = reached.clone();
-    tokio::spawn(async move {
-        while let Ok((_conn, _)) = target.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-    });
+    let (addr, reached) = counting_listener().await;
     let mut net = testnet::start(&["a.test"], |_, c| {
         let name = scaiwave::ids::ServerName::parse("peer.test:9449").unwrap();
         c.federation.resolve.insert(name, addr);
