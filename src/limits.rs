@@ -105,3 +105,8 @@ pub const MEMBERS_ANSWER_ENTRIES_MAX: usize = 10_000;
 /// flight, far below it; a replica left further behind catches up with an
 /// admin backfill, which starts from the newest events.
 pub const SEQ_AHEAD_MAX: u64 = 10_000;
+/// Pending invitations one of our participants may hold: each is a row in
+/// their notification panel, and any peer with a room can send them. An
+/// invite past it is refused per event (`SW_FED_FOREIGN_LIMIT`) until the
+/// participant answers some or they expire.
+pub const INVITATIONS_PENDING_PER_PARTICIPANT_MAX: usize = 100;

@@ -468,10 +468,9 @@ pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
     let now = app.clock.now_ms();
     Ok(app
         .store
-        .scan::<Invitation>(T::Invitations, b"")?
+        .invitations_of(&me)?
         .into_iter()
-        .map(|(_, i)| i)
-        .filter(|i| i.target == me && i.expires_at_ms > now)
+        .filter(|i| i.expires_at_ms > now)
         .map(|i| InvitationView {
             invite_id: i.invite_id,
             room_id: i.room_id,
@@ -484,10 +483,12 @@ pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
 
 fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitation> {
     let me = fqid_of(app, p).to_string();
+    // A scan of the caller's own invitations, which the cap keeps short.
     let inv: Invitation = app
         .store
-        .get(T::Invitations, invite_id.as_bytes())?
-        .filter(|i: &Invitation| i.target == me)
+        .invitations_of(&me)?
+        .into_iter()
+        .find(|i| i.invite_id == invite_id)
         .ok_or_else(|| {
             Error::not_found(format!(
                 "no pending invitation {invite_id} for you; list them with GET /v1/me/invitations"
@@ -594,7 +595,7 @@ pub async fn answer_invitation(
     match send_to_host(app, &event).await? {
         Some(Outcome::Accepted(seq)) | Some(Outcome::Duplicate(Some(seq))) => {
             replica::settle(app, &event, seq).await?;
-            app.store.remove(T::Invitations, invite_id.as_bytes())?;
+            app.store.remove_invitation(&inv)?;
             if accept {
                 if let Err(e) = sync_after_join(app, &room_id, seq).await {
                     tracing::warn!(room_id = %room_id, error = %e, "joined, but could not load members and history yet");
@@ -608,7 +609,7 @@ pub async fn answer_invitation(
                 app.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
             }
             if matches!(e.code, Code::InviteExpired | Code::NotMember) {
-                app.store.remove(T::Invitations, invite_id.as_bytes())?;
+                app.store.remove_invitation(&inv)?;
             }
             Err(e)
         }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, keys, sled_err, AuditRow, Store, TxnRecord, T};
+use super::{codec, keys, sled_err, AuditRow, Invitation, Store, TxnRecord, SEP, T};
 use crate::error::Result;
 
 /// An audit row as version 1 stored it (before `unverified`).
@@ -19,10 +19,13 @@ pub struct AuditRowV1 {
     pub detail: String,
 }
 
-/// Version 1 → 2: audit rows gain `unverified`, and every cached `/send`
-/// answer gets its row in the `txn_times` index. Rows are rewritten one at
-/// a time: a crash midway leaves version 1 marked, and a rerun reads rows
-/// already upgraded as the new format (see [`upgrade_audit_row`]).
+/// Version 1 → 2: audit rows gain `unverified`, every cached `/send`
+/// answer gets its row in the `txn_times` index, and invitations move from
+/// invite_id keys to target ‖ room_id ‖ invite_id with a row in the
+/// `invite_times` index. Rows are rewritten one at a time: a crash midway
+/// leaves version 1 marked, and a rerun reads rows already upgraded as the
+/// new format (see [`upgrade_audit_row`]; an invitation key with a zero
+/// byte is already re-keyed, since event ids never hold one).
 pub fn v1_to_v2(store: &Store) -> Result<()> {
     let audit = store.tree(T::Audit);
     for item in audit.iter() {
@@ -35,6 +38,22 @@ pub fn v1_to_v2(store: &Store) -> Result<()> {
         let (k, v) = item.map_err(sled_err)?;
         let record: TxnRecord = codec::decode(&v)?;
         store.put(T::TxnTimes, &keys::txn_time(record.at_ms, &k), &())?;
+    }
+    for item in store.tree(T::Invitations).iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        let inv: Invitation = codec::decode(&v)?;
+        let new_key = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
+        // The index row first and the old row last: a crash in between
+        // leaves both keys, and the rerun finishes the move.
+        store.put(
+            T::InviteTimes,
+            &keys::invite_time(inv.expires_at_ms, &new_key),
+            &(),
+        )?;
+        if !k.contains(&SEP) {
+            store.put(T::Invitations, &new_key, &inv)?;
+            store.remove(T::Invitations, &k)?;
+        }
     }
     Ok(())
 }
@@ -64,6 +83,20 @@ fn upgrade_audit_row(bytes: &[u8]) -> Result<Option<AuditRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn old_invitation() -> Invitation {
+        Invitation {
+            invite_id: "0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
+            room_id: "!roomaaaaaaaaaaaaaaaa:a.test".into(),
+            room: crate::federation::event::RoomSummary {
+                name: "r".into(),
+                room_type: "standard".into(),
+            },
+            inviter: "@alice:a.test".into(),
+            target: "@bob:b.test".into(),
+            expires_at_ms: 9_000,
+        }
+    }
 
     /// Write rows as version 1 laid them out, mark the store version 1,
     /// reopen it, and read them in the current layout.
@@ -99,6 +132,14 @@ mod tests {
             store
                 .put(T::Txns, &keys::txn("b.test", "t1"), &txn)
                 .unwrap();
+            // Version 1 keyed invitations by invite_id alone.
+            store
+                .put(
+                    T::Invitations,
+                    old_invitation().invite_id.as_bytes(),
+                    &old_invitation(),
+                )
+                .unwrap();
             store
                 .tree(T::Meta)
                 .insert(b"schema_version", &1u32.to_be_bytes())
@@ -128,6 +169,16 @@ mod tests {
             )
             .unwrap());
         assert_eq!(store.prune_txns(8_000).unwrap(), 1);
+        let inv = old_invitation();
+        assert_eq!(
+            store.invitations_of(&inv.target).unwrap(),
+            std::slice::from_ref(&inv)
+        );
+        assert_eq!(store.count_prefix(T::Invitations, b""), 1);
+        assert_eq!(store.count_prefix(T::InviteTimes, b""), 1);
+        assert_eq!(store.prune_invitations(inv.expires_at_ms - 1).unwrap(), 0);
+        assert_eq!(store.prune_invitations(inv.expires_at_ms).unwrap(), 1);
+        assert_eq!(store.count_prefix(T::InviteTimes, b""), 0);
         let version = store.tree(T::Meta).get(b"schema_version").unwrap().unwrap();
         assert_eq!(
             version.as_ref(),
