@@ -673,6 +673,13 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
             invite_expires_at_ms: None,
         });
         member.membership = membership;
+        crate::rooms::set_user_room(
+            app,
+            &f,
+            room_id.as_str(),
+            membership == Membership::Join,
+            &mut w,
+        )?;
         if let Some(name) = &m.display_name {
             // Truncated rather than dropped: the start of a long name still
             // tells members apart, and no name at all shows a bare FQID.
@@ -889,14 +896,18 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
     Ok(stored)
 }
 
-/// Record a foreign participant's display name in every room they are in.
+/// Record a foreign participant's display name in every room they have
+/// joined, found through their `user_rooms` rows (never a members scan).
 pub fn set_display_name(app: &App, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
-    for (k, mut m) in app.store.scan::<Member>(T::Members, b"")? {
-        if m.fqid == fqid.as_str() && m.display_name.as_deref() != Some(name) {
-            m.display_name = Some(name.to_string());
-            app.store.put(T::Members, &k, &m)?;
-            updated += 1;
+    for room_id in crate::rooms::presence::rooms_of(app, fqid)? {
+        let k = keys::member(room_id.as_str(), fqid.as_str());
+        if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {
+            if m.display_name.as_deref() != Some(name) {
+                m.display_name = Some(name.to_string());
+                app.store.put(T::Members, &k, &m)?;
+                updated += 1;
+            }
         }
     }
     Ok(updated)

@@ -305,15 +305,10 @@ impl Plan {
                 self.room.contiguous_seq = None;
             }
         }
+        // Joined members of every server have their room rows: ours list
+        // their rooms, a peer's are what its presence is kept for.
+        set_user_room(app, target, &room_id, *membership == Membership::Join, w)?;
         if local_target {
-            let ur = keys::user_room(target.as_str(), &room_id);
-            match membership {
-                Membership::Join => w.put(T::UserRooms, ur, &())?,
-                Membership::Leave | Membership::Kick | Membership::Decline => {
-                    w.remove(T::UserRooms, ur)
-                }
-                Membership::Invite => {}
-            }
             match membership {
                 Membership::Invite => {
                     let summary = room
@@ -375,6 +370,34 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// Keep `user_rooms` in step with one member row: a row while `joined`,
+/// none otherwise. A peer's participant joined nowhere any more loses its
+/// presence row too (presence is kept only for joined members).
+pub fn set_user_room(
+    app: &App,
+    target: &crate::ids::Fqid,
+    room_id: &str,
+    joined: bool,
+    w: &mut WriteSet,
+) -> Result<()> {
+    let ur = keys::user_room(target.as_str(), room_id);
+    if joined {
+        return w.put(T::UserRooms, ur, &());
+    }
+    w.remove(T::UserRooms, ur.clone());
+    if !app.is_local(target) {
+        let elsewhere = app
+            .store
+            .scan_limit::<()>(T::UserRooms, &storage::prefix(target.as_str()), 2)?
+            .into_iter()
+            .any(|(k, ())| k != ur);
+        if !elsewhere {
+            w.remove(T::Presence, target.as_str().as_bytes().to_vec());
+        }
+    }
+    Ok(())
 }
 
 /// Pending invitations of `target` to `room_id` are settled by any later

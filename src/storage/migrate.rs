@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, keys, sled_err, AuditRow, Invitation, Store, TxnRecord, SEP, T};
+use super::{codec, keys, sled_err, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
 use crate::error::Result;
+use crate::federation::event::Membership;
 
 /// An audit row as version 1 stored it (before `unverified`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -22,7 +23,8 @@ pub struct AuditRowV1 {
 /// Version 1 → 2: audit rows gain `unverified`, every cached `/send`
 /// answer gets its row in the `txn_times` index, and invitations move from
 /// invite_id keys to target ‖ room_id ‖ invite_id with a row in the
-/// `invite_times` index. Rows are rewritten one at a time: a crash midway
+/// `invite_times` index, and joined members of other servers get the
+/// `user_rooms` rows ours always had. Rows are rewritten one at a time: a crash midway
 /// leaves version 1 marked, and a rerun reads rows already upgraded as the
 /// new format (see [`upgrade_audit_row`]; an invitation key with a zero
 /// byte is already re-keyed, since event ids never hold one).
@@ -53,6 +55,17 @@ pub fn v1_to_v2(store: &Store) -> Result<()> {
         if !k.contains(&SEP) {
             store.put(T::Invitations, &new_key, &inv)?;
             store.remove(T::Invitations, &k)?;
+        }
+    }
+    // Written for every joined member: ours have theirs already, and a
+    // row written twice is the same row.
+    for item in store.tree(T::Members).iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        let m: Member = codec::decode(&v)?;
+        let room_id = k.split(|b| *b == SEP).next().unwrap_or_default();
+        if m.membership == Membership::Join {
+            let room_id = String::from_utf8_lossy(room_id);
+            store.put(T::UserRooms, &keys::user_room(&m.fqid, &room_id), &())?;
         }
     }
     Ok(())
@@ -140,6 +153,21 @@ mod tests {
                     &old_invitation(),
                 )
                 .unwrap();
+            // Version 1 kept room rows only for our own participants.
+            for (fqid, membership) in [
+                ("@carol:b.test", Membership::Join),
+                ("@dave:b.test", Membership::Leave),
+            ] {
+                let m = Member {
+                    fqid: fqid.into(),
+                    membership,
+                    display_name: None,
+                    invite_expires_at_ms: None,
+                };
+                store
+                    .put(T::Members, &keys::member("!r:a.test", fqid), &m)
+                    .unwrap();
+            }
             store
                 .tree(T::Meta)
                 .insert(b"schema_version", &1u32.to_be_bytes())
@@ -179,6 +207,10 @@ mod tests {
         assert_eq!(store.prune_invitations(inv.expires_at_ms - 1).unwrap(), 0);
         assert_eq!(store.prune_invitations(inv.expires_at_ms).unwrap(), 1);
         assert_eq!(store.count_prefix(T::InviteTimes, b""), 0);
+        assert!(store
+            .contains(T::UserRooms, &keys::user_room("@carol:b.test", "!r:a.test"))
+            .unwrap());
+        assert_eq!(store.count_prefix(T::UserRooms, b""), 1);
         let version = store.tree(T::Meta).get(b"schema_version").unwrap().unwrap();
         assert_eq!(
             version.as_ref(),

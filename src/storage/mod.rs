@@ -4,7 +4,9 @@
 //! - `meta`: `schema_version`, `keys` (our [`KeyRing`]), `policy`.
 //! - `participants`: local_id → [`Participant`]; `tokens`: SHA-256(token) → local_id.
 //! - `rooms`: room_id → [`Room`]; `members`: room_id ‖ 0 ‖ fqid → [`Member`];
-//!   `user_rooms`: fqid ‖ 0 ‖ room_id → () (rooms a local participant is in).
+//!   `user_rooms`: fqid ‖ 0 ‖ room_id → (), one row per joined member of
+//!   any server (a row exactly while its member row says `Join`): the rooms
+//!   of one of ours, and whether a peer's participant is joined anywhere.
 //! - `events`: room_id ‖ 0 ‖ seq → [`StoredEvent`]; `pending`: room_id ‖ 0 ‖
 //!   event_id → [`StoredEvent`] (our events in replica rooms not yet sequenced).
 //! - `event_index`: origin ‖ 0 ‖ event_id → [`EventRef`] (dedup).
@@ -18,7 +20,8 @@
 //!   a participant's list and a room's are prefix scans);
 //!   `invite_times`: expires_at_ms ‖ the `invitations` key → (), so the
 //!   retention pass deletes expired ones by a range.
-//! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins).
+//! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins),
+//!   only for a participant with a `user_rooms` row.
 //! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
 //!   message bodies, written with the event).
 //!

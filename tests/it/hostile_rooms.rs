@@ -570,3 +570,35 @@ async fn invitations_over_the_per_participant_cap_are_refused() {
     assert_eq!(invitation_rows(&net, "b.test"), MAX);
     net.stop_all().await;
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_kept_only_for_a_peers_joined_members() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let b_name = net.server("b.test").name.clone();
+    let ts = net.server("b.test").app().clock.now_ms();
+    let edu = |sender: &str| json!({"type": "sw.presence", "sender": sender, "ts": ts, "content": {"status": "dnd"}});
+    let mut edus: Vec<Value> = (0..50)
+        .map(|i| edu(&format!("@ghost{i}:{b_name}")))
+        .collect();
+    edus.push(edu(&bob.fqid));
+    let (s, v) = net
+        .send_as(
+            "b.test",
+            "a.test",
+            json!({"txn_id": "t-ghosts", "events": [], "edus": edus}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let a = net.server("a.test").app();
+    assert_eq!(a.store.count_prefix(T::Presence, b""), 1);
+    let members = net.members(&alice, &room).await;
+    let listed = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["fqid"] == bob.fqid.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed["presence"]["status"], "dnd", "{members}");
+    net.stop_all().await;
+}
