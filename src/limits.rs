@@ -110,3 +110,9 @@ pub const SEQ_AHEAD_MAX: u64 = 10_000;
 /// invite past it is refused per event (`SW_FED_FOREIGN_LIMIT`) until the
 /// participant answers some or they expire.
 pub const INVITATIONS_PENDING_PER_PARTICIPANT_MAX: usize = 100;
+/// Peers whose descriptor (or failure to fetch one) the verifier keeps in
+/// memory, with their key bindings: a few KiB each. Names come from
+/// unauthenticated requests (at most `NEW_ORIGIN_FETCHES_PER_SEC_MAX` new
+/// ones a second), so past it the stale and failed entries go first,
+/// then the least recently used.
+pub const VERIFIER_PEERS_MAX: usize = 10_000;
