@@ -112,3 +112,14 @@ pub const MEMBERS_ANSWER_ENTRIES_MAX: usize = 10_000;
 /// flight, far below it; a replica left further behind catches up with an
 /// admin backfill, which starts from the newest events.
 pub const SEQ_AHEAD_MAX: u64 = 10_000;
+/// Pending invitations one of our participants may hold: each is a row in
+/// their notification panel, and any peer with a room can send them. An
+/// invite past it is refused per event (`SW_FED_FOREIGN_LIMIT`) until the
+/// participant answers some or they expire.
+pub const INVITATIONS_PENDING_PER_PARTICIPANT_MAX: usize = 100;
+/// Peers whose descriptor (or failure to fetch one) the verifier keeps in
+/// memory, with their key bindings: a few KiB each. Names come from
+/// unauthenticated requests (at most `NEW_ORIGIN_FETCHES_PER_SEC_MAX` new
+/// ones a second), so past it the stale and failed entries go first,
+/// then the least recently used.
+pub const VERIFIER_PEERS_MAX: usize = 10_000;

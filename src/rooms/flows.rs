@@ -468,10 +468,9 @@ pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
     let now = app.clock.now_ms();
     Ok(app
         .store
-        .scan::<Invitation>(T::Invitations, b"")?
+        .invitations_of(&me)?
         .into_iter()
-        .map(|(_, i)| i)
-        .filter(|i| i.target == me && i.expires_at_ms > now)
+        .filter(|i| i.expires_at_ms > now)
         .map(|i| InvitationView {
             invite_id: i.invite_id,
             room_id: i.room_id,
@@ -484,10 +483,12 @@ pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
 
 fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitation> {
     let me = fqid_of(app, p).to_string();
+    // A scan of the caller's own invitations, which the cap keeps short.
     let inv: Invitation = app
         .store
-        .get(T::Invitations, invite_id.as_bytes())?
-        .filter(|i: &Invitation| i.target == me)
+        .invitations_of(&me)?
+        .into_iter()
+        .find(|i| i.invite_id == invite_id)
         .ok_or_else(|| {
             Error::not_found(format!(
                 "no pending invitation {invite_id} for you; list them with GET /v1/me/invitations"
@@ -594,7 +595,7 @@ pub async fn answer_invitation(
     match send_to_host(app, &event).await? {
         Some(Outcome::Accepted(seq)) | Some(Outcome::Duplicate(Some(seq))) => {
             replica::settle(app, &event, seq).await?;
-            app.store.remove(T::Invitations, invite_id.as_bytes())?;
+            app.store.remove_invitation(&inv)?;
             if accept {
                 if let Err(e) = sync_after_join(app, &room_id, seq).await {
                     tracing::warn!(room_id = %room_id, error = %e, "joined, but could not load members and history yet");
@@ -608,7 +609,7 @@ pub async fn answer_invitation(
                 app.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
             }
             if matches!(e.code, Code::InviteExpired | Code::NotMember) {
-                app.store.remove(T::Invitations, invite_id.as_bytes())?;
+                app.store.remove_invitation(&inv)?;
             }
             Err(e)
         }
@@ -672,6 +673,13 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
             invite_expires_at_ms: None,
         });
         member.membership = membership;
+        crate::rooms::set_user_room(
+            app,
+            &f,
+            room_id.as_str(),
+            membership == Membership::Join,
+            &mut w,
+        )?;
         if let Some(name) = &m.display_name {
             // Truncated rather than dropped: the start of a long name still
             // tells members apart, and no name at all shows a bare FQID.
@@ -888,14 +896,18 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
     Ok(stored)
 }
 
-/// Record a foreign participant's display name in every room they are in.
+/// Record a foreign participant's display name in every room they have
+/// joined, found through their `user_rooms` rows (never a members scan).
 pub fn set_display_name(app: &App, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
-    for (k, mut m) in app.store.scan::<Member>(T::Members, b"")? {
-        if m.fqid == fqid.as_str() && m.display_name.as_deref() != Some(name) {
-            m.display_name = Some(name.to_string());
-            app.store.put(T::Members, &k, &m)?;
-            updated += 1;
+    for room_id in crate::rooms::presence::rooms_of(app, fqid)? {
+        let k = keys::member(room_id.as_str(), fqid.as_str());
+        if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {
+            if m.display_name.as_deref() != Some(name) {
+                m.display_name = Some(name.to_string());
+                app.store.put(T::Members, &k, &m)?;
+                updated += 1;
+            }
         }
     }
     Ok(updated)

@@ -10,7 +10,7 @@ use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{Fqid, RoomId, ServerName};
 use crate::rooms::{
-    dedup, foreign_count, is_joined, participating_servers, write_event, Outcome, Plan,
+    dedup, foreign_count, is_joined, participating_servers, write_event, InviteCap, Outcome, Plan,
 };
 use crate::storage::WriteSet;
 
@@ -181,6 +181,7 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
     let mut woken: BTreeSet<ServerName> = BTreeSet::new();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
+    let mut invite_cap = InviteCap::default();
 
     for (event, source) in &batch {
         let hash = event.content_hash();
@@ -209,7 +210,9 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
             )));
             continue;
         };
-        if let Err(e) = check(app, plan, event, source, now_ms) {
+        if let Err(e) =
+            check(app, plan, event, source, now_ms).and_then(|()| invite_cap.admit(app, event))
+        {
             outcomes.push(Outcome::Rejected(e));
             continue;
         }

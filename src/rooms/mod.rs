@@ -26,9 +26,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::OwnedMutexGuard;
 
 use crate::app::App;
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
+use crate::limits::INVITATIONS_PENDING_PER_PARTICIPANT_MAX;
 use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
 
 /// One async mutex per room, created on first use, and the per-room
@@ -304,15 +305,10 @@ impl Plan {
                 self.room.contiguous_seq = None;
             }
         }
+        // Joined members of every server have their room rows: ours list
+        // their rooms, a peer's are what its presence is kept for.
+        set_user_room(app, target, &room_id, *membership == Membership::Join, w)?;
         if local_target {
-            let ur = keys::user_room(target.as_str(), &room_id);
-            match membership {
-                Membership::Join => w.put(T::UserRooms, ur, &())?,
-                Membership::Leave | Membership::Kick | Membership::Decline => {
-                    w.remove(T::UserRooms, ur)
-                }
-                Membership::Invite => {}
-            }
             match membership {
                 Membership::Invite => {
                     let summary = room
@@ -321,15 +317,18 @@ impl Plan {
                             name: self.room.name.clone(),
                             room_type: self.room.room_type.as_str().to_string(),
                         });
-                    let inv = Invitation {
+                    // A new invite replaces any older one to the room: one
+                    // row per room, so the cap counts rooms and a peer
+                    // re-inviting grows nothing.
+                    remove_invitations_for(app, &room_id, target.as_str(), w)?;
+                    w.put_invitation(&Invitation {
                         invite_id: event.event_id.to_string(),
                         room_id: room_id.clone(),
                         room: summary,
                         inviter: event.sender.to_string(),
                         target: target.to_string(),
                         expires_at_ms: invite_expires_at_ms.unwrap_or(i64::MAX),
-                    };
-                    w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
+                    })?;
                 }
                 _ => remove_invitations_for(app, &room_id, target.as_str(), w)?,
             }
@@ -373,15 +372,101 @@ impl Plan {
     }
 }
 
-/// Pending invitations of `target` to `room_id` are settled by any later
-/// membership change.
-fn remove_invitations_for(app: &App, room_id: &str, target: &str, w: &mut WriteSet) -> Result<()> {
-    for (k, inv) in app.store.scan::<Invitation>(T::Invitations, b"")? {
-        if inv.room_id == room_id && inv.target == target {
-            w.remove(T::Invitations, k);
+/// Keep `user_rooms` in step with one member row: a row while `joined`,
+/// none otherwise. A peer's participant joined nowhere any more loses its
+/// presence row too (presence is kept only for joined members).
+pub fn set_user_room(
+    app: &App,
+    target: &crate::ids::Fqid,
+    room_id: &str,
+    joined: bool,
+    w: &mut WriteSet,
+) -> Result<()> {
+    let ur = keys::user_room(target.as_str(), room_id);
+    if joined {
+        return w.put(T::UserRooms, ur, &());
+    }
+    w.remove(T::UserRooms, ur.clone());
+    if !app.is_local(target) {
+        let elsewhere = app
+            .store
+            .scan_limit::<()>(T::UserRooms, &storage::prefix(target.as_str()), 2)?
+            .into_iter()
+            .any(|(k, ())| k != ur);
+        if !elsewhere {
+            w.remove(T::Presence, target.as_str().as_bytes().to_vec());
         }
     }
     Ok(())
+}
+
+/// Pending invitations of `target` to `room_id` are settled by any later
+/// membership change (a prefix of the target's own rows).
+pub fn remove_invitations_for(
+    app: &App,
+    room_id: &str,
+    target: &str,
+    w: &mut WriteSet,
+) -> Result<()> {
+    for inv in app.store.invitations_to_room(target, room_id)? {
+        w.remove_invitation(&inv);
+    }
+    Ok(())
+}
+
+/// The pending invitations of each local target while one batch is
+/// planned: what the store holds plus what the batch adds, so the cap
+/// [`INVITATIONS_PENDING_PER_PARTICIPANT_MAX`] holds inside a batch too.
+#[derive(Default)]
+pub struct InviteCap {
+    rooms: HashMap<String, BTreeSet<String>>,
+}
+
+impl InviteCap {
+    /// Refuse an invite of a local participant who already holds the
+    /// most pending invitations; any other event passes. Call it last,
+    /// once every other check passed: an admitted invite counts.
+    pub fn admit(&mut self, app: &App, event: &Event) -> Result<()> {
+        let Content::Member {
+            membership: Membership::Invite,
+            target,
+            ..
+        } = &event.content
+        else {
+            return Ok(());
+        };
+        if !app.is_local(target) {
+            return Ok(());
+        }
+        let rooms = match self.rooms.entry(target.to_string()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let now = app.clock.now_ms();
+                e.insert(
+                    app.store
+                        .invitations_of(target.as_str())?
+                        .into_iter()
+                        .filter(|i| i.expires_at_ms > now)
+                        .map(|i| i.room_id)
+                        .collect(),
+                )
+            }
+        };
+        let room = event.room_id.to_string();
+        // A re-invite to a room replaces that room's invitation.
+        if rooms.contains(&room) || rooms.len() < INVITATIONS_PENDING_PER_PARTICIPANT_MAX {
+            rooms.insert(room);
+            return Ok(());
+        }
+        Err(Error::new(
+            Code::ForeignLimit,
+            format!(
+                "{target} already has {INVITATIONS_PENDING_PER_PARTICIPANT_MAX} pending invitations on {}; \
+                 another can be sent once they accept or decline some, or some expire",
+                app.server_name
+            ),
+        ))
+    }
 }
 
 /// Store `event` at `seq` (signed bytes only; `unsigned` is per copy),

@@ -1,6 +1,7 @@
 //! Presence (SPEC §5): our participants' status goes as an ephemeral EDU to
 //! every server that shares a joined room with them; a peer's EDUs are
-//! taken only for its own participants, and the newest `ts` wins.
+//! taken only for its own participants joined in a room we know, and the
+//! newest `ts` wins.
 
 use std::collections::BTreeSet;
 
@@ -12,7 +13,9 @@ use crate::limits::SHORT_TEXT_BYTES_MAX;
 use crate::rooms::{flows, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
 
-/// Rooms a local participant has joined.
+/// Rooms a participant has joined: ours, or a peer's in a room we know.
+/// Every caller but [`receive`] and `flows::set_display_name` asks for
+/// one of our participants, whose prefix holds only their own rows.
 pub fn rooms_of(app: &App, fqid: &Fqid) -> Result<Vec<RoomId>> {
     Ok(app
         .store
@@ -72,6 +75,15 @@ pub fn set(app: &App, p: &Participant, presence: Presence) -> Result<()> {
 /// it is newer than what we hold.
 pub fn receive(app: &App, origin: &ServerName, edu: &PresenceEdu) -> Result<bool> {
     if edu.sender.server() != *origin {
+        return Ok(false);
+    }
+    // Only for a participant joined in a room we know: anything else is a
+    // name the peer made up, and would be a row kept for ever.
+    let joined_somewhere = !app
+        .store
+        .scan_limit::<()>(T::UserRooms, &storage::prefix(edu.sender.as_str()), 1)?
+        .is_empty();
+    if !joined_somewhere {
         return Ok(false);
     }
     let key = edu.sender.as_str().as_bytes();

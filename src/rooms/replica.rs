@@ -10,7 +10,7 @@ use crate::federation::delivery::enqueue_event;
 use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
 use crate::limits::SEQ_AHEAD_MAX;
-use crate::rooms::{dedup, search, write_event, write_event_unindexed, Outcome, Plan};
+use crate::rooms::{dedup, search, write_event, write_event_unindexed, InviteCap, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
 /// Events from `host` for rooms it hosts, each with the `seq` it assigned.
@@ -52,6 +52,7 @@ pub async fn accept_from_host(
     let mut w = WriteSet::default();
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
+    let mut invite_cap = InviteCap::default();
     for ((event, seq), rows) in batch.iter().zip(staged.iter_mut()) {
         let hash = event.content_hash();
         if let Some(o) = dedup(app, event, &hash)? {
@@ -69,7 +70,14 @@ pub async fn accept_from_host(
             continue;
         }
         let Some(plan) = plans.get_mut(&event.room_id) else {
-            outcomes.push(invite_for_unknown_room(app, event, *seq, hash, &mut w)?);
+            outcomes.push(invite_for_unknown_room(
+                app,
+                event,
+                *seq,
+                hash,
+                &mut invite_cap,
+                &mut w,
+            )?);
             continue;
         };
         if !plan.room.federate {
@@ -110,6 +118,10 @@ pub async fn accept_from_host(
                 "seq {seq} of {} already holds another event",
                 event.room_id
             ))));
+            continue;
+        }
+        if let Err(e) = invite_cap.admit(app, event) {
+            outcomes.push(Outcome::Rejected(e));
             continue;
         }
         w.append(rows.take().expect("each event is staged once"));
@@ -268,6 +280,7 @@ fn invite_for_unknown_room(
     event: &Event,
     seq: u64,
     hash: [u8; 32],
+    invite_cap: &mut InviteCap,
     w: &mut WriteSet,
 ) -> Result<Outcome> {
     let Content::Member {
@@ -291,6 +304,10 @@ fn invite_for_unknown_room(
             format!("{target} does not exist on {}", app.server_name),
         )));
     }
+    if let Err(e) = invite_cap.admit(app, event) {
+        return Ok(Outcome::Rejected(e));
+    }
+    crate::rooms::remove_invitations_for(app, event.room_id.as_str(), target.as_str(), w)?;
     let inv = storage::Invitation {
         invite_id: event.event_id.to_string(),
         room_id: event.room_id.to_string(),
@@ -304,7 +321,7 @@ fn invite_for_unknown_room(
         target: target.to_string(),
         expires_at_ms: capped_expiry(app, *expires_at_ms),
     };
-    w.put(T::Invitations, inv.invite_id.as_bytes().to_vec(), &inv)?;
+    w.put_invitation(&inv)?;
     w.put(
         T::EventIndex,
         keys::event_index(event.origin.as_str(), &event.event_id.to_string()),

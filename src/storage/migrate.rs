@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, keys, sled_err, AuditRow, Store, TxnRecord, T};
+use super::{codec, keys, sled_err, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
 use crate::error::Result;
+use crate::federation::event::Membership;
 
 /// An audit row as version 1 stored it (before `unverified`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -19,10 +20,14 @@ pub struct AuditRowV1 {
     pub detail: String,
 }
 
-/// Version 1 → 2: audit rows gain `unverified`, and every cached `/send`
-/// answer gets its row in the `txn_times` index. Rows are rewritten one at
-/// a time: a crash midway leaves version 1 marked, and a rerun reads rows
-/// already upgraded as the new format (see [`upgrade_audit_row`]).
+/// Version 1 → 2: audit rows gain `unverified`, every cached `/send`
+/// answer gets its row in the `txn_times` index, and invitations move from
+/// invite_id keys to target ‖ room_id ‖ invite_id with a row in the
+/// `invite_times` index, and joined members of other servers get the
+/// `user_rooms` rows ours always had. Rows are rewritten one at a time: a crash midway
+/// leaves version 1 marked, and a rerun reads rows already upgraded as the
+/// new format (see [`upgrade_audit_row`]; an invitation key with a zero
+/// byte is already re-keyed, since event ids never hold one).
 pub fn v1_to_v2(store: &Store) -> Result<()> {
     let audit = store.tree(T::Audit);
     for item in audit.iter() {
@@ -35,6 +40,33 @@ pub fn v1_to_v2(store: &Store) -> Result<()> {
         let (k, v) = item.map_err(sled_err)?;
         let record: TxnRecord = codec::decode(&v)?;
         store.put(T::TxnTimes, &keys::txn_time(record.at_ms, &k), &())?;
+    }
+    for item in store.tree(T::Invitations).iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        let inv: Invitation = codec::decode(&v)?;
+        let new_key = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
+        // The index row first and the old row last: a crash in between
+        // leaves both keys, and the rerun finishes the move.
+        store.put(
+            T::InviteTimes,
+            &keys::invite_time(inv.expires_at_ms, &new_key),
+            &(),
+        )?;
+        if !k.contains(&SEP) {
+            store.put(T::Invitations, &new_key, &inv)?;
+            store.remove(T::Invitations, &k)?;
+        }
+    }
+    // Written for every joined member: ours have theirs already, and a
+    // row written twice is the same row.
+    for item in store.tree(T::Members).iter() {
+        let (k, v) = item.map_err(sled_err)?;
+        let m: Member = codec::decode(&v)?;
+        let room_id = k.split(|b| *b == SEP).next().unwrap_or_default();
+        if m.membership == Membership::Join {
+            let room_id = String::from_utf8_lossy(room_id);
+            store.put(T::UserRooms, &keys::user_room(&m.fqid, &room_id), &())?;
+        }
     }
     Ok(())
 }
@@ -64,6 +96,20 @@ fn upgrade_audit_row(bytes: &[u8]) -> Result<Option<AuditRow>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn old_invitation() -> Invitation {
+        Invitation {
+            invite_id: "0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
+            room_id: "!roomaaaaaaaaaaaaaaaa:a.test".into(),
+            room: crate::federation::event::RoomSummary {
+                name: "r".into(),
+                room_type: "standard".into(),
+            },
+            inviter: "@alice:a.test".into(),
+            target: "@bob:b.test".into(),
+            expires_at_ms: 9_000,
+        }
+    }
 
     /// Write rows as version 1 laid them out, mark the store version 1,
     /// reopen it, and read them in the current layout.
@@ -99,6 +145,29 @@ mod tests {
             store
                 .put(T::Txns, &keys::txn("b.test", "t1"), &txn)
                 .unwrap();
+            // Version 1 keyed invitations by invite_id alone.
+            store
+                .put(
+                    T::Invitations,
+                    old_invitation().invite_id.as_bytes(),
+                    &old_invitation(),
+                )
+                .unwrap();
+            // Version 1 kept room rows only for our own participants.
+            for (fqid, membership) in [
+                ("@carol:b.test", Membership::Join),
+                ("@dave:b.test", Membership::Leave),
+            ] {
+                let m = Member {
+                    fqid: fqid.into(),
+                    membership,
+                    display_name: None,
+                    invite_expires_at_ms: None,
+                };
+                store
+                    .put(T::Members, &keys::member("!r:a.test", fqid), &m)
+                    .unwrap();
+            }
             store
                 .tree(T::Meta)
                 .insert(b"schema_version", &1u32.to_be_bytes())
@@ -128,6 +197,20 @@ mod tests {
             )
             .unwrap());
         assert_eq!(store.prune_txns(8_000).unwrap(), 1);
+        let inv = old_invitation();
+        assert_eq!(
+            store.invitations_of(&inv.target).unwrap(),
+            std::slice::from_ref(&inv)
+        );
+        assert_eq!(store.count_prefix(T::Invitations, b""), 1);
+        assert_eq!(store.count_prefix(T::InviteTimes, b""), 1);
+        assert_eq!(store.prune_invitations(inv.expires_at_ms - 1).unwrap(), 0);
+        assert_eq!(store.prune_invitations(inv.expires_at_ms).unwrap(), 1);
+        assert_eq!(store.count_prefix(T::InviteTimes, b""), 0);
+        assert!(store
+            .contains(T::UserRooms, &keys::user_room("@carol:b.test", "!r:a.test"))
+            .unwrap());
+        assert_eq!(store.count_prefix(T::UserRooms, b""), 1);
         let version = store.tree(T::Meta).get(b"schema_version").unwrap().unwrap();
         assert_eq!(
             version.as_ref(),

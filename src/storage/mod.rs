@@ -4,16 +4,24 @@
 //! - `meta`: `schema_version`, `keys` (our [`KeyRing`]), `policy`.
 //! - `participants`: local_id → [`Participant`]; `tokens`: SHA-256(token) → local_id.
 //! - `rooms`: room_id → [`Room`]; `members`: room_id ‖ 0 ‖ fqid → [`Member`];
-//!   `user_rooms`: fqid ‖ 0 ‖ room_id → () (rooms a local participant is in).
+//!   `user_rooms`: fqid ‖ 0 ‖ room_id → (), one row per joined member of
+//!   any server (a row exactly while its member row says `Join`): the rooms
+//!   of one of ours, and whether a peer's participant is joined anywhere.
 //! - `events`: room_id ‖ 0 ‖ seq → [`StoredEvent`]; `pending`: room_id ‖ 0 ‖
 //!   event_id → [`StoredEvent`] (our events in replica rooms not yet sequenced).
 //! - `event_index`: origin ‖ 0 ‖ event_id → [`EventRef`] (dedup).
 //! - `outbox`: peer ‖ 0 ‖ id → [`OutboxItem`]: a range scan per peer is its
 //!   FIFO queue; ids come from sled's monotonic `generate_id`.
-//! - `peers`, `audit` (at_ms ‖ id), `invitations`, `txns` (origin ‖ 0 ‖
-//!   txn_id → [`TxnRecord`]), `txn_times` (at_ms ‖ the `txns` key → (),
-//!   so answers past `TXN_CACHE_SECS` are pruned by a range).
-//! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins).
+//! - `peers`, `audit` (at_ms ‖ id), `txns` (origin ‖ 0 ‖ txn_id →
+//!   [`TxnRecord`]), `txn_times` (at_ms ‖ the `txns` key → (), so answers
+//!   past `TXN_CACHE_SECS` are pruned by a range).
+//! - `invitations`: target ‖ 0 ‖ room_id ‖ 0 ‖ invite_id → [`Invitation`]
+//!   (pending invitations of a local participant, at most one per room:
+//!   a participant's list and a room's are prefix scans);
+//!   `invite_times`: expires_at_ms ‖ the `invitations` key → (), so the
+//!   retention pass deletes expired ones by a range.
+//! - `presence`: foreign fqid → [`ForeignPresence`] (newest `ts` wins),
+//!   only for a participant with a `user_rooms` row.
 //! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
 //!   message bodies, written with the event).
 //!
@@ -97,9 +105,10 @@ pub enum T {
     Presence,
     Search,
     TxnTimes,
+    InviteTimes,
 }
 
-const TREE_NAMES: [&str; 17] = [
+const TREE_NAMES: [&str; 18] = [
     "meta",
     "participants",
     "tokens",
@@ -117,6 +126,7 @@ const TREE_NAMES: [&str; 17] = [
     "presence",
     "search",
     "txn_times",
+    "invite_times",
 ];
 
 /// A key made of parts separated by a zero byte (ids never contain one).
@@ -448,6 +458,60 @@ impl Store {
         Ok(n)
     }
 
+    /// The stored invitations of `target` (expired ones too, until the
+    /// retention pass deletes them): a prefix scan of theirs alone.
+    pub fn invitations_of(&self, target: &str) -> Result<Vec<Invitation>> {
+        Ok(self
+            .scan::<Invitation>(T::Invitations, &prefix(target))?
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect())
+    }
+
+    /// The stored invitations of `target` to `room_id`.
+    pub fn invitations_to_room(&self, target: &str, room_id: &str) -> Result<Vec<Invitation>> {
+        Ok(self
+            .scan::<Invitation>(T::Invitations, &keys::invitations_to_room(target, room_id))?
+            .into_iter()
+            .map(|(_, i)| i)
+            .collect())
+    }
+
+    /// Remove one invitation outside a write set: the row first, then its
+    /// index row, so a crash leaves at worst an index row pruning skips.
+    pub fn remove_invitation(&self, inv: &Invitation) -> Result<()> {
+        let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
+        self.remove(T::Invitations, &k)?;
+        self.remove(T::InviteTimes, &keys::invite_time(inv.expires_at_ms, &k))
+    }
+
+    /// Delete invitations that expired at or before `now_ms`: a range of
+    /// the expiry index, never a scan of the invitations. Answers how many
+    /// went.
+    pub fn prune_invitations(&self, now_ms: i64) -> Result<usize> {
+        let end = keys::invite_time(now_ms.saturating_add(1), &[]);
+        let mut n = 0;
+        for item in self.tree(T::InviteTimes).range(..end).keys() {
+            let index_key = item.map_err(sled_err)?;
+            let invitation_key = &index_key[8..];
+            // An index row can outlive its invitation (answered, replaced,
+            // or a crash between the two removals); only an expired row goes.
+            let expired = self
+                .get::<Invitation>(T::Invitations, invitation_key)?
+                .is_some_and(|i| i.expires_at_ms <= now_ms);
+            if expired {
+                self.tree(T::Invitations)
+                    .remove(invitation_key)
+                    .map_err(sled_err)?;
+                n += 1;
+            }
+            self.tree(T::InviteTimes)
+                .remove(&index_key)
+                .map_err(sled_err)?;
+        }
+        Ok(n)
+    }
+
     /// Apply a planned [`WriteSet`] as one atomic transaction.
     pub fn commit(&self, writes: &WriteSet) -> Result<()> {
         if writes.ops.is_empty() {
@@ -501,6 +565,23 @@ impl WriteSet {
 
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// An invitation with its row in the expiry index.
+    pub fn put_invitation(&mut self, inv: &Invitation) -> Result<()> {
+        let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
+        self.put(
+            T::InviteTimes,
+            keys::invite_time(inv.expires_at_ms, &k),
+            &(),
+        )?;
+        self.put(T::Invitations, k, inv)
+    }
+
+    pub fn remove_invitation(&mut self, inv: &Invitation) {
+        let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
+        self.remove(T::InviteTimes, keys::invite_time(inv.expires_at_ms, &k));
+        self.remove(T::Invitations, k);
     }
 }
 
@@ -575,6 +656,21 @@ pub mod keys {
             .and_then(|i| <[u8; 8]>::try_from(&k[i..]).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0)
+    }
+    pub fn invitation(target: &str, room_id: &str, invite_id: &str) -> Vec<u8> {
+        key(&[target.as_bytes(), room_id.as_bytes(), invite_id.as_bytes()])
+    }
+    /// Every invitation of `target` to `room_id` (at most one is kept).
+    pub fn invitations_to_room(target: &str, room_id: &str) -> Vec<u8> {
+        let mut k = key(&[target.as_bytes(), room_id.as_bytes()]);
+        k.push(super::SEP);
+        k
+    }
+    /// `invite_times`: expires_at_ms ‖ the `invitations` key.
+    pub fn invite_time(expires_at_ms: i64, invitation_key: &[u8]) -> Vec<u8> {
+        let mut k = (expires_at_ms.max(0) as u64).to_be_bytes().to_vec();
+        k.extend_from_slice(invitation_key);
+        k
     }
     pub fn txn(origin: &str, txn_id: &str) -> Vec<u8> {
         key(&[origin.as_bytes(), txn_id.as_bytes()])

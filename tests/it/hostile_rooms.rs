@@ -488,3 +488,117 @@ async fn cached_send_answers_go_after_a_day() {
     assert_eq!(b.store.count_prefix(T::TxnTimes, b""), 0);
     net.stop_all().await;
 }
+
+/// `server`'s stored invitation rows.
+fn invitation_rows(net: &TestNet, server: &str) -> usize {
+    net.server(server)
+        .app()
+        .store
+        .count_prefix(T::Invitations, b"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_invitations_are_deleted_by_the_retention_pass() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let bob = net.user("b.test", "bob").await;
+    let b = net.server("b.test").app().clone();
+    let soon = b.clock.now_ms() + 60_000;
+    let events = (0..3)
+        .map(|_| {
+            let room = unknown_room(&net, "a.test");
+            invite(&net, "a.test", &room, &alice.fqid, &bob.fqid, soon)
+        })
+        .collect();
+    let (s, v) = net
+        .send_events("a.test", "b.test", "t-expiring", events)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(results(&v).iter().all(|r| r["status"] == "accepted"), "{v}");
+    assert_eq!(invitation_rows(&net, "b.test"), 3);
+    scaiwave::rooms::retention::run_pass(&b).unwrap();
+    assert_eq!(invitation_rows(&net, "b.test"), 3, "not expired yet");
+    assert_eq!(net.invitations(&bob).await.len(), 3);
+    b.clock.advance(Duration::from_secs(120));
+    scaiwave::rooms::retention::run_pass(&b).unwrap();
+    assert_eq!(invitation_rows(&net, "b.test"), 0);
+    assert!(net.invitations(&bob).await.is_empty());
+    net.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitations_over_the_per_participant_cap_are_refused() {
+    use scaiwave::limits::INVITATIONS_PENDING_PER_PARTICIPANT_MAX as MAX;
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let alice = net.user("a.test", "alice").await;
+    let bob = net.user("b.test", "bob").await;
+    let far = net.server("b.test").app().clock.now_ms() + 3_600_000;
+    let mut accepted = 0;
+    let mut refused = Vec::new();
+    // Batches of 60: the cap falls inside a batch, so it must count what
+    // the batch itself adds.
+    for batch in 0..MAX.div_ceil(60) + 1 {
+        let events = (0..60)
+            .map(|_| {
+                let room = unknown_room(&net, "a.test");
+                invite(&net, "a.test", &room, &alice.fqid, &bob.fqid, far)
+            })
+            .collect();
+        let (s, v) = net
+            .send_events("a.test", "b.test", &format!("t-cap-{batch}"), events)
+            .await;
+        assert_eq!(s, 200, "{v}");
+        for r in results(&v) {
+            if r["status"] == "accepted" {
+                accepted += 1;
+            } else {
+                refused.push(r.clone());
+            }
+        }
+    }
+    assert_eq!(accepted, MAX, "{refused:?}");
+    let r = &refused[0];
+    assert_eq!(code(r), "SW_FED_FOREIGN_LIMIT", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pending invitations"),
+        "{r}"
+    );
+    assert_eq!(net.invitations(&bob).await.len(), MAX);
+    assert_eq!(invitation_rows(&net, "b.test"), MAX);
+    net.stop_all().await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_kept_only_for_a_peers_joined_members() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let (alice, bob, room) = shared_room(&net).await;
+    let b_name = net.server("b.test").name.clone();
+    let ts = net.server("b.test").app().clock.now_ms();
+    let edu = |sender: &str| json!({"type": "sw.presence", "sender": sender, "ts": ts, "content": {"status": "dnd"}});
+    let mut edus: Vec<Value> = (0..50)
+        .map(|i| edu(&format!("@ghost{i}:{b_name}")))
+        .collect();
+    edus.push(edu(&bob.fqid));
+    let (s, v) = net
+        .send_as(
+            "b.test",
+            "a.test",
+            json!({"txn_id": "t-ghosts", "events": [], "edus": edus}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let a = net.server("a.test").app();
+    assert_eq!(a.store.count_prefix(T::Presence, b""), 1);
+    let members = net.members(&alice, &room).await;
+    let listed = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["fqid"] == bob.fqid.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(listed["presence"]["status"], "dnd", "{members}");
+    net.stop_all().await;
+}
