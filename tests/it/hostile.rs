@@ -476,3 +476,23 @@ async fn a_resolve_entry_matches_its_exact_name_port_included() {
     );
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_request_headers_are_bounded() {
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let get = |bytes: usize| {
+        net.http
+            .get("https://a.test/.well-known/scaiwave/server")
+            .header("x-filler", "x".repeat(bytes))
+            .send()
+    };
+    let small = get(1024).await.unwrap();
+    assert_eq!(small.version(), reqwest::Version::HTTP_2);
+    assert_eq!(small.status().as_u16(), 200);
+    // Past 16 KiB of headers: refused (431, or the stream is reset).
+    match get(20 * 1024).await {
+        Ok(resp) => assert_eq!(resp.status().as_u16(), 431),
+        Err(e) => assert!(!e.is_timeout(), "{e}"),
+    }
+    net.stop_all().await;
+}
