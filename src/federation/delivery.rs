@@ -387,6 +387,8 @@ async fn apply_answer(
                 let ours_to_host = RoomId::parse(room_id).is_ok_and(|r| r.host() == *peer);
                 if let (true, Some(seq)) = (ours_to_host, result.seq) {
                     if let Ok((event, _)) = Event::parse(wire) {
+                        // A seq conflict marks the event failed; either way
+                        // the row has left the queue.
                         crate::rooms::replica::settle(app, &event, seq).await?;
                     }
                 }

@@ -594,7 +594,12 @@ pub async fn answer_invitation(
     }
     match send_to_host(app, &event).await? {
         Some(Outcome::Accepted(seq)) | Some(Outcome::Duplicate(Some(seq))) => {
-            replica::settle(app, &event, seq).await?;
+            if replica::settle(app, &event, seq).await? == replica::Settled::SeqTaken {
+                return Err(Error::new(
+                    Code::Conflict,
+                    format!("{} answered with seq {seq}, which already holds another event of the room; nothing was applied (ask its admin to check the room)", room_id.host()),
+                ));
+            }
             app.store.remove_invitation(&inv)?;
             if accept {
                 if let Err(e) = sync_after_join(app, &room_id, seq).await {

@@ -415,10 +415,10 @@ pub async fn submit(app: &App, event: &Event) -> Result<()> {
 
 /// The host sequenced our event at `seq`: move it from pending into the
 /// room's history and apply it.
-pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
+pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<Settled> {
     let _guard = app.room_locks.lock_all([event.room_id.clone()]).await;
     let Some(mut plan) = Plan::load(app, &event.room_id)? else {
-        return Ok(());
+        return Ok(Settled::NoRoom);
     };
     let pending_key = keys::pending(event.room_id.as_str(), &event.event_id.to_string());
     let at = keys::event(event.room_id.as_str(), seq);
@@ -440,7 +440,7 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
                 app.store.put(T::Pending, &pending_key, &ours)?;
                 app.store.flush().await?;
             }
-            return Ok(());
+            return Ok(Settled::SeqTaken);
         }
     }
     let mut w = WriteSet::default();
@@ -467,7 +467,19 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<()> {
         seq,
         event.to_wire_bytes(Some(seq)),
     )]);
-    Ok(())
+    Ok(Settled::Stored)
+}
+
+/// What [`settle`] did with our event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Stored at its seq and applied.
+    Stored,
+    /// We hold no record of the room (a decline of an invite to a room we
+    /// never joined): nothing to store.
+    NoRoom,
+    /// The seq the host named holds another event: ours is marked failed.
+    SeqTaken,
 }
 
 /// The host refused our event for good (or it aged out): mark it failed.
