@@ -36,6 +36,9 @@ pub async fn route(
         }
         ("POST", ["federation", "foreign", fqid, "refresh"]) => {
             let fqid = Fqid::parse(fqid)?;
+            // The descriptor fetch is unsigned but still contacts the peer:
+            // never one our policy refuses.
+            app.admit(&fqid.server()).map_err(Error::as_conflict)?;
             app.verifier
                 .refresh(&fqid.server())
                 .await

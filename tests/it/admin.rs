@@ -87,3 +87,24 @@ async fn admin_room_routes_act_on_rooms_the_admin_is_not_in() {
     assert!(v["fetched"].as_u64().unwrap() >= 1, "{v}");
     net.stop_all().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_refresh_never_contacts_a_refused_peer() {
+    let mut net = testnet::start(&["a.test", "b.test"], |_, _| {}).await;
+    let bob = net.user("b.test", "bob").await;
+    let b = net.name("b.test");
+    net.set_policy("a.test", json!({"denied_peers": [b]})).await;
+    let path = format!("/v1/admin/federation/foreign/{}/refresh", enc(&bob.fqid));
+    let (s, v) = net.admin("a.test", Method::POST, &path, None).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("SW_FED_POLICY_REJECTED")),
+        "{v}"
+    );
+    let counts = &net.server("b.test").running.as_ref().unwrap().connections;
+    let connections = counts.http1.load(std::sync::atomic::Ordering::SeqCst)
+        + counts.http2.load(std::sync::atomic::Ordering::SeqCst);
+    // b saw only the test's own call that created bob.
+    assert_eq!(connections, 1, "a never connected to b");
+    net.stop_all().await;
+}
