@@ -47,7 +47,17 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     net.react(&carol, &room, &a1, "👍", "add").await;
     net.react(&bob, &room, &a1, "👍", "add").await;
     net.react(&bob, &room, &a1, "🎉", "add").await;
-    net.react(&bob, &room, &a1, "🎉", "remove").await;
+    let (_, last) = net.react(&bob, &room, &a1, "🎉", "remove").await;
+    // Until the host has sequenced bob's last reaction, a view without 🎉
+    // may only mean the add has not arrived yet.
+    let (b_app, last) = (net.server("b.test").app().clone(), last["event_id"].clone());
+    let room_id = scaiwave::ids::RoomId::parse(&room).unwrap();
+    eventually("the host sequenced bob's last reaction", || async {
+        let id = last.as_str().unwrap();
+        scaiwave::rooms::flows::pending_state(&b_app, &room_id, id).unwrap()
+            != Some(scaiwave::storage::DeliveryState::Pending)
+    })
+    .await;
 
     let settled = |u: User| {
         let (net, room) = (&net, room.clone());
@@ -64,8 +74,15 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     for u in [&alice, &bob, &carol] {
         eventually("everyone sees the whole room", || settled(u.clone())).await;
     }
+    // The host's view is final now; the replicas converge on it.
     let on_a: Vec<_> = net.messages(&alice, &room).await.iter().map(view).collect();
     for u in [&bob, &carol] {
+        let what = format!("{} shows what the host shows", u.server);
+        eventually(&what, || async {
+            let there: Vec<_> = net.messages(u, &room).await.iter().map(view).collect();
+            there == on_a
+        })
+        .await;
         let there: Vec<_> = net.messages(u, &room).await.iter().map(view).collect();
         assert_eq!(
             there, on_a,
