@@ -39,7 +39,7 @@ pub fn v1_to_v2(store: &Store) -> Result<()> {
     for item in store.tree(T::Txns).iter() {
         let (k, v) = item.map_err(sled_err)?;
         let record: TxnRecord = codec::decode(&v)?;
-        store.put(T::TxnTimes, &keys::txn_time(record.at_ms, &k), &())?;
+        store.put(T::TxnTimes, &keys::time_prefixed(record.at_ms, &k), &())?;
     }
     for item in store.tree(T::Invitations).iter() {
         let (k, v) = item.map_err(sled_err)?;
@@ -49,7 +49,7 @@ pub fn v1_to_v2(store: &Store) -> Result<()> {
         // leaves both keys, and the rerun finishes the move.
         store.put(
             T::InviteTimes,
-            &keys::invite_time(inv.expires_at_ms, &new_key),
+            &keys::time_prefixed(inv.expires_at_ms, &new_key),
             &(),
         )?;
         if !k.contains(&SEP) {
@@ -193,7 +193,7 @@ mod tests {
         assert!(store
             .contains(
                 T::TxnTimes,
-                &keys::txn_time(7_000, &keys::txn("b.test", "t1"))
+                &keys::time_prefixed(7_000, &keys::txn("b.test", "t1"))
             )
             .unwrap());
         assert_eq!(store.prune_txns(8_000).unwrap(), 1);

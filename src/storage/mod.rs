@@ -430,30 +430,43 @@ impl Store {
     /// never an answer that no pruning would find.
     pub fn put_txn(&self, origin: &str, txn_id: &str, record: &TxnRecord) -> Result<()> {
         let k = keys::txn(origin, txn_id);
-        self.put(T::TxnTimes, &keys::txn_time(record.at_ms, &k), &())?;
+        self.put(T::TxnTimes, &keys::time_prefixed(record.at_ms, &k), &())?;
         self.put(T::Txns, &k, record)
     }
 
     /// Drop cached `/send` answers made before `cutoff_ms`: a range of the
     /// time index, never a scan of the cache. Answers how many went.
     pub fn prune_txns(&self, cutoff_ms: i64) -> Result<usize> {
-        let end = keys::txn_time(cutoff_ms, &[]);
+        // The same txn cached again later has a newer index row; an old one
+        // must not take the new answer with it.
+        self.prune_by_time(T::TxnTimes, T::Txns, cutoff_ms, |bytes| {
+            Ok(codec::decode::<TxnRecord>(bytes)?.at_ms < cutoff_ms)
+        })
+    }
+
+    /// Walk the time index `index` (ms ‖ key of `rows`) up to `before_ms`,
+    /// removing every index row, and each row of `rows` that `due` says is
+    /// still due (an index row can outlive its row, or precede a newer
+    /// version of it). Answers how many rows went.
+    fn prune_by_time(
+        &self,
+        index: T,
+        rows: T,
+        before_ms: i64,
+        due: impl Fn(&[u8]) -> Result<bool>,
+    ) -> Result<usize> {
+        let end = keys::time_prefixed(before_ms, &[]);
         let mut n = 0;
-        for item in self.tree(T::TxnTimes).range(..end).keys() {
+        for item in self.tree(index).range(..end).keys() {
             let index_key = item.map_err(sled_err)?;
-            let txn_key = &index_key[8..];
-            // The same txn cached again later has a newer index row; this
-            // old one must not take the new answer with it.
-            let stale = self
-                .get::<TxnRecord>(T::Txns, txn_key)?
-                .is_some_and(|r| r.at_ms < cutoff_ms);
-            if stale {
-                self.tree(T::Txns).remove(txn_key).map_err(sled_err)?;
-                n += 1;
+            let row_key = &index_key[8..];
+            if let Some(bytes) = self.tree(rows).get(row_key).map_err(sled_err)? {
+                if due(&bytes)? {
+                    self.tree(rows).remove(row_key).map_err(sled_err)?;
+                    n += 1;
+                }
             }
-            self.tree(T::TxnTimes)
-                .remove(&index_key)
-                .map_err(sled_err)?;
+            self.tree(index).remove(&index_key).map_err(sled_err)?;
         }
         Ok(n)
     }
@@ -482,34 +495,21 @@ impl Store {
     pub fn remove_invitation(&self, inv: &Invitation) -> Result<()> {
         let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
         self.remove(T::Invitations, &k)?;
-        self.remove(T::InviteTimes, &keys::invite_time(inv.expires_at_ms, &k))
+        self.remove(T::InviteTimes, &keys::time_prefixed(inv.expires_at_ms, &k))
     }
 
     /// Delete invitations that expired at or before `now_ms`: a range of
     /// the expiry index, never a scan of the invitations. Answers how many
     /// went.
     pub fn prune_invitations(&self, now_ms: i64) -> Result<usize> {
-        let end = keys::invite_time(now_ms.saturating_add(1), &[]);
-        let mut n = 0;
-        for item in self.tree(T::InviteTimes).range(..end).keys() {
-            let index_key = item.map_err(sled_err)?;
-            let invitation_key = &index_key[8..];
-            // An index row can outlive its invitation (answered, replaced,
-            // or a crash between the two removals); only an expired row goes.
-            let expired = self
-                .get::<Invitation>(T::Invitations, invitation_key)?
-                .is_some_and(|i| i.expires_at_ms <= now_ms);
-            if expired {
-                self.tree(T::Invitations)
-                    .remove(invitation_key)
-                    .map_err(sled_err)?;
-                n += 1;
-            }
-            self.tree(T::InviteTimes)
-                .remove(&index_key)
-                .map_err(sled_err)?;
-        }
-        Ok(n)
+        // An index row can outlive its invitation (answered, replaced, or a
+        // crash between the two removals); only an expired one goes.
+        self.prune_by_time(
+            T::InviteTimes,
+            T::Invitations,
+            now_ms.saturating_add(1),
+            |bytes| Ok(codec::decode::<Invitation>(bytes)?.expires_at_ms <= now_ms),
+        )
     }
 
     /// Apply a planned [`WriteSet`] as one atomic transaction.
@@ -572,7 +572,7 @@ impl WriteSet {
         let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
         self.put(
             T::InviteTimes,
-            keys::invite_time(inv.expires_at_ms, &k),
+            keys::time_prefixed(inv.expires_at_ms, &k),
             &(),
         )?;
         self.put(T::Invitations, k, inv)
@@ -580,7 +580,7 @@ impl WriteSet {
 
     pub fn remove_invitation(&mut self, inv: &Invitation) {
         let k = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
-        self.remove(T::InviteTimes, keys::invite_time(inv.expires_at_ms, &k));
+        self.remove(T::InviteTimes, keys::time_prefixed(inv.expires_at_ms, &k));
         self.remove(T::Invitations, k);
     }
 }
@@ -642,9 +642,7 @@ pub mod keys {
         key(&[peer.as_bytes(), &id.to_be_bytes()])
     }
     pub fn audit(at_ms: i64, id: u64) -> Vec<u8> {
-        let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
-        k.extend_from_slice(&id.to_be_bytes());
-        k
+        time_prefixed(at_ms, &id.to_be_bytes())
     }
     pub fn search(token: &str, room_id: &str, seq: u64) -> Vec<u8> {
         key(&[token.as_bytes(), room_id.as_bytes(), &seq.to_be_bytes()])
@@ -666,19 +664,15 @@ pub mod keys {
         k.push(super::SEP);
         k
     }
-    /// `invite_times`: expires_at_ms ‖ the `invitations` key.
-    pub fn invite_time(expires_at_ms: i64, invitation_key: &[u8]) -> Vec<u8> {
-        let mut k = (expires_at_ms.max(0) as u64).to_be_bytes().to_vec();
-        k.extend_from_slice(invitation_key);
-        k
-    }
     pub fn txn(origin: &str, txn_id: &str) -> Vec<u8> {
         key(&[origin.as_bytes(), txn_id.as_bytes()])
     }
-    /// `txn_times`: at_ms ‖ the `txns` key, so a prefix of time is a range.
-    pub fn txn_time(at_ms: i64, txn_key: &[u8]) -> Vec<u8> {
-        let mut k = (at_ms.max(0) as u64).to_be_bytes().to_vec();
-        k.extend_from_slice(txn_key);
+    /// A time index row: ms (big-endian, so time sorts) ‖ `rest`, the key
+    /// of the row it indexes: `invite_times` is expires_at_ms ‖ an
+    /// `invitations` key, `txn_times` at_ms ‖ a `txns` key.
+    pub fn time_prefixed(ms: i64, rest: &[u8]) -> Vec<u8> {
+        let mut k = (ms.max(0) as u64).to_be_bytes().to_vec();
+        k.extend_from_slice(rest);
         k
     }
 }
