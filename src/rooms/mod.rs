@@ -20,7 +20,6 @@ pub mod search;
 pub mod sever;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OwnedMutexGuard;
@@ -44,10 +43,9 @@ pub struct RoomLocks {
     /// Rooms whose gap fill runs now, each with whether a batch came in
     /// meanwhile with a gap of its own (the fill then runs once more). A
     /// std mutex: held only for one map update, never across an await.
+    /// One fill task runs per entry, so the map's size is the number of
+    /// fill tasks running.
     filling: Mutex<HashMap<RoomId, bool>>,
-    /// Fill tasks running now, counted apart from the set so a test sees
-    /// tasks, not rooms.
-    fills_running: AtomicUsize,
 }
 
 impl RoomLocks {
@@ -61,7 +59,6 @@ impl RoomLocks {
             return false;
         }
         filling.insert(room_id.clone(), false);
-        self.fills_running.fetch_add(1, Ordering::SeqCst);
         true
     }
 
@@ -76,7 +73,6 @@ impl RoomLocks {
             }
             Some(_) => {
                 filling.remove(room_id);
-                self.fills_running.fetch_sub(1, Ordering::SeqCst);
                 false
             }
             None => false,
@@ -85,7 +81,7 @@ impl RoomLocks {
 
     /// How many gap fill tasks run now.
     pub fn gap_fills_running(&self) -> usize {
-        self.fills_running.load(Ordering::SeqCst)
+        self.filling.lock().expect("gap fill set").len()
     }
 
     /// Lock every room in `rooms`, in sorted order so two batches never deadlock.
