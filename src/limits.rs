@@ -123,3 +123,8 @@ pub const INVITATIONS_PENDING_PER_PARTICIPANT_MAX: usize = 100;
 /// ones a second), so past it the stale and failed entries go first,
 /// then the least recently used.
 pub const VERIFIER_PEERS_MAX: usize = 10_000;
+
+/// How long opening the database waits for a lock a closing instance still
+/// holds (sled's threads release it after the last handle is gone), before
+/// it concludes another process owns the data dir.
+pub const DB_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);

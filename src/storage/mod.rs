@@ -44,6 +44,7 @@ use sled::Transactional;
 pub use records::*;
 
 use crate::error::{Error, Result};
+use crate::limits::DB_LOCK_WAIT;
 
 /// Make `dir` and everything under it private to this user: 0700 for
 /// directories, 0600 for files, whatever the umask was when they were made
@@ -186,7 +187,7 @@ impl Store {
     /// Open (or create) the database in `dir`, refusing one written by an
     /// incompatible version.
     pub fn open(dir: &Path) -> Result<Store> {
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
+        let db = open_db(dir).map_err(|e| {
             Error::bad_request(format!(
                 "cannot open the database in {}: {e}; is another scaiwave process using it?",
                 dir.display()
@@ -677,6 +678,26 @@ pub mod keys {
     }
 }
 
+/// Opens sled, waiting a moment for the lock of a database just closed:
+/// sled's background threads release it some time after the last handle
+/// drops, so a restart (a systemd `Restart=`, or a test reopening a store)
+/// would otherwise find its own previous life still holding the file.
+fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + DB_LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports a held lock as an `Other` io error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,6 +715,21 @@ mod tests {
         }
         let err = Store::open(dir.path()).err().expect("must refuse");
         assert!(err.message.contains("schema version 99"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_database_in_use_is_refused_and_one_just_closed_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().expect("must refuse");
+        assert!(
+            err.message
+                .contains("is another scaiwave process using it?"),
+            "{}",
+            err.message
+        );
+        drop(held);
+        Store::open(dir.path()).expect("the lock is released after close");
     }
 
     #[test]
