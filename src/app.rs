@@ -13,12 +13,12 @@ use crate::config::Config;
 use crate::error::{Code, Error, Result};
 use crate::federation::client::{NetworkError, Outbound, Reply, Signer};
 use crate::federation::delivery::{Delivery, HttpsTransport, Transport};
-use crate::federation::event::{Presence, PresenceStatus};
 use crate::federation::keys::Keys;
 use crate::federation::policy::Policy;
 use crate::federation::verifier::Verifier;
 use crate::ids::{Fqid, LocalId, ServerName};
 use crate::limits::{AUDIT_DETAIL_BYTES_MAX, AUDIT_UNVERIFIED_PER_SEC_MAX, S2S_REPLY_BYTES_MAX};
+use crate::protocol::event::{Presence, PresenceStatus};
 use crate::rooms::RoomLocks;
 use crate::storage::{keys, AuditRow, Participant, PeerError, PeerRecord, PowerLevel, Store, T};
 

@@ -22,6 +22,7 @@ pub mod error;
 pub mod federation;
 pub mod ids;
 pub mod limits;
+pub mod protocol;
 pub mod rooms;
 pub mod server;
 pub mod storage;

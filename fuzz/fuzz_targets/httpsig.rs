@@ -1,4 +1,4 @@
-//! The RFC 9421 / RFC 9530 header parsers of `federation::httpsig` on
+//! The RFC 9421 / RFC 9530 header parsers of `protocol::httpsig` on
 //! arbitrary header values: they read attacker-controlled headers before any
 //! key is known, so they must refuse bad input with an error, never panic.
 //!
@@ -13,7 +13,7 @@ use std::borrow::Cow;
 
 use ed25519_dalek::SigningKey;
 use libfuzzer_sys::fuzz_target;
-use scaiwave::federation::httpsig::{self, RequestParts};
+use scaiwave::protocol::httpsig::{self, RequestParts};
 use scaiwave::ids::KeyId;
 
 fn text(bytes: &[u8]) -> Cow<'_, str> {

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scaiwave::federation::canonical;
+use scaiwave::protocol::canonical;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(value) = canonical::parse_strict(data) else {

@@ -6,8 +6,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scaiwave::federation::canonical;
-use scaiwave::federation::event::{Event, PresenceEdu};
+use scaiwave::protocol::canonical;
+use scaiwave::protocol::event::{Event, PresenceEdu};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};

@@ -6,9 +6,9 @@ use serde_json::{json, Value};
 use crate::api::{json_reply, not_found_route, Request, Response};
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::federation::event::{Content, Membership, ReactionAction};
 use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::MESSAGES_PAGE_MAX;
+use crate::protocol::event::{Content, Membership, ReactionAction};
 use crate::rooms::flows;
 use crate::rooms::load_members;
 use crate::storage::{self, Room, T};
@@ -121,7 +121,7 @@ pub async fn route(
             &json!({"fqid": flows::fqid_of(app, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
         )),
         ("PUT", ["me", "presence"]) => {
-            let presence: crate::federation::event::Presence = serde_json::from_value(req.json()?)
+            let presence: crate::protocol::event::Presence = serde_json::from_value(req.json()?)
                 .map_err(|e| Error::bad_request(format!("send {{\"status\": \"online\"|\"idle\"|\"dnd\"|\"offline\", \"status_msg\"?}}: {e}")))?;
             crate::rooms::presence::set(app, &me, presence.clone())?;
             Ok(json_reply(200, &json!({ "presence": presence })))

@@ -4,10 +4,10 @@
 use crate::api::{bytes_reply, json_reply, not_found_route, Request, Response};
 use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::federation::event::Membership;
 use crate::federation::inbound::{self, SignedRequest};
-use crate::federation::wire::{BackfillAnswer, MemberEntry, MembersAnswer, ProfileAnswer};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
+use crate::protocol::event::Membership;
+use crate::protocol::wire::{BackfillAnswer, MemberEntry, MembersAnswer, ProfileAnswer};
 use crate::rooms::{is_joined, load_members, load_room};
 use crate::storage::{keys, StoredEvent, T};
 
@@ -207,7 +207,7 @@ fn backfill(app: &App, req: &Request, room_id: &RoomId) -> Result<Response> {
         lowest.get_or_insert(seq);
         if stored.rejected {
             events.push(serde_json::json!({"seq": seq, "rejected": true}));
-        } else if let Ok((e, _)) = crate::federation::event::Event::parse(&stored.json) {
+        } else if let Ok((e, _)) = crate::protocol::event::Event::parse(&stored.json) {
             events.push(e.to_wire_value(Some(seq)));
         }
     }

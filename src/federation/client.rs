@@ -23,14 +23,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::config::Config;
 use crate::error::{Result, WireError, WireErrorInner};
-use crate::federation::httpsig::{self, RequestParts};
 use crate::federation::keys::CurrentKey;
-use crate::federation::wire::Descriptor;
 use crate::ids::ServerName;
 use crate::limits::{
     DESCRIPTOR_BYTES_MAX, DESCRIPTOR_FETCH_TIMEOUT_SECS, OUTBOUND_CONNECT_TIMEOUT_SECS,
     OUTBOUND_POOL_IDLE_SECS,
 };
+use crate::protocol::httpsig::{self, RequestParts};
+use crate::protocol::wire::Descriptor;
 
 /// An answer from a peer.
 #[derive(Debug)]

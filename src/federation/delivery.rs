@@ -20,10 +20,10 @@ use tokio::sync::Notify;
 
 use crate::app::App;
 use crate::error::{Code, Result};
-use crate::federation::event::Event;
-use crate::federation::wire::{SendAnswer, SendStatus};
 use crate::ids::{RoomId, ServerName};
 use crate::limits::{DELIVERY_TIMEOUT_SECS, EVENTS_PER_TRANSACTION_MAX};
+use crate::protocol::event::Event;
+use crate::protocol::wire::{SendAnswer, SendStatus};
 use crate::storage::{self, keys, OutboxItem, OutboxKind, WriteSet, T};
 
 /// Add `event` (in wire form) to `peer`'s queue inside the caller's write set.
@@ -367,7 +367,7 @@ async fn apply_answer(
 ) -> Result<(u64, u64)> {
     let mut delivered = Vec::new();
     let mut given_up = 0u64;
-    let by_id: HashMap<&str, &crate::federation::wire::SendResult> = answer
+    let by_id: HashMap<&str, &crate::protocol::wire::SendResult> = answer
         .results
         .iter()
         .map(|r| (r.event_id.as_str(), r))

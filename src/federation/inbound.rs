@@ -8,13 +8,13 @@ use serde_json::Value;
 
 use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::federation::canonical;
-use crate::federation::event::{Content, Event, Membership, PresenceEdu};
-use crate::federation::httpsig::{self, RequestParts};
 use crate::federation::verifier::KeyUse;
-use crate::federation::wire::{SendAnswer, SendResult, SendStatus};
 use crate::ids::{KeyId, ServerName};
 use crate::limits::{EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, TXN_CACHE_SECS};
+use crate::protocol::canonical;
+use crate::protocol::event::{Content, Event, Membership, PresenceEdu};
+use crate::protocol::httpsig::{self, RequestParts};
+use crate::protocol::wire::{SendAnswer, SendResult, SendStatus};
 use crate::rooms::host::{self, Source};
 use crate::rooms::{replica, Outcome};
 use crate::storage::{keys, TxnRecord, T};

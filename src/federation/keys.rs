@@ -13,8 +13,8 @@ use rand::RngCore;
 
 use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
-use crate::federation::wire::{Descriptor, Endpoints, OldKey};
 use crate::ids::{KeyId, ServerName};
+use crate::protocol::wire::{Descriptor, Endpoints, OldKey};
 use crate::storage::{KeyRecord, KeyRing, Store, T};
 
 const KEYS: &[u8] = b"keys";

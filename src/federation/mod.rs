@@ -8,14 +8,10 @@
 //! - [`inbound`]: §4 authentication and `/send`; [`delivery`]: the per-peer
 //!   outbound queues; [`check`]: the handshake diagnostics of §13.
 
-pub mod canonical;
 pub mod check;
 pub mod client;
 pub mod delivery;
-pub mod event;
-pub mod httpsig;
 pub mod inbound;
 pub mod keys;
 pub mod policy;
 pub mod verifier;
-pub mod wire;

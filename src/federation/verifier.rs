@@ -16,12 +16,12 @@ use crate::clock::Clock;
 use crate::error::{Code, Error, Result};
 use crate::federation::client::Outbound;
 use crate::federation::keys::parse_public_key;
-use crate::federation::wire::Descriptor;
 use crate::ids::{KeyId, ServerName};
 use crate::limits::{
     DESCRIPTOR_CACHE_SECS_MAX, DESCRIPTOR_NEGATIVE_CACHE_SECS, DESCRIPTOR_REFETCH_INTERVAL_SECS,
     NEW_ORIGIN_FETCHES_PER_SEC_MAX, VERIFIER_PEERS_MAX,
 };
+use crate::protocol::wire::Descriptor;
 
 /// What a key is being used to check, which decides whether an old key counts.
 #[derive(Debug, Clone, Copy)]

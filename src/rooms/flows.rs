@@ -11,12 +11,12 @@ use crate::app::App;
 use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
 use crate::federation::delivery::{classify, Attempt};
-use crate::federation::event::{Content, Event, Membership, RoomSummary};
-use crate::federation::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
 use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::{
     BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS,
 };
+use crate::protocol::event::{Content, Event, Membership, RoomSummary};
+use crate::protocol::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
 use crate::rooms::host::{self, Source};
 use crate::rooms::{load_members, load_room, replica, Outcome};
 use crate::storage::{
@@ -266,7 +266,7 @@ pub fn messages(
                 action,
             } = &e.content
             {
-                let add = *action == crate::federation::event::ReactionAction::Add;
+                let add = *action == crate::protocol::event::ReactionAction::Add;
                 reactions.push((target.to_string(), key.clone(), e.sender.to_string(), add));
             }
         }

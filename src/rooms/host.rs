@@ -7,8 +7,8 @@ use std::collections::{BTreeSet, HashMap};
 use crate::app::App;
 use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
-use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{Fqid, RoomId, ServerName};
+use crate::protocol::event::{Content, Event, Membership};
 use crate::rooms::{
     dedup, foreign_count, is_joined, participating_servers, write_event, InviteCap, Outcome, Plan,
 };

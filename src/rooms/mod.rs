@@ -26,9 +26,9 @@ use tokio::sync::OwnedMutexGuard;
 
 use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
 use crate::limits::INVITATIONS_PENDING_PER_PARTICIPANT_MAX;
+use crate::protocol::event::{Content, Event, Membership};
 use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
 
 /// One async mutex per room, created on first use, and the per-room
@@ -307,12 +307,10 @@ impl Plan {
         if local_target {
             match membership {
                 Membership::Invite => {
-                    let summary = room
-                        .clone()
-                        .unwrap_or(crate::federation::event::RoomSummary {
-                            name: self.room.name.clone(),
-                            room_type: self.room.room_type.as_str().to_string(),
-                        });
+                    let summary = room.clone().unwrap_or(crate::protocol::event::RoomSummary {
+                        name: self.room.name.clone(),
+                        room_type: self.room.room_type.as_str().to_string(),
+                    });
                     // A new invite replaces any older one to the room: one
                     // row per room, so the cap counts rooms and a peer
                     // re-inviting grows nothing.

@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::federation::event::{Membership, Presence, PresenceEdu};
 use crate::ids::{Fqid, RoomId, ServerName};
 use crate::limits::SHORT_TEXT_BYTES_MAX;
+use crate::protocol::event::{Membership, Presence, PresenceEdu};
 use crate::rooms::{flows, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
 

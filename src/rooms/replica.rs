@@ -7,9 +7,9 @@ use std::collections::{BTreeSet, HashMap};
 use crate::app::App;
 use crate::error::{Code, Error, Result};
 use crate::federation::delivery::enqueue_event;
-use crate::federation::event::{Content, Event, Membership};
 use crate::ids::{RoomId, ServerName};
 use crate::limits::SEQ_AHEAD_MAX;
+use crate::protocol::event::{Content, Event, Membership};
 use crate::rooms::{dedup, search, write_event, write_event_unindexed, InviteCap, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
@@ -311,12 +311,10 @@ fn invite_for_unknown_room(
     let inv = storage::Invitation {
         invite_id: event.event_id.to_string(),
         room_id: event.room_id.to_string(),
-        room: room
-            .clone()
-            .unwrap_or(crate::federation::event::RoomSummary {
-                name: String::new(),
-                room_type: "standard".into(),
-            }),
+        room: room.clone().unwrap_or(crate::protocol::event::RoomSummary {
+            name: String::new(),
+            room_type: "standard".into(),
+        }),
         inviter: event.sender.to_string(),
         target: target.to_string(),
         expires_at_ms: capped_expiry(app, *expires_at_ms),

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 
 use crate::app::App;
 use crate::error::{Error, Result};
-use crate::federation::event::{Content, Event};
 use crate::ids::{Fqid, RoomId};
+use crate::protocol::event::{Content, Event};
 use crate::rooms::flows::{message_view, MessageView};
 use crate::storage::{self, keys, StoredEvent, WriteSet, T};
 

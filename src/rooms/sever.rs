@@ -5,8 +5,8 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::error::Result;
-use crate::federation::event::{Content, Membership};
 use crate::ids::{Fqid, RoomId, ServerName};
+use crate::protocol::event::{Content, Membership};
 use crate::rooms::host::{self, Source};
 use crate::rooms::{flows, load_members, Plan, RoomLocks};
 use crate::storage::{self, keys, Participant, Room, WriteSet, T};
@@ -122,7 +122,7 @@ async fn leave_locally(
     app: &App,
     locks: &RoomLocks,
     room_id: &RoomId,
-    leave: &crate::federation::event::Event,
+    leave: &crate::protocol::event::Event,
 ) -> Result<()> {
     let _guard = locks.lock_all([room_id.clone()]).await;
     let Some(mut plan) = Plan::load(app, room_id)? else {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{codec, keys, sled_err, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
 use crate::error::Result;
-use crate::federation::event::Membership;
+use crate::protocol::event::Membership;
 
 /// An audit row as version 1 stored it (before `unverified`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -101,7 +101,7 @@ mod tests {
         Invitation {
             invite_id: "0193aaaaaaaaaaaaaaaaaaaaaaaaaaaa".into(),
             room_id: "!roomaaaaaaaaaaaaaaaa:a.test".into(),
-            room: crate::federation::event::RoomSummary {
+            room: crate::protocol::event::RoomSummary {
                 name: "r".into(),
                 room_type: "standard".into(),
             },

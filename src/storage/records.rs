@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::federation::event::{Membership, Presence, RoomSummary};
+use crate::protocol::event::{Membership, Presence, RoomSummary};
 
 /// One Ed25519 key of ours. The seed never leaves this record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

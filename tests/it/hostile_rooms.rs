@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use scaiwave::error::Code;
-use scaiwave::federation::event::{Content, Event, Membership, RoomSummary};
 use scaiwave::ids::{Fqid, RoomId};
+use scaiwave::protocol::event::{Content, Event, Membership, RoomSummary};
 use scaiwave::rooms::replica;
 use scaiwave::storage::{self, keys, Member, StoredEvent, T};
 use serde_json::{json, Value};

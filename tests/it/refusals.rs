@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use reqwest::Method;
-use scaiwave::federation::httpsig;
 use scaiwave::ids::KeyId;
+use scaiwave::protocol::httpsig;
 use serde_json::{json, Value};
 
 use crate::federation::{bodies, shared_room, texts};

@@ -3,7 +3,7 @@
 //! gaps, DMs, search, live events, expiry and limits.
 
 use reqwest::Method;
-use scaiwave::federation::event::{Content, Membership};
+use scaiwave::protocol::event::{Content, Membership};
 use serde_json::{json, Value};
 
 use crate::federation::{bodies, shared_room, texts};

@@ -15,8 +15,8 @@ use reqwest::Method;
 use scaiwave::app::App;
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
-use scaiwave::federation::event::{Content, Event};
 use scaiwave::ids::{Fqid, KeyId, RoomId, ServerName};
+use scaiwave::protocol::event::{Content, Event};
 use scaiwave::server::{HttpVersions, Running};
 use serde_json::{json, Value};
 

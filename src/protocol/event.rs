@@ -16,12 +16,12 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Code, Error, Result};
-use crate::federation::canonical;
 use crate::ids::{EventId, Fqid, KeyId, RoomId, ServerName};
 use crate::limits::{
     EVENT_CANONICAL_BYTES_MAX, MENTIONS_MAX, MESSAGE_BODY_BYTES_MAX, REACTION_KEY_BYTES_MAX,
     SHORT_TEXT_BYTES_MAX,
 };
+use crate::protocol::canonical;
 
 /// The only event protocol this server speaks.
 pub const PROTOCOL_V1: &str = "v1";
