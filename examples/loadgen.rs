@@ -295,26 +295,32 @@ async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
 /// accept from the peer. Returns the room ids and the peer's participant.
 async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<RoomId>, Fqid)> {
     let owner_id = LocalId::parse("owner")?;
-    target.create_participant(&owner_id, "Load owner", PowerLevel::Member)?;
+    target
+        .rooms
+        .create_participant(&owner_id, "Load owner", PowerLevel::Member)?;
     let owner = target
+        .store
         .participant(&owner_id)?
         .context("the owner participant was just created")?;
     let load_id = LocalId::parse("load")?;
-    peer.create_participant(&load_id, "Load", PowerLevel::Member)?;
+    peer.rooms
+        .create_participant(&load_id, "Load", PowerLevel::Member)?;
     let load = peer
+        .store
         .participant(&load_id)?
         .context("the load participant was just created")?;
-    let load_fqid = flows::fqid_of(peer, &load);
+    let load_fqid = flows::fqid_of(&peer.rooms, &load);
 
     let mut ids = Vec::with_capacity(rooms);
     for r in 0..rooms {
-        let room = flows::create_room(target, &owner, &format!("load {r}"), "standard").await?;
+        let room =
+            flows::create_room(&target.rooms, &owner, &format!("load {r}"), "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let invite_id = flows::invite(target, &owner, &room_id, &load_fqid).await?;
+        let invite_id = flows::invite(&target.rooms, &owner, &room_id, &load_fqid).await?;
         // The invite reaches the peer through the target's delivery loop.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         loop {
-            let arrived = flows::invitations(peer, &load)?
+            let arrived = flows::invitations(&peer.rooms, &load)?
                 .iter()
                 .any(|i| i.invite_id == invite_id);
             if arrived {
@@ -325,7 +331,8 @@ async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<Room
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (status, answer) = flows::answer_invitation(peer, &load, &invite_id, true).await?;
+        let (status, answer) =
+            flows::answer_invitation(&peer.rooms, &load, &invite_id, true).await?;
         if status != 200 {
             bail!("joining {room_id} answered {status} {answer}; expected an immediate join");
         }
@@ -402,15 +409,18 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     let (rooms, _) = setup_rooms(&target, &peer, 1).await?;
     let room = rooms[0].clone();
     let peer_name = ServerName::parse(PEER_NAME)?;
-    peer.set_policy(Policy {
+    peer.fed.set_policy(Policy {
         default_mode: scaiwave::federation::policy::Mode::InviteOnly,
         ..Policy::default()
     })?;
 
     let owner_id = LocalId::parse("owner")?;
-    let owner = target.participant(&owner_id)?.context("owner exists")?;
-    let sender = flows::fqid_of(&target, &owner);
-    let key = target.keys.current()?;
+    let owner = target
+        .store
+        .participant(&owner_id)?
+        .context("owner exists")?;
+    let sender = flows::fqid_of(&target.rooms, &owner);
+    let key = target.fed.keys.current()?;
     let mut built = 0;
     while built < args.events {
         let n = (args.events - built).min(BATCH_MAX);
@@ -427,7 +437,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 (e, Source::Local)
             })
             .collect();
-        host::commit(&target, batch).await?;
+        host::commit(&target.rooms, batch).await?;
         built += n;
     }
     let queued = target.store.count_prefix(
@@ -435,11 +445,11 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         &scaiwave::storage::prefix(PEER_NAME),
     );
     eprintln!("loadgen: {queued} events queued for {PEER_NAME}; opening the peer");
-    peer.set_policy(Policy::default())?;
+    peer.fed.set_policy(Policy::default())?;
 
     let start = Instant::now();
     let cpu_start = process_cpu_seconds();
-    target.delivery.peer_is_back(&target, &peer_name);
+    target.fed.outbox.peer_is_back(&peer_name);
     let deadline = start + Duration::from_secs(600);
     let outbox = scaiwave::storage::prefix(PEER_NAME);
     loop {
@@ -498,7 +508,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     );
 
     // Pre-build every signed event and every transaction body.
-    let key = peer.keys.current()?;
+    let key = peer.fed.keys.current()?;
     let now = peer.clock.now_ms();
     let events: Vec<Value> =
         signed_messages(args.events, &rooms, &sender, now, &key.key_id, &key.signing)
@@ -540,7 +550,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 let Some((count, body)) = next else {
                     break;
                 };
-                let signer = match peer.signer() {
+                let signer = match peer.fed.signer() {
                     Ok(s) => s,
                     Err(e) => {
                         tally.failed_requests += 1;
@@ -551,6 +561,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 };
                 let t0 = Instant::now();
                 let reply = peer
+                    .fed
                     .outbound
                     .signed(
                         &signer,

@@ -57,11 +57,12 @@ fn main() -> anyhow::Result<()> {
         let app = App::open(config, Clock::system())?;
         app.first_start()?;
         let local = LocalId::parse("reader")?;
-        app.create_participant(&local, "Reader", PowerLevel::Member)?;
-        let me = app.participant(&local)?.expect("just created");
-        let room = flows::create_room(&app, &me, "bench", "standard").await?;
+        app.rooms
+            .create_participant(&local, "Reader", PowerLevel::Member)?;
+        let me = app.store.participant(&local)?.expect("just created");
+        let room = flows::create_room(&app.rooms, &me, "bench", "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let sender = flows::fqid_of(&app, &me);
+        let sender = flows::fqid_of(&app.rooms, &me);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         let mut done = 0;
@@ -78,12 +79,13 @@ fn main() -> anyhow::Result<()> {
                         mentions: vec![],
                     };
                     (
-                        flows::sign(&app, &room_id, &sender, content).expect("a valid message"),
+                        flows::sign(&app.rooms, &room_id, &sender, content)
+                            .expect("a valid message"),
                         Source::Local,
                     )
                 })
                 .collect();
-            host::commit(&app, batch).await?;
+            host::commit(&app.rooms, batch).await?;
             done += n;
         }
         eprintln!(
@@ -101,7 +103,7 @@ fn main() -> anyhow::Result<()> {
                 format!("{} {}", word(&mut rng), word(&mut rng))
             };
             let t = Instant::now();
-            results += search::search(&app, &sender, &q)?.len();
+            results += search::search(&app.rooms, &sender, &q)?.len();
             times.push(t.elapsed());
         }
         times.sort();

@@ -1,15 +1,23 @@
 //! scaiwave: a federation server for the ScaiWave chat platform.
 //!
 //! # Layout
-//! - [`config`], [`limits`], [`clock`], [`error`], [`ids`]: the ground rules.
+//! Lowest layer first; a module names only its own layer and those below
+//! (checked by `tests/it/tidy.rs`).
+//! - [`error`], [`ids`], [`limits`], [`clock`], [`config`], [`tls`]: the
+//!   ground rules.
+//! - [`protocol`]: the formats two servers agree on (events, JCS, RFC 9421
+//!   signatures, wire types), pure.
 //! - [`storage`]: sled trees behind typed functions (only it touches sled).
-//! - [`federation`]: wire types, signing (RFC 9421 requests, JCS events),
-//!   keys, policy, the verifier cache, outbound client, inbound `/send`,
-//!   and the delivery loop.
-//! - [`rooms`]: hosts, replicas, membership, invitations.
-//! - [`api`]: warp routes over rustls (S2S, admin, client).
-//! - [`app`], [`server`]: the shared state and starting/stopping it.
-//! - [`cli`]: the `scaiwave` command line.
+//! - [`federation`]: talking to peers: §4 authentication, our keys and
+//!   policy, peers' keys, outbound HTTPS and the S2S calls. No rooms.
+//! - [`rooms`]: hosts, replicas, membership, invitations, an inbound `/send`.
+//!   No HTTP.
+//! - [`delivery`]: the per-peer outbound queues, drained.
+//! - [`api`]: HTTPS routes (S2S, admin, client); the only place statuses
+//!   are chosen.
+//! - [`app`], [`server`]: composition: building the layers, starting and
+//!   stopping tasks.
+//! - [`cli`]: the `scaiwave` command line and the admin socket.
 //!
 //! See ARCHITECTURE.md for the codemap and invariants.
 
@@ -18,6 +26,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod federation;
 pub mod ids;

@@ -93,7 +93,7 @@ fn admin_argv() -> Vec<String> {
 fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let running = scaiwave::server::start(config, scaiwave::clock::Clock::system()).await?;
+        let running = scaiwave::cli::serve(config, scaiwave::clock::Clock::system()).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -1,6 +1,6 @@
 //! Starting and stopping a server: open state, first-start work, the HTTPS
-//! listener, the delivery loop and the key-rotation timer. `main` and the
-//! integration tests call the same [`start`].
+//! listener and the background tasks ([`App::start_tasks`]). `cli::serve`
+//! (what `main` runs) and the integration tests call the same [`start_on_with`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,12 +33,7 @@ pub enum HttpVersions {
 impl Running {
     /// Stop accepting, let in-flight work finish, flush, and return.
     pub async fn stop(self) {
-        self.app.shutdown.cancel();
-        self.app.tasks.close();
-        self.app.tasks.wait().await;
-        if let Err(e) = self.app.store.flush().await {
-            tracing::error!(error = %e, "final flush failed");
-        }
+        self.app.stop().await;
     }
 }
 
@@ -96,81 +91,14 @@ pub async fn start_on_with(
     app.tasks.spawn(crate::api::serve::serve(
         listener,
         tls,
-        app.clone(),
+        app.services.clone(),
         connections.clone(),
     ));
-    app.delivery.start(&app)?;
-    app.tasks.spawn(rotation_timer(app.clone()));
-    app.tasks.spawn(crate::cli::serve_socket(app.clone()));
-    app.tasks.spawn(retention(app.clone()));
+    app.start_tasks();
     tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
     Ok(Running {
         addr,
         app,
         connections,
     })
-}
-
-/// Rotate the key when it reaches `key_rotation_interval` (the same
-/// function as `scaiwave admin federation key rotate`).
-pub async fn rotation_timer(app: Arc<App>) {
-    loop {
-        let interval = app.config.federation.key_rotation_interval;
-        let due = app.keys.rotates_at_ms(interval);
-        let wait = async {
-            match due {
-                Some(at) => app.clock.sleep_until_ms(at).await,
-                // No key yet: look again later (an admin may generate one).
-                None => tokio::time::sleep(std::time::Duration::from_secs(60)).await,
-            }
-        };
-        tokio::select! {
-            _ = wait => {}
-            _ = app.shutdown.cancelled() => return,
-        }
-        if due.is_some() {
-            if let Err(e) = rotate(&app, false) {
-                tracing::error!(error = %e, "scheduled key rotation failed");
-            }
-        }
-    }
-}
-
-/// How often the retention pass runs.
-const RETENTION_INTERVAL_SECS: u64 = 3600;
-
-/// Keep what ages out within its retention: audit rows (`audit.retention`,
-/// SPEC §11), cached `/send` answers, and the rest of
-/// [`crate::rooms::retention::run_pass`].
-async fn retention(app: Arc<App>) {
-    loop {
-        match crate::rooms::retention::run_pass(&app) {
-            Ok(p) if p == Default::default() => {}
-            Ok(p) => tracing::info!(pruned = ?p, "retention pass pruned rows past their retention"),
-            Err(e) => tracing::error!(error = %e, "retention pass failed"),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(RETENTION_INTERVAL_SECS)) => {}
-            _ = app.shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Rotate our key and audit it.
-pub fn rotate(app: &App, revoke_previous: bool) -> Result<crate::storage::KeyRecord> {
-    let rec = app.keys.rotate(
-        app.clock.now_ms(),
-        app.config.federation.key_overlap,
-        revoke_previous,
-    )?;
-    app.audit(
-        "federation.key.rotated",
-        None,
-        None,
-        None,
-        None,
-        &format!("new key {}", rec.key_id),
-    );
-    tracing::info!(key_id = %rec.key_id, "rotated the federation signing key");
-    Ok(rec)
 }

@@ -1,4 +1,4 @@
-//! The body of `POST /send` (SPEC §8) as `federation::inbound::send` reads
+//! The body of `POST /send` (SPEC §8) as `rooms::transaction::receive` reads
 //! it before any storage: the lenient envelope, then every event strictly
 //! (`canonical::parse_strict` + `Event::from_value`) and every EDU
 //! (`PresenceEdu::from_value`). Must never panic, and every event that is
@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-/// A copy of the private `SendEnvelope` of `src/federation/inbound.rs`.
+/// A copy of the private `SendEnvelope` of `src/rooms/transaction.rs`.
 #[derive(serde::Deserialize)]
 #[allow(dead_code)]
 struct SendEnvelope<'a> {

@@ -3,8 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::api::{json_reply, not_found_route, require_admin, Request, Response};
-use crate::app::App;
+use crate::api::{json_reply, not_found_route, require_admin, Request, Response, Services};
 use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
@@ -12,39 +11,45 @@ use crate::limits::{AUDIT_PAGE_MAX, BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX};
 use crate::storage::{self, AuditRow, OutboxItem, Participant, PowerLevel, T};
 
 pub async fn route(
-    app: &App,
+    svc: &Services,
     req: &Request,
     rest: &[&str],
     admin: Participant,
 ) -> Result<Response> {
     require_admin(&admin)?;
     match (req.method.as_str(), rest) {
-        ("GET", ["federation", "identity"]) => Ok(json_reply(200, &identity(app))),
-        ("GET", ["federation", "peers"]) => Ok(json_reply(200, &json!({ "peers": peers(app)? }))),
+        ("GET", ["federation", "identity"]) => Ok(json_reply(200, &identity(svc))),
+        ("GET", ["federation", "peers"]) => Ok(json_reply(200, &json!({ "peers": peers(svc)? }))),
         ("DELETE", ["federation", "peers", name]) => {
             let peer = ServerName::parse(name)?;
             Ok(json_reply(
                 200,
-                &crate::rooms::sever::remove_peer(app, &admin, &peer).await?,
+                &crate::rooms::sever::remove_peer(&svc.rooms, &admin, &peer).await?,
             ))
         }
-        ("GET", ["federation", "policy"]) => Ok(json_reply(200, &app.policy())),
+        ("GET", ["federation", "policy"]) => Ok(json_reply(200, &svc.rooms.fed.policy())),
         ("PUT", ["federation", "policy"]) => {
-            let next = app.policy().patched(&req.json()?)?;
-            app.set_policy(next.clone())?;
+            let next = svc.rooms.fed.policy().patched(&req.json()?)?;
+            svc.rooms.fed.set_policy(next.clone())?;
             Ok(json_reply(200, &next))
         }
         ("POST", ["federation", "foreign", fqid, "refresh"]) => {
             let fqid = Fqid::parse(fqid)?;
             // The descriptor fetch is unsigned but still contacts the peer:
             // never one our policy refuses.
-            app.admit(&fqid.server()).map_err(Error::as_conflict)?;
-            app.verifier
+            svc.rooms
+                .fed
+                .admit(&fqid.server())
+                .map_err(Error::as_conflict)?;
+            svc.rooms
+                .fed
+                .verifier
                 .refresh(&fqid.server())
                 .await
                 .map_err(Error::as_conflict)?;
-            let profile = crate::rooms::flows::fetch_profile(app, &fqid).await?;
-            let updated = crate::rooms::flows::set_display_name(app, &fqid, &profile.display_name)?;
+            let profile = crate::rooms::flows::fetch_profile(&svc.rooms, &fqid).await?;
+            let updated =
+                crate::rooms::flows::set_display_name(&svc.rooms, &fqid, &profile.display_name)?;
             Ok(json_reply(
                 200,
                 &json!({"fqid": profile.fqid, "display_name": profile.display_name, "presence": profile.presence, "rooms_updated": updated}),
@@ -57,12 +62,13 @@ pub async fn route(
                 .get("enabled")
                 .and_then(Value::as_bool)
                 .ok_or_else(|| Error::bad_request("send {\"enabled\": true|false}"))?;
-            let _guard = app.room_locks.lock_all([room_id.clone()]).await;
-            let mut room = crate::rooms::flows::room_for_admin(app, &room_id)?;
+            let _guard = svc.rooms.locks.lock_all([room_id.clone()]).await;
+            let mut room = crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
             room.federate = enabled;
-            app.store
+            svc.rooms
+                .store
                 .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
-            app.store.flush().await?;
+            svc.rooms.store.flush().await?;
             Ok(json_reply(
                 200,
                 &json!({"room_id": room_id.to_string(), "federate": enabled}),
@@ -70,18 +76,19 @@ pub async fn route(
         }
         ("POST", ["rooms", room, "federation", "invite"]) => {
             let room_id = RoomId::parse(room)?;
-            crate::rooms::flows::room_for_admin(app, &room_id)?;
+            crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
             let fqid = fqid_field(&req.json()?)?;
-            let invite_id = crate::rooms::flows::admin_invite(app, &admin, &room_id, &fqid).await?;
+            let invite_id =
+                crate::rooms::flows::admin_invite(&svc.rooms, &admin, &room_id, &fqid).await?;
             Ok(json_reply(200, &json!({"invite_id": invite_id})))
         }
         ("POST", ["rooms", room, "federation", "backfill"]) => {
             let room_id = RoomId::parse(room)?;
-            crate::rooms::flows::room_for_admin(app, &room_id)?;
-            if room_id.host() == app.server_name {
+            crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
+            if room_id.host() == svc.rooms.server_name {
                 return Err(Error::bad_request(format!(
                     "{} hosts {room_id} and holds its whole history; backfill pulls from a room's host",
-                    app.server_name
+                    svc.rooms.server_name
                 )));
             }
             let limit = match req.body.is_empty() {
@@ -93,7 +100,7 @@ pub async fn route(
                     .unwrap_or(BACKFILL_EVENTS_MAX)
                     .clamp(1, BACKFILL_EVENTS_MAX),
             };
-            match crate::rooms::flows::backfill(app, &room_id, None, limit).await {
+            match crate::rooms::flows::backfill(&svc.rooms, &room_id, None, limit).await {
                 Ok((fetched, stored, rejected)) => Ok(json_reply(
                     200,
                     &json!({"fetched": fetched, "stored": stored, "rejected": rejected}),
@@ -131,13 +138,13 @@ pub async fn route(
                     ))
                 }
             };
-            let token = app.create_participant(&local, &display, power)?;
+            let token = svc.rooms.create_participant(&local, &display, power)?;
             Ok(json_reply(
                 200,
-                &json!({"fqid": app.fqid(&local).to_string(), "token": token}),
+                &json!({"fqid": svc.rooms.fqid(&local).to_string(), "token": token}),
             ))
         }
-        ("GET", ["audit"]) => Ok(json_reply(200, &json!({ "rows": audit(app, req)? }))),
+        ("GET", ["audit"]) => Ok(json_reply(200, &json!({ "rows": audit(svc, req)? }))),
         _ => Err(not_found_route(req)),
     }
 }
@@ -150,24 +157,25 @@ fn fqid_field(body: &Value) -> Result<Fqid> {
     )
 }
 
-pub fn identity(app: &App) -> Value {
-    let d = app.keys.descriptor(&app.server_name);
-    let ring = app.keys.ring();
+pub fn identity(svc: &Services) -> Value {
+    let d = svc.rooms.fed.keys.descriptor(&svc.rooms.server_name);
+    let ring = svc.rooms.fed.keys.ring();
     json!({
         "server_name": d.server_name,
         "key_id": d.key_id,
         "public_key": d.public_key,
         "created_at": ring.current.as_ref().map(|c| rfc3339(c.created_at_ms)),
-        "rotates_at": app.keys.rotates_at_ms(app.config.federation.key_rotation_interval).map(rfc3339),
+        "rotates_at": svc.rooms.fed.keys.rotates_at_ms(svc.rooms.fed.config.key_rotation_interval).map(rfc3339),
         "old_keys": d.old_keys,
         "protocol_versions": d.protocol_versions,
     })
 }
 
 /// Every peer we have a row or a queue for, with SPEC §9's fields.
-pub fn peers(app: &App) -> Result<Vec<Value>> {
-    let now = app.clock.now_ms();
-    let mut names: Vec<ServerName> = app
+pub fn peers(svc: &Services) -> Result<Vec<Value>> {
+    let now = svc.rooms.clock.now_ms();
+    let mut names: Vec<ServerName> = svc
+        .rooms
         .store
         .scan::<storage::PeerRecord>(T::Peers, b"")?
         .into_iter()
@@ -176,10 +184,10 @@ pub fn peers(app: &App) -> Result<Vec<Value>> {
     names.sort();
     let mut out = Vec::new();
     for name in names {
-        let rec = app.peer_record(&name)?;
+        let rec = svc.rooms.store.peer_record(&name)?;
         let prefix = storage::prefix(name.as_str());
-        let depth = app.store.count_prefix(T::Outbox, &prefix);
-        let oldest: Option<(Vec<u8>, OutboxItem)> = app.store.first(T::Outbox, &prefix)?;
+        let depth = svc.rooms.store.count_prefix(T::Outbox, &prefix);
+        let oldest: Option<(Vec<u8>, OutboxItem)> = svc.rooms.store.first(T::Outbox, &prefix)?;
         let status = match &oldest {
             None => "ok",
             Some((_, it)) if now - it.queued_at_ms >= 3_600_000 => "failing",
@@ -194,7 +202,7 @@ pub fn peers(app: &App) -> Result<Vec<Value>> {
             "events_sent_24h": rec.sent.total(now),
             "events_received_24h": rec.received.total(now),
             "queue_depth": depth,
-            "next_retry_at": app.delivery.next_retry_at_ms(&name).filter(|_| depth > 0).map(rfc3339),
+            "next_retry_at": svc.rooms.fed.outbox.next_retry_at_ms(&name).filter(|_| depth > 0).map(rfc3339),
             "protocol_versions": rec.protocol_versions,
         }));
     }
@@ -215,7 +223,7 @@ fn audit_view(row: &AuditRow) -> Value {
     })
 }
 
-fn audit(app: &App, req: &Request) -> Result<Vec<Value>> {
+fn audit(svc: &Services, req: &Request) -> Result<Vec<Value>> {
     let limit = req
         .query_param("limit")
         .map(|l| {
@@ -235,11 +243,13 @@ fn audit(app: &App, req: &Request) -> Result<Vec<Value>> {
         },
     };
     let mut rows = Vec::new();
-    app.store.scan_rev_while::<AuditRow>(T::Audit, |row| {
-        if matches(&row.action) && peer.as_ref().is_none_or(|p| row.peer.as_ref() == Some(p)) {
-            rows.push(audit_view(row));
-        }
-        rows.len() < limit
-    })?;
+    svc.rooms
+        .store
+        .scan_rev_while::<AuditRow>(T::Audit, |row| {
+            if matches(&row.action) && peer.as_ref().is_none_or(|p| row.peer.as_ref() == Some(p)) {
+                rows.push(audit_view(row));
+            }
+            rows.len() < limit
+        })?;
     Ok(rows)
 }

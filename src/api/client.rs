@@ -3,8 +3,9 @@
 
 use serde_json::{json, Value};
 
-use crate::api::{json_reply, not_found_route, Request, Response};
-use crate::app::App;
+use std::sync::Arc;
+
+use crate::api::{json_reply, not_found_route, Request, Response, Services};
 use crate::error::{Error, Result};
 use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::MESSAGES_PAGE_MAX;
@@ -13,15 +14,15 @@ use crate::rooms::flows;
 use crate::rooms::load_members;
 use crate::storage::{self, Room, T};
 
-fn room_view(app: &App, room: &Room) -> Value {
-    let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != app.server_name)
+fn room_view(svc: &Services, room: &Room) -> Value {
+    let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
         || load_members(
-            app,
+            &svc.rooms,
             &RoomId::parse(&room.room_id).expect("stored ids are valid"),
         )
         .map(|m| {
             m.keys()
-                .any(|f| Fqid::parse(f).is_ok_and(|f| !app.is_local(&f)))
+                .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
         })
         .unwrap_or(false);
     json!({
@@ -64,13 +65,14 @@ fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
 
 /// `GET /v1/events`: a server-sent event (`event: sw.event`, data = the
 /// event's wire JSON with its seq) for each new event in the caller's rooms.
-fn live_stream(app: &std::sync::Arc<App>, me: Fqid) -> Response {
+fn live_stream(svc: &Arc<Services>, me: Fqid) -> Response {
     use futures_util::StreamExt;
-    let rx = app.live.subscribe();
-    let app_for_stop = app.clone();
-    let app = app.clone();
+    let rx = svc.rooms.subscribe();
+    let app_for_stop = svc.clone();
+    let svc = svc.clone();
     let events = tokio_stream_from(rx).filter_map(move |ev| {
-        let member = app
+        let member = svc
+            .rooms
             .store
             .contains(
                 T::UserRooms,
@@ -95,8 +97,8 @@ fn live_stream(app: &std::sync::Arc<App>, me: Fqid) -> Response {
 
 /// A broadcast receiver as a stream; a reader that lags skips what it lost.
 fn tokio_stream_from(
-    rx: tokio::sync::broadcast::Receiver<crate::app::LiveEvent>,
-) -> impl futures_util::Stream<Item = crate::app::LiveEvent> {
+    rx: tokio::sync::broadcast::Receiver<crate::rooms::LiveEvent>,
+) -> impl futures_util::Stream<Item = crate::rooms::LiveEvent> {
     futures_util::stream::unfold(rx, |mut rx| async move {
         loop {
             match rx.recv().await {
@@ -109,36 +111,36 @@ fn tokio_stream_from(
 }
 
 pub async fn route(
-    app: &std::sync::Arc<App>,
+    svc: &Arc<Services>,
     req: &Request,
     rest: &[&str],
     me: crate::storage::Participant,
 ) -> Result<Response> {
     match (req.method.as_str(), rest) {
-        ("GET", ["events"]) => Ok(live_stream(app, flows::fqid_of(app, &me))),
+        ("GET", ["events"]) => Ok(live_stream(svc, flows::fqid_of(&svc.rooms, &me))),
         ("GET", ["me"]) => Ok(json_reply(
             200,
-            &json!({"fqid": flows::fqid_of(app, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
+            &json!({"fqid": flows::fqid_of(&svc.rooms, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
         )),
         ("PUT", ["me", "presence"]) => {
             let presence: crate::protocol::event::Presence = serde_json::from_value(req.json()?)
                 .map_err(|e| Error::bad_request(format!("send {{\"status\": \"online\"|\"idle\"|\"dnd\"|\"offline\", \"status_msg\"?}}: {e}")))?;
-            crate::rooms::presence::set(app, &me, presence.clone())?;
+            crate::rooms::presence::set(&svc.rooms, &me, presence.clone())?;
             Ok(json_reply(200, &json!({ "presence": presence })))
         }
         ("GET", ["me", "invitations"]) => Ok(json_reply(
             200,
-            &json!({"invitations": flows::invitations(app, &me)?}),
+            &json!({"invitations": flows::invitations(&svc.rooms, &me)?}),
         )),
         ("POST", ["me", "invitations", id, answer @ ("accept" | "decline")]) => {
             let (status, body) =
-                flows::answer_invitation(app, &me, id, *answer == "accept").await?;
+                flows::answer_invitation(&svc.rooms, &me, id, *answer == "accept").await?;
             Ok(json_reply(status, &body))
         }
         ("POST", ["rooms"]) => {
             let body = req.json()?;
             let room = flows::create_room(
-                app,
+                &svc.rooms,
                 &me,
                 str_field(&body, "name")?,
                 body.get("room_type")
@@ -146,34 +148,35 @@ pub async fn route(
                     .unwrap_or("standard"),
             )
             .await?;
-            Ok(json_reply(200, &room_view(app, &room)))
+            Ok(json_reply(200, &room_view(svc, &room)))
         }
         ("GET", ["rooms"]) => {
-            let me_fqid = flows::fqid_of(app, &me);
+            let me_fqid = flows::fqid_of(&svc.rooms, &me);
             let mut rooms = Vec::new();
-            for (k, ()) in app
+            for (k, ()) in svc
+                .rooms
                 .store
                 .scan::<()>(T::UserRooms, &storage::prefix(me_fqid.as_str()))?
             {
                 let room_id =
                     String::from_utf8_lossy(&k[me_fqid.as_str().len() + 1..]).into_owned();
-                if let Some(room) = app.store.get::<Room>(T::Rooms, room_id.as_bytes())? {
-                    rooms.push(room_view(app, &room));
+                if let Some(room) = svc.rooms.store.get::<Room>(T::Rooms, room_id.as_bytes())? {
+                    rooms.push(room_view(svc, &room));
                 }
             }
             Ok(json_reply(200, &json!({ "rooms": rooms })))
         }
         ("GET", ["rooms", room, "members"]) => {
             let room_id = RoomId::parse(room)?;
-            flows::joined_room(app, &room_id, &flows::fqid_of(app, &me))?;
-            let members: Vec<Value> = load_members(app, &room_id)?
+            flows::joined_room(&svc.rooms, &room_id, &flows::fqid_of(&svc.rooms, &me))?;
+            let members: Vec<Value> = load_members(&svc.rooms, &room_id)?
                 .values()
-                .filter(|m| m.is_present(app.clock.now_ms()))
+                .filter(|m| m.is_present(svc.rooms.clock.now_ms()))
                 .map(|m| {
                     let fqid = Fqid::parse(&m.fqid).ok();
-                    let foreign = fqid.as_ref().is_some_and(|f| !app.is_local(f));
-                    let presence =
-                        fqid.and_then(|f| crate::rooms::presence::of(app, &f).ok().flatten());
+                    let foreign = fqid.as_ref().is_some_and(|f| !svc.rooms.is_local(f));
+                    let presence = fqid
+                        .and_then(|f| crate::rooms::presence::of(&svc.rooms, &f).ok().flatten());
                     json!({
                         "fqid": m.fqid,
                         "display_name": m.display_name,
@@ -196,7 +199,7 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(app, &me, &room_id, content).await?,
+                &flows::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         ("GET", ["rooms", room, "messages"]) => {
@@ -216,7 +219,7 @@ pub async fn route(
                 .clamp(1, MESSAGES_PAGE_MAX);
             Ok(json_reply(
                 200,
-                &json!({ "messages": flows::messages(app, &me, &room_id, after, limit)? }),
+                &json!({ "messages": flows::messages(&svc.rooms, &me, &room_id, after, limit)? }),
             ))
         }
         ("POST", ["rooms", room, "reactions"]) => {
@@ -236,13 +239,13 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(app, &me, &room_id, content).await?,
+                &flows::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         ("POST", ["rooms", room, "invitations"]) => {
             let room_id = RoomId::parse(room)?;
             let fqid = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
-            let invite_id = flows::invite(app, &me, &room_id, &fqid).await?;
+            let invite_id = flows::invite(&svc.rooms, &me, &room_id, &fqid).await?;
             Ok(json_reply(
                 200,
                 &json!({"invite_id": invite_id, "room_id": room_id.to_string(), "fqid": fqid.to_string()}),
@@ -250,7 +253,8 @@ pub async fn route(
         }
         ("GET", ["search"]) => {
             let q = req.query_param("q").unwrap_or_default();
-            let hits = crate::rooms::search::search(app, &flows::fqid_of(app, &me), &q)?;
+            let hits =
+                crate::rooms::search::search(&svc.rooms, &flows::fqid_of(&svc.rooms, &me), &q)?;
             let results: Vec<Value> = hits
                 .into_iter()
                 .map(|(room_id, m)| {
@@ -266,17 +270,17 @@ pub async fn route(
             let target = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
             Ok(json_reply(
                 200,
-                &flows::kick(app, &me, &room_id, &target).await?,
+                &flows::kick(&svc.rooms, &me, &room_id, &target).await?,
             ))
         }
         ("POST", ["me", "federated-dms"]) => {
             let other = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
-            let room = flows::federated_dm(app, &me, &other).await?;
-            Ok(json_reply(200, &room_view(app, &room)))
+            let room = flows::federated_dm(&svc.rooms, &me, &other).await?;
+            Ok(json_reply(200, &room_view(svc, &room)))
         }
         ("POST", ["rooms", room, "leave"]) => {
             let room_id = RoomId::parse(room)?;
-            let me_fqid = flows::fqid_of(app, &me);
+            let me_fqid = flows::fqid_of(&svc.rooms, &me);
             let content = Content::Member {
                 membership: Membership::Leave,
                 target: me_fqid,
@@ -285,7 +289,7 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(app, &me, &room_id, content).await?,
+                &flows::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         _ => Err(not_found_route(req)),

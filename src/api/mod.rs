@@ -20,15 +20,15 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
-use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::percent_decode_str;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::app::App;
 use crate::config::{LimitsConfig, Rate};
 use crate::error::{Code, Error, Result};
 use crate::ids::ServerName;
 use crate::limits::{BODY_BUFFER_BYTES_MAX, BODY_BYTES_MAX, LOCAL_BODY_BYTES_MAX};
+use crate::rooms::Rooms;
 use crate::storage::{Participant, PowerLevel};
 
 /// Facts about the TLS connection, put into request extensions by [`serve`].
@@ -82,18 +82,6 @@ impl Request {
     }
 }
 
-/// Characters left alone when percent-encoding an id into a path segment
-/// (RFC 3986 unreserved).
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-pub fn encode_segment(s: &str) -> String {
-    utf8_percent_encode(s, SEGMENT).to_string()
-}
-
 /// Path segments, each percent-decoded once (warp does not decode).
 pub fn segments(path: &str) -> Vec<String> {
     path.trim_start_matches('/')
@@ -132,13 +120,16 @@ pub fn error_reply(e: &Error) -> Response {
 
 /// The bearer token's participant, and the token's hash (what rate
 /// limits are kept by).
-fn caller(app: &App, req: &Request) -> Result<(Participant, [u8; 32])> {
+fn caller(svc: &Services, req: &Request) -> Result<(Participant, [u8; 32])> {
     let token = req
         .header("authorization")
         .and_then(|h| h.strip_prefix("Bearer "))
         .ok_or_else(|| Error::new(Code::Unauthenticated, "send Authorization: Bearer <token>; an admin creates tokens with POST /v1/admin/participants"))?;
     let token = token.trim();
-    Ok((app.authenticate(token)?, crate::app::token_hash(token)))
+    Ok((
+        svc.rooms.store.participant_by_token(token)?,
+        crate::storage::participants::token_hash(token),
+    ))
 }
 
 /// The caller must hold an admin token.
@@ -151,10 +142,18 @@ pub fn require_admin(p: &Participant) -> Result<()> {
     Ok(())
 }
 
-/// What the listener holds for every request: the app, the limits, and
-/// the rate limiters (HTTP concerns, so they live here, not in [`App`]).
+/// What the routes serve: the room domain (and through it federation and
+/// storage), the operator's limits, and the signal live streams end at.
+pub struct Services {
+    pub rooms: Arc<Rooms>,
+    pub limits: LimitsConfig,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// What the listener holds for every request: the services, the limits,
+/// and the rate limiters (HTTP concerns, so they live here).
 pub struct Front {
-    pub app: Arc<App>,
+    pub svc: Arc<Services>,
     limits: LimitsConfig,
     per_origin: Limiter<ServerName>,
     per_token: Limiter<[u8; 32]>,
@@ -224,14 +223,14 @@ impl std::fmt::Display for CloseConnection {
 impl std::error::Error for CloseConnection {}
 
 impl Front {
-    pub fn new(app: Arc<App>) -> Front {
-        let limits = app.config.limits.clone();
+    pub fn new(svc: Arc<Services>) -> Front {
+        let limits = svc.limits.clone();
         Front {
             per_origin: limiter(limits.rate_per_origin),
             per_token: limiter(limits.rate_per_token),
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUFFER_BYTES_MAX)),
             limits,
-            app,
+            svc,
         }
     }
 
@@ -317,10 +316,10 @@ impl Front {
         };
         let segs = segments(&req.path);
         let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
-        let app = &self.app;
+        let svc = &self.svc;
         let answer = match seg_refs.as_slice() {
             [".well-known", "scaiwave", "server"] => {
-                s2s::descriptor(app, &req).map_err(Refusal::from)
+                s2s::descriptor(svc, &req).map_err(Refusal::from)
             }
             ["_scaiwave", "federation", "v1", rest @ ..]
                 if s2s::known(req.method.as_str(), rest) =>
@@ -343,13 +342,13 @@ impl Front {
         body: hyper::body::Incoming,
         rest: &[&str],
     ) -> std::result::Result<Response, Refusal> {
-        let app = &self.app;
+        let svc = &self.svc;
         // A declared length over the limit is refused before anything else
         // (SPEC §10: 413 before the body is buffered).
         if declared_length(&req.headers).is_some_and(|n| n > BODY_BYTES_MAX) {
             return Err(s2s_too_large().into());
         }
-        let origin = s2s::authenticate(app, req).await?;
+        let origin = s2s::authenticate(svc, req).await?;
         if let Err(not_until) = self.per_origin.check_key(&origin) {
             return Err(rate_limited("origin", &self.per_origin, not_until).into());
         }
@@ -357,12 +356,12 @@ impl Front {
             let permit = self
                 .read_body(req, body, BODY_BYTES_MAX, s2s_too_large)
                 .await?;
-            s2s::check_digest(app, req, &origin)?;
+            s2s::check_digest(svc, req, &origin)?;
             Some(permit)
         } else {
             None
         };
-        Ok(s2s::route(app, req, &origin, rest).await?)
+        Ok(s2s::route(svc, req, &origin, rest).await?)
     }
 
     async fn local(
@@ -371,8 +370,8 @@ impl Front {
         body: hyper::body::Incoming,
         rest: &[&str],
     ) -> std::result::Result<Response, Refusal> {
-        let app = &self.app;
-        let (me, token) = caller(app, req)?;
+        let svc = &self.svc;
+        let (me, token) = caller(svc, req)?;
         if let Err(not_until) = self.per_token.check_key(&token) {
             return Err(rate_limited("token", &self.per_token, not_until).into());
         }
@@ -385,8 +384,8 @@ impl Front {
             None
         };
         Ok(match rest {
-            ["admin", rest @ ..] => admin::route(app, req, rest, me).await,
-            _ => client::route(app, req, rest, me).await,
+            ["admin", rest @ ..] => admin::route(svc, req, rest, me).await,
+            _ => client::route(svc, req, rest, me).await,
         }?)
     }
 }

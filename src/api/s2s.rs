@@ -1,22 +1,22 @@
 //! S2S routes (SPEC §3, §8). Every route but the descriptor is signed and
-//! authenticated by `federation::inbound::authenticate` before anything else.
+//! authenticated by `federation::auth::authenticate` before anything else.
 
-use crate::api::{bytes_reply, json_reply, not_found_route, Request, Response};
-use crate::app::App;
+use crate::api::{bytes_reply, json_reply, not_found_route, Request, Response, Services};
 use crate::error::{Code, Error, Result};
-use crate::federation::inbound::{self, SignedRequest};
+use crate::federation::auth::{self, SignedRequest};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
 use crate::protocol::event::Membership;
 use crate::protocol::wire::{BackfillAnswer, MemberEntry, MembersAnswer, ProfileAnswer};
+use crate::rooms::transaction;
 use crate::rooms::{is_joined, load_members, load_room};
 use crate::storage::{keys, StoredEvent, T};
 
 /// `GET /.well-known/scaiwave/server` (no auth, cacheable for 5 min).
-pub fn descriptor(app: &App, req: &Request) -> Result<Response> {
+pub fn descriptor(svc: &Services, req: &Request) -> Result<Response> {
     if req.method != http::Method::GET {
         return Err(not_found_route(req));
     }
-    let mut r = json_reply(200, &app.keys.descriptor(&app.server_name));
+    let mut r = json_reply(200, &svc.rooms.fed.keys.descriptor(&svc.rooms.server_name));
     r.headers_mut().insert(
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("max-age=300"),
@@ -25,7 +25,7 @@ pub fn descriptor(app: &App, req: &Request) -> Result<Response> {
 }
 
 /// SPEC §4 on the request's head (the body is not read yet).
-pub async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
+pub async fn authenticate(svc: &Services, req: &Request) -> Result<ServerName> {
     let sig_input = req.header_joined("signature-input");
     let sig = req.header_joined("signature");
     let signed = SignedRequest {
@@ -39,7 +39,7 @@ pub async fn authenticate(app: &App, req: &Request) -> Result<ServerName> {
         signature: sig.as_deref(),
         content_digest: req.header("content-digest"),
     };
-    inbound::authenticate(app, &signed).await
+    auth::authenticate(&svc.rooms.fed, &signed).await
 }
 
 /// Routes that exist: anything else is 404 before it is authenticated or
@@ -54,17 +54,22 @@ pub fn known(method: &str, rest: &[&str]) -> bool {
 }
 
 pub fn has_body(method: &str) -> bool {
-    inbound::has_body(method)
+    auth::has_body(method)
 }
 
 /// Step 4 of SPEC §4 on the body just read.
-pub fn check_digest(app: &App, req: &Request, origin: &ServerName) -> Result<()> {
-    inbound::check_body_digest(app, origin, req.header("content-digest"), &req.body)
+pub fn check_digest(svc: &Services, req: &Request, origin: &ServerName) -> Result<()> {
+    auth::check_body_digest(
+        &svc.rooms.fed,
+        origin,
+        req.header("content-digest"),
+        &req.body,
+    )
 }
 
 /// An authenticated request from `origin` to a [`known`] route.
 pub async fn route(
-    app: &App,
+    svc: &Services,
     req: &Request,
     origin: &ServerName,
     rest: &[&str],
@@ -72,19 +77,19 @@ pub async fn route(
     match rest {
         ["send"] => Ok(bytes_reply(
             200,
-            inbound::send(app, origin, &req.body).await?,
+            transaction::receive(&svc.rooms, origin, &req.body).await?,
         )),
-        ["profile", local] => profile(app, origin, local),
+        ["profile", local] => profile(svc, origin, local),
         ["rooms", room, what] => {
             let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
-            let members = hosted_room_for(app, origin, &room_id)?;
+            let members = hosted_room_for(svc, origin, &room_id)?;
             if *what == "members" {
-                let room = load_room(app, &room_id)?.expect("checked above");
+                let room = load_room(&svc.rooms, &room_id)?.expect("checked above");
                 Ok(json_reply(
                     200,
                     &MembersAnswer {
                         room_id: room_id.to_string(),
-                        host: app.server_name.to_string(),
+                        host: svc.rooms.server_name.to_string(),
                         as_of_seq: room.next_seq.saturating_sub(1),
                         members: members
                             .values()
@@ -97,28 +102,28 @@ pub async fn route(
                     },
                 ))
             } else {
-                backfill(app, req, &room_id)
+                backfill(svc, req, &room_id)
             }
         }
         _ => Err(not_found_route(req)),
     }
 }
 
-fn profile(app: &App, origin: &ServerName, local: &str) -> Result<Response> {
+fn profile(svc: &Services, origin: &ServerName, local: &str) -> Result<Response> {
     let not_found = || {
         Error::new(
             Code::ParticipantNotFound,
             format!(
                 "no participant {local:?} on {}; check the FQID",
-                app.server_name
+                svc.rooms.server_name
             ),
         )
     };
     let local = LocalId::parse(local).map_err(|_| not_found())?;
-    let p = app.participant(&local)?.ok_or_else(not_found)?;
-    let fqid = Fqid::new(&local, &app.server_name);
+    let p = svc.rooms.store.participant(&local)?.ok_or_else(not_found)?;
+    let fqid = Fqid::new(&local, &svc.rooms.server_name);
     // Presence only for servers that share a room (SPEC §5).
-    let presence = if crate::rooms::presence::shares_room(app, &fqid, origin)? {
+    let presence = if crate::rooms::presence::shares_room(&svc.rooms, &fqid, origin)? {
         serde_json::to_value(&p.presence).ok()
     } else {
         None
@@ -135,21 +140,21 @@ fn profile(app: &App, origin: &ServerName, local: &str) -> Result<Response> {
 
 /// Only the host serves room state, and only to participating servers.
 fn hosted_room_for(
-    app: &App,
+    svc: &Services,
     origin: &ServerName,
     room_id: &RoomId,
 ) -> Result<std::collections::BTreeMap<String, crate::storage::Member>> {
-    if room_id.host() != app.server_name {
+    if room_id.host() != svc.rooms.server_name {
         return Err(Error::new(
             Code::NotRoomHost,
             format!(
                 "{} does not host {room_id}; ask {}",
-                app.server_name,
+                svc.rooms.server_name,
                 room_id.host()
             ),
         ));
     }
-    let room = load_room(app, room_id)?
+    let room = load_room(&svc.rooms, room_id)?
         .ok_or_else(|| Error::new(Code::RoomNotFound, format!("room {room_id} does not exist")))?;
     if !room.federate || !room.room_type.federable() {
         return Err(Error::new(
@@ -157,7 +162,7 @@ fn hosted_room_for(
             format!("room {room_id} does not federate"),
         ));
     }
-    let members = load_members(app, room_id)?;
+    let members = load_members(&svc.rooms, room_id)?;
     let participating = members.values().any(|m| {
         m.membership == Membership::Join
             && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *origin)
@@ -172,14 +177,14 @@ fn hosted_room_for(
     Ok(members)
 }
 
-fn backfill(app: &App, req: &Request, room_id: &RoomId) -> Result<Response> {
-    let cap = app.policy().max_backfill_events_per_request;
+fn backfill(svc: &Services, req: &Request, room_id: &RoomId) -> Result<Response> {
+    let cap = svc.rooms.fed.policy().max_backfill_events_per_request;
     if cap == 0 {
         return Err(Error::new(
             Code::BackfillRefused,
             format!(
                 "{} does not serve history (max_backfill_events_per_request is 0)",
-                app.server_name
+                svc.rooms.server_name
             ),
         ));
     }
@@ -196,9 +201,10 @@ fn backfill(app: &App, req: &Request, room_id: &RoomId) -> Result<Response> {
     let before = parse("before_seq")?.unwrap_or(u64::MAX);
     let from = keys::event(room_id.as_str(), 0);
     let to = keys::event(room_id.as_str(), before);
-    let mut rows = app
-        .store
-        .range_rev::<StoredEvent>(T::Events, &from, &to, limit as usize)?;
+    let mut rows =
+        svc.rooms
+            .store
+            .range_rev::<StoredEvent>(T::Events, &from, &to, limit as usize)?;
     rows.reverse();
     let mut events = Vec::with_capacity(rows.len());
     let mut lowest = None;

@@ -31,9 +31,9 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{ConnInfo, Front};
-use crate::app::App;
+use crate::api::{ConnInfo, Front, Services};
 use crate::config::LimitsConfig;
+use crate::limits::RATE_STATE_SWEEP_SECS;
 use crate::limits::{
     HTTP1_BUFFER_BYTES_MAX, HTTP2_HEADER_LIST_BYTES_MAX, HTTP2_STREAMS_PER_CONNECTION_MAX,
     SHUTDOWN_GRACE_SECS, TLS_HANDSHAKE_TIMEOUT_SECS,
@@ -46,9 +46,6 @@ pub struct ConnectionCounts {
     pub http1: std::sync::atomic::AtomicU64,
     pub http2: std::sync::atomic::AtomicU64,
 }
-
-/// How often rate-limiter state of idle keys is forgotten.
-const RATE_STATE_SWEEP_SECS: u64 = 60;
 
 /// Connections counted in all and per address. A std mutex: held only for
 /// a counter update, never across `.await`.
@@ -93,12 +90,12 @@ fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr, limits: &LimitsConfig) -> Op
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    app: Arc<App>,
+    svc: Arc<Services>,
     counts: Arc<ConnectionCounts>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let front = Arc::new(Front::new(app.clone()));
-    let limits = app.config.limits.clone();
+    let front = Arc::new(Front::new(svc.clone()));
+    let limits = svc.limits.clone();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -128,7 +125,7 @@ pub async fn serve(
                 front.forget_idle_rates();
                 continue;
             }
-            _ = app.shutdown.cancelled() => break,
+            _ = svc.shutdown.cancelled() => break,
         };
         // Over a cap: closed at accept, before any TLS work (SPEC §12).
         let Some(slot) = take_slot(&slots, peer.ip(), &limits) else {

@@ -163,30 +163,32 @@ pub async fn execute(app: &App, cmd: Admin) -> Result<String> {
     let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
     Ok(match cmd {
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
-            let rec = app.keys.generate(app.clock.now_ms())?;
+            let rec = app.fed.keys.generate(app.clock.now_ms())?;
             format!("generated key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Rotate(a))) => {
-            let rec = crate::server::rotate(app, a.revoke_previous)?;
+            let rec = app.fed.rotate(a.revoke_previous)?;
             format!("rotated; new key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Show)) => {
-            pretty(&crate::api::admin::identity(app))
+            pretty(&crate::api::admin::identity(&app.services))
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Show)) => {
-            pretty(&serde_json::to_value(app.policy()).unwrap_or_default())
+            pretty(&serde_json::to_value(app.fed.policy()).unwrap_or_default())
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Set { json })) => {
             let patch: serde_json::Value = serde_json::from_str(&json)
                 .map_err(|e| Error::bad_request(format!("the policy update is not JSON: {e}")))?;
-            let next = app.policy().patched(&patch)?;
-            app.set_policy(next.clone())?;
+            let next = app.fed.policy().patched(&patch)?;
+            app.fed.set_policy(next.clone())?;
             pretty(&serde_json::to_value(next).unwrap_or_default())
         }
-        Admin::Federation(Federation::Peers) => peers_table(&crate::api::admin::peers(app)?),
+        Admin::Federation(Federation::Peers) => {
+            peers_table(&crate::api::admin::peers(&app.services)?)
+        }
         Admin::Federation(Federation::Check { server_name }) => {
             let peer = ServerName::parse(&server_name)?;
-            let findings = crate::federation::check::check(app, &peer).await;
+            let findings = crate::federation::check::check(&app.fed, &peer).await;
             let failed = findings.iter().filter(|f| !f.ok).count();
             let mut text: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
             text.push(if failed == 0 {
@@ -207,12 +209,12 @@ pub async fn execute(app: &App, cmd: Admin) -> Result<String> {
             } else {
                 PowerLevel::Member
             };
-            let token = app.create_participant(
+            let token = app.rooms.create_participant(
                 &local,
                 display_name.as_deref().unwrap_or(&local_id),
                 power,
             )?;
-            format!("{}\n{token}", app.fqid(&local))
+            format!("{}\n{token}", app.rooms.fqid(&local))
         }
     })
 }
@@ -242,6 +244,15 @@ fn peers_table(peers: &[serde_json::Value]) -> String {
         ));
     }
     out
+}
+
+/// `scaiwave serve`: the server (SPEC §12) and its admin socket, until
+/// the caller stops it.
+pub async fn serve(config: Config, clock: Clock) -> Result<crate::server::Running> {
+    let running = crate::server::start(config, clock).await?;
+    let app = running.app.clone();
+    app.tasks.spawn(serve_socket(app.clone()));
+    Ok(running)
 }
 
 /// Serve the admin socket until shutdown. The socket file is created

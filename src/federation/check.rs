@@ -5,10 +5,11 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::app::App;
 use crate::error::Code;
 use crate::ids::ServerName;
 use crate::limits::SYNC_S2S_TIMEOUT_SECS;
+
+use super::Federation;
 
 /// One step of the check.
 pub struct Finding {
@@ -65,10 +66,10 @@ impl fmt::Display for Finding {
 /// lets our signed request through.
 const PROBE_LOCAL_ID: &str = "scaiwave-federation-check";
 
-pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
+pub async fn check(fed: &Federation, peer: &ServerName) -> Vec<Finding> {
     let mut out = Vec::new();
     // 1. Our own descriptor.
-    let ours = app.keys.descriptor(&app.server_name);
+    let ours = fed.keys.descriptor(&fed.server_name);
     out.push(if ours.public_key.is_empty() {
         Finding::fail(
             "own descriptor",
@@ -79,11 +80,11 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
     } else {
         Finding::ok(
             "own descriptor",
-            format!("{} publishes key {}", app.server_name, ours.key_id),
+            format!("{} publishes key {}", fed.server_name, ours.key_id),
         )
     });
     // 2. The peer's descriptor over a verified TLS chain.
-    let (descriptor, date_secs) = match app.outbound.descriptor(peer, true).await {
+    let (descriptor, date_secs) = match fed.outbound.descriptor(peer, true).await {
         Ok((d, _, date)) => (Some(d), date),
         Err(why) => {
             out.push(Finding::fail(
@@ -96,7 +97,7 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
         }
     };
     if let Some(d) = &descriptor {
-        match app.verifier.refresh(peer).await {
+        match fed.verifier.refresh(peer).await {
             Ok(()) => out.push(Finding::ok(
                 "peer descriptor",
                 format!(
@@ -134,8 +135,8 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
     }
     // 4. Clock skew, from the peer's Date header.
     if let Some(theirs) = date_secs {
-        let skew = theirs - app.clock.now_secs();
-        let max = app.config.federation.max_clock_skew.as_secs() as i64;
+        let skew = theirs - fed.clock.now_secs();
+        let max = fed.config.max_clock_skew.as_secs() as i64;
         out.push(if skew.abs() > max {
             Finding::fail(
                 "clock skew",
@@ -148,7 +149,7 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
         });
     }
     // 5. Our policy towards them.
-    if let Err(e) = app.policy().admit(peer) {
+    if let Err(e) = fed.policy().admit(peer) {
         out.push(Finding::fail(
             "our policy",
             e.code,
@@ -162,7 +163,7 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
             format!("not probed: our policy refuses {peer}"),
             "fix our policy first",
         ));
-        out.push(last_delivery(app, peer));
+        out.push(last_delivery(fed, peer));
         return out;
     }
     out.push(Finding::ok(
@@ -170,8 +171,8 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
         format!("we federate with {peer}"),
     ));
     // 6. Their policy towards us: a signed probe.
-    let path = format!("/_scaiwave/federation/v1/profile/{PROBE_LOCAL_ID}");
-    match app
+    let path = super::peer_api::profile_path(PROBE_LOCAL_ID);
+    match fed
         .s2s(
             http::Method::GET,
             peer,
@@ -202,7 +203,7 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
                     code,
                     err.map(|e| e.message).unwrap_or_default(),
                     match code {
-                        Code::PeerUnknown | Code::PolicyRejected => format!("{peer}'s admin adds {} to allowed_peers (or opens its policy)", app.server_name),
+                        Code::PeerUnknown | Code::PolicyRejected => format!("{peer}'s admin adds {} to allowed_peers (or opens its policy)", fed.server_name),
                         Code::SignatureMismatch => "the peer cannot verify us: check our descriptor, clocks, and its trust in our certificate".to_string(),
                         _ => "see docs/errors.md for this code".to_string(),
                     },
@@ -211,13 +212,13 @@ pub async fn check(app: &App, peer: &ServerName) -> Vec<Finding> {
             }
         }
     }
-    out.push(last_delivery(app, peer));
+    out.push(last_delivery(fed, peer));
     out
 }
 
 /// 7. What delivery last saw.
-fn last_delivery(app: &App, peer: &ServerName) -> Finding {
-    match app.peer_record(peer) {
+fn last_delivery(fed: &Federation, peer: &ServerName) -> Finding {
+    match fed.store.peer_record(peer) {
         Ok(rec) => match rec.last_error {
             Some(e) => Finding::fail(
                 "last delivery",

@@ -1,17 +1,338 @@
-//! Federation: everything that crosses to another server.
+//! Federation: talking to other servers, and nothing of rooms.
 //!
-//! - [`wire`]: descriptor and `/send` envelope types; [`event`] +
-//!   [`canonical`]: signed events over RFC 8785 JCS.
-//! - [`httpsig`]: the RFC 9421 request-signature profile (pure functions).
+//! - [`Federation`]: this server as its peers see it: name, keys, policy,
+//!   signed requests out, audit and peer rows.
+//! - [`auth`]: §4 authentication of inbound requests, event keys.
+//! - [`peer_api`]: the S2S calls we make, their paths and retry classes.
 //! - [`keys`]: our keys; [`verifier`]: peers' keys (descriptor cache).
 //! - [`policy`]: whom we talk to; [`client`]: outbound HTTPS.
-//! - [`inbound`]: §4 authentication and `/send`; [`delivery`]: the per-peer
-//!   outbound queues; [`check`]: the handshake diagnostics of §13.
+//! - [`outbox`]: the doorbells of the per-peer queues (the queues are
+//!   rows in storage, drained by `delivery/`).
+//! - [`check`]: the handshake diagnostics of §13.
+//!
+//! **Invariant of absence:** nothing here knows rooms, HTTP routes or the
+//! composition (`App`): the layers above call down into it.
 
+pub mod auth;
 pub mod check;
 pub mod client;
-pub mod delivery;
-pub mod inbound;
 pub mod keys;
+pub mod outbox;
+pub mod peer_api;
 pub mod policy;
 pub mod verifier;
+
+use std::sync::{Mutex, RwLock};
+
+use crate::clock::Clock;
+use crate::config::{Config, FederationConfig};
+use crate::error::{Code, Result};
+use crate::ids::{Fqid, LocalId, ServerName};
+use crate::limits::{AUDIT_UNVERIFIED_PER_SEC_MAX, S2S_REPLY_BYTES_MAX};
+use crate::storage::{AuditRow, KeyRecord, PeerError, Store, T};
+
+use client::{NetworkError, Outbound, Reply, Signer};
+use keys::Keys;
+use outbox::{NewPeers, Outbox};
+use policy::Policy;
+use verifier::Verifier;
+
+const POLICY: &[u8] = b"policy";
+
+/// This server as a party to federation: what every layer above needs to
+/// sign, admit, audit and reach a peer. One per server_name.
+pub struct Federation {
+    pub server_name: ServerName,
+    /// The `[federation]` section this server runs with.
+    pub config: FederationConfig,
+    pub store: Store,
+    pub keys: Keys,
+    pub clock: Clock,
+    pub outbound: Outbound,
+    pub verifier: Verifier,
+    pub outbox: Outbox,
+    /// Read on every request, written by an admin: std lock, never held
+    /// across `.await`.
+    policy: RwLock<Policy>,
+    /// How many audit rows of unverified requests were written this second
+    /// (and how many were not): anyone can send those, so their rows are
+    /// rated. A std mutex: held for a counter update, never across `.await`.
+    unverified_audit: Mutex<UnverifiedWindow>,
+}
+
+#[derive(Default)]
+struct UnverifiedWindow {
+    second: i64,
+    written: u32,
+    skipped: u64,
+}
+
+impl Federation {
+    /// Load keys and policy from `store`; the receiver it also answers is
+    /// for the delivery worker, which starts a task for each new peer.
+    pub fn open(config: &Config, store: Store, clock: Clock) -> Result<(Federation, NewPeers)> {
+        let keys = Keys::load(&store)?;
+        let policy = store.get::<Policy>(T::Meta, POLICY)?.unwrap_or_default();
+        let outbound = Outbound::new(config)?;
+        let verifier = Verifier::new(outbound.clone(), clock.clone());
+        let (outbox, new_peers) = Outbox::new(store.clone(), clock.clone());
+        Ok((
+            Federation {
+                server_name: config.server_name.clone(),
+                config: config.federation.clone(),
+                store,
+                keys,
+                clock,
+                outbound,
+                verifier,
+                outbox,
+                policy: RwLock::new(policy),
+                unverified_audit: Mutex::default(),
+            },
+            new_peers,
+        ))
+    }
+
+    pub fn fqid(&self, local: &LocalId) -> Fqid {
+        Fqid::new(local, &self.server_name)
+    }
+
+    pub fn is_local(&self, fqid: &Fqid) -> bool {
+        fqid.server() == self.server_name
+    }
+
+    // --- policy ---
+
+    pub fn policy(&self) -> Policy {
+        self.policy.read().expect("policy lock").clone()
+    }
+
+    pub fn set_policy(&self, policy: Policy) -> Result<()> {
+        self.store.put(T::Meta, POLICY, &policy)?;
+        self.store.flush_blocking()?;
+        *self.policy.write().expect("policy lock") = policy;
+        Ok(())
+    }
+
+    /// Policy towards `peer`; a refusal is audited and logged.
+    pub fn admit(&self, peer: &ServerName) -> Result<()> {
+        self.policy().admit(peer).inspect_err(|e| {
+            tracing::warn!(name: "federation.policy_rejected", peer = %peer, code = %e.code, "federation.policy_rejected");
+            self.audit("federation.policy_rejected", Some(peer), None, None, Some(e.code), &e.message);
+        })
+    }
+
+    /// [`Federation::admit`] for an origin a request only claims (SPEC §4
+    /// step 5 comes before the signature): audited as unverified, and rated.
+    pub fn admit_claimed(&self, claimed: &ServerName) -> Result<()> {
+        self.policy().admit(claimed).inspect_err(|e| {
+            tracing::warn!(name: "federation.policy_rejected", peer = %claimed, code = %e.code, "federation.policy_rejected (unverified origin)");
+            self.audit_unverified("federation.policy_rejected", Some(claimed), e.code, &e.message);
+        })
+    }
+
+    // --- signing and sending ---
+
+    /// The signer for an outbound request now.
+    pub fn signer(&self) -> Result<Signer> {
+        Ok(Signer {
+            origin: self.server_name.clone(),
+            key: self.keys.current()?,
+            now_secs: self.clock.now_secs(),
+        })
+    }
+
+    /// A signed S2S request from us to `dest` whose answer is small (read
+    /// up to [`S2S_REPLY_BYTES_MAX`]). The outer error is ours: no key to
+    /// sign with, or our policy refuses `dest` (SPEC §7: we never send to a
+    /// server we would refuse, whatever the flow); the inner one means no
+    /// HTTP answer came back.
+    pub async fn s2s(
+        &self,
+        method: http::Method,
+        dest: &ServerName,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: std::time::Duration,
+    ) -> Result<std::result::Result<Reply, NetworkError>> {
+        self.s2s_reading(
+            method,
+            dest,
+            path_and_query,
+            body,
+            timeout,
+            S2S_REPLY_BYTES_MAX,
+        )
+        .await
+    }
+
+    /// [`Federation::s2s`] for an answer that may be up to `reply_bytes_max`.
+    pub async fn s2s_reading(
+        &self,
+        method: http::Method,
+        dest: &ServerName,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+        timeout: std::time::Duration,
+        reply_bytes_max: usize,
+    ) -> Result<std::result::Result<Reply, NetworkError>> {
+        self.admit(dest)?;
+        let signer = self.signer()?;
+        Ok(self
+            .outbound
+            .signed(
+                &signer,
+                method,
+                dest,
+                path_and_query,
+                body,
+                timeout,
+                reply_bytes_max,
+            )
+            .await)
+    }
+
+    /// Rotate our key and audit it (the timer and the admin command).
+    pub fn rotate(&self, revoke_previous: bool) -> Result<KeyRecord> {
+        let rec = self.keys.rotate(
+            self.clock.now_ms(),
+            self.config.key_overlap,
+            revoke_previous,
+        )?;
+        self.audit(
+            "federation.key.rotated",
+            None,
+            None,
+            None,
+            None,
+            &format!("new key {}", rec.key_id),
+        );
+        tracing::info!(key_id = %rec.key_id, "rotated the federation signing key");
+        Ok(rec)
+    }
+
+    /// Rotate the key when it reaches `key_rotation_interval`, until
+    /// `shutdown` (the same rotation as `admin federation key rotate`).
+    pub async fn rotation_timer(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let due = self.keys.rotates_at_ms(self.config.key_rotation_interval);
+            let wait = async {
+                match due {
+                    Some(at) => self.clock.sleep_until_ms(at).await,
+                    // No key yet: look again later (an admin may generate one).
+                    None => tokio::time::sleep(std::time::Duration::from_secs(60)).await,
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if due.is_some() {
+                if let Err(e) = self.rotate(false) {
+                    tracing::error!(error = %e, "scheduled key rotation failed");
+                }
+            }
+        }
+    }
+
+    // --- audit and peer rows ---
+
+    pub fn audit(
+        &self,
+        action: &str,
+        peer: Option<&ServerName>,
+        event_id: Option<&str>,
+        room_id: Option<&str>,
+        code: Option<Code>,
+        detail: &str,
+    ) {
+        self.store.audit(vec![
+            self.audit_row(action, peer, event_id, room_id, code, detail)
+        ]);
+    }
+
+    /// A row stamped now, for a caller that writes several in one batch.
+    pub fn audit_row(
+        &self,
+        action: &str,
+        peer: Option<&ServerName>,
+        event_id: Option<&str>,
+        room_id: Option<&str>,
+        code: Option<Code>,
+        detail: &str,
+    ) -> AuditRow {
+        AuditRow::new(
+            self.clock.now_ms(),
+            action,
+            peer,
+            event_id,
+            room_id,
+            code,
+            detail,
+        )
+    }
+
+    /// Audit a request whose origin is only claimed (its signature was not,
+    /// or could not be, verified): marked `unverified`, and at most
+    /// [`AUDIT_UNVERIFIED_PER_SEC_MAX`] rows a second; the first row of a
+    /// second says how many were left out before it.
+    pub fn audit_unverified(
+        &self,
+        action: &str,
+        claimed: Option<&ServerName>,
+        code: Code,
+        detail: &str,
+    ) {
+        let now = self.clock.now_ms();
+        let skipped = {
+            let mut w = self.unverified_audit.lock().expect("audit window lock");
+            let second = now.div_euclid(1000);
+            if w.second != second {
+                w.second = second;
+                w.written = 0;
+            }
+            if w.written >= AUDIT_UNVERIFIED_PER_SEC_MAX {
+                w.skipped += 1;
+                return;
+            }
+            w.written += 1;
+            std::mem::take(&mut w.skipped)
+        };
+        let detail = match skipped {
+            0 => detail.to_string(),
+            n => format!("{detail} ({n} more unverified rows were not written before this one)"),
+        };
+        let mut row = self.audit_row(action, claimed, None, None, Some(code), &detail);
+        row.unverified = true;
+        self.store.audit(vec![row]);
+    }
+
+    pub fn peer_success(&self, peer: &ServerName, sent: u64, received: u64) {
+        let now = self.clock.now_ms();
+        let versions = self.verifier.protocol_versions(peer);
+        self.store.update_peer(peer, |r| {
+            r.last_seen_ms = Some(now);
+            if sent > 0 {
+                r.sent.add(now, sent);
+                r.last_error = None;
+            }
+            if received > 0 {
+                r.received.add(now, received);
+            }
+            if !versions.is_empty() {
+                r.protocol_versions = versions;
+            }
+        });
+    }
+
+    pub fn peer_failure(&self, peer: &ServerName, code: &str, message: &str) {
+        let now = self.clock.now_ms();
+        self.store.update_peer(peer, |r| {
+            r.last_error = Some(PeerError {
+                code: code.to_string(),
+                message: message.to_string(),
+                at_ms: now,
+            });
+        });
+    }
+}

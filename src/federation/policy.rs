@@ -10,6 +10,7 @@ use serde_json::Value;
 use crate::error::{Code, Error, Result};
 use crate::ids::ServerName;
 use crate::limits::BACKFILL_EVENTS_MAX;
+use crate::limits::{FOREIGN_PARTICIPANTS_MAX, PEER_LIST_MAX};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -28,11 +29,6 @@ pub struct Policy {
     pub max_backfill_events_per_request: u64,
     pub min_signature_protocol: String,
 }
-
-/// Upper bound an admin may set for foreign participants per room.
-const FOREIGN_PARTICIPANTS_MAX: u64 = 100_000;
-/// Peers listed in one allow/deny list.
-const PEER_LIST_MAX: usize = 10_000;
 
 impl Default for Policy {
     fn default() -> Self {

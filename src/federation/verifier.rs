@@ -17,6 +17,7 @@ use crate::error::{Code, Error, Result};
 use crate::federation::client::Outbound;
 use crate::federation::keys::parse_public_key;
 use crate::ids::{KeyId, ServerName};
+use crate::limits::DESCRIPTOR_OLD_KEYS_KEPT;
 use crate::limits::{
     DESCRIPTOR_CACHE_SECS_MAX, DESCRIPTOR_NEGATIVE_CACHE_SECS, DESCRIPTOR_REFETCH_INTERVAL_SECS,
     NEW_ORIGIN_FETCHES_PER_SEC_MAX, VERIFIER_PEERS_MAX,
@@ -139,9 +140,6 @@ pub struct Verifier {
     /// One fetch in flight per peer, so a burst does not fetch N times.
     fetching: FetchLocks,
 }
-
-/// Bindings of keys a peer no longer lists, kept beyond the ones it does.
-const DESCRIPTOR_OLD_KEYS_KEPT: usize = 64;
 
 impl State {
     /// The entry of `origin`, made (with room made for it) if new.

@@ -2,42 +2,39 @@
 //! read history. Each flow checks the caller's rights, signs the event, and
 //! hands it to the host sequencer or the replica queue.
 
-use std::time::Duration;
-
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::app::App;
 use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
-use crate::federation::delivery::{classify, Attempt};
+use crate::federation::peer_api;
 use crate::ids::{EventId, Fqid, RoomId};
-use crate::limits::{
-    BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX, SYNC_S2S_TIMEOUT_SECS,
-};
+use crate::limits::GAP_FILL_DELAY_MS;
+use crate::limits::{BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX};
 use crate::protocol::event::{Content, Event, Membership, RoomSummary};
-use crate::protocol::wire::{BackfillAnswer, MembersAnswer, ProfileAnswer, SendBody, SendStatus};
+use crate::protocol::wire::{MembersAnswer, ProfileAnswer};
 use crate::rooms::host::{self, Source};
+use crate::rooms::Rooms;
 use crate::rooms::{load_members, load_room, replica, Outcome};
 use crate::storage::{
     self, keys, DeliveryState, Invitation, Member, Participant, Room, RoomType, StoredEvent, T,
 };
 
-pub fn fqid_of(app: &App, p: &Participant) -> Fqid {
+pub fn fqid_of(rooms: &Rooms, p: &Participant) -> Fqid {
     Fqid::new(
         &crate::ids::LocalId::parse(&p.local_id).expect("stored local ids are valid"),
-        &app.server_name,
+        &rooms.server_name,
     )
 }
 
 /// Sign a new event from one of our participants.
-pub fn sign(app: &App, room_id: &RoomId, sender: &Fqid, content: Content) -> Result<Event> {
+pub fn sign(rooms: &Rooms, room_id: &RoomId, sender: &Fqid, content: Content) -> Result<Event> {
     content.validate()?;
-    let key = app.keys.current()?;
+    let key = rooms.fed.keys.current()?;
     Ok(Event::create(
         room_id.clone(),
         sender.clone(),
-        app.clock.now_ms(),
+        rooms.clock.now_ms(),
         content,
         &key.key_id,
         &key.signing,
@@ -45,14 +42,14 @@ pub fn sign(app: &App, room_id: &RoomId, sender: &Fqid, content: Content) -> Res
 }
 
 /// The room, if `who` is a joined member of it.
-pub fn joined_room(app: &App, room_id: &RoomId, who: &Fqid) -> Result<Room> {
+pub fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result<Room> {
     let not_found = || {
         Error::not_found(format!(
             "room {room_id} not found among your rooms; check the id or ask to be invited"
         ))
     };
-    let room = load_room(app, room_id)?.ok_or_else(not_found)?;
-    let m: Option<Member> = app
+    let room = load_room(rooms, room_id)?.ok_or_else(not_found)?;
+    let m: Option<Member> = rooms
         .store
         .get(T::Members, &keys::member(room_id.as_str(), who.as_str()))?;
     if !m.is_some_and(|m| m.membership == Membership::Join) {
@@ -70,22 +67,22 @@ fn outcome_to_result(o: Outcome) -> Result<Option<u64>> {
 }
 
 /// Sequence an event in a room we host (one outcome).
-async fn commit_local(app: &App, event: Event) -> Result<Option<u64>> {
-    commit_as(app, event, Source::Local).await
+async fn commit_local(rooms: &Rooms, event: Event) -> Result<Option<u64>> {
+    commit_as(rooms, event, Source::Local).await
 }
 
-async fn commit_as(app: &App, event: Event, source: Source) -> Result<Option<u64>> {
-    let mut out = host::commit(app, vec![(event, source)]).await?;
+async fn commit_as(rooms: &Rooms, event: Event, source: Source) -> Result<Option<u64>> {
+    let mut out = host::commit(rooms, vec![(event, source)]).await?;
     outcome_to_result(out.pop().expect("one outcome per event"))
 }
 
 /// A room of this server for an admin route (SPEC §9): any room, member or
 /// not; a type that never federates is refused before anything else.
-pub fn room_for_admin(app: &App, room_id: &RoomId) -> Result<Room> {
-    let room = load_room(app, room_id)?.ok_or_else(|| {
+pub fn room_for_admin(rooms: &Rooms, room_id: &RoomId) -> Result<Room> {
+    let room = load_room(rooms, room_id)?.ok_or_else(|| {
         Error::not_found(format!(
             "room {room_id} is not known on {}; check the id",
-            app.server_name
+            rooms.server_name
         ))
     })?;
     if !room.room_type.federable() {
@@ -99,16 +96,16 @@ pub fn room_for_admin(app: &App, room_id: &RoomId) -> Result<Room> {
 }
 
 pub async fn create_room(
-    app: &App,
+    rooms: &Rooms,
     creator: &Participant,
     name: &str,
     room_type: &str,
 ) -> Result<Room> {
-    create_room_with(app, creator, name, room_type, None).await
+    create_room_with(rooms, creator, name, room_type, None).await
 }
 
 async fn create_room_with(
-    app: &App,
+    rooms: &Rooms,
     creator: &Participant,
     name: &str,
     room_type: &str,
@@ -122,24 +119,24 @@ async fn create_room_with(
     let rt = RoomType::parse(room_type).ok_or_else(|| {
         Error::bad_request("`room_type` must be one of standard, dm, incognito, bridge, sidekick")
     })?;
-    let room_id = RoomId::generate(&app.server_name);
+    let room_id = RoomId::generate(&rooms.server_name);
     let room = Room {
         room_id: room_id.to_string(),
         name: name.to_string(),
         room_type: rt,
-        federate: rt.federable() && app.config.federation.enabled,
-        created_at_ms: app.clock.now_ms(),
+        federate: rt.federable() && rooms.fed.config.enabled,
+        created_at_ms: rooms.clock.now_ms(),
         next_seq: 1,
         joined_seq: None,
         contiguous_seq: None,
         dm_pair,
-        creator: Some(fqid_of(app, creator).to_string()),
+        creator: Some(fqid_of(rooms, creator).to_string()),
     };
-    let me = fqid_of(app, creator);
+    let me = fqid_of(rooms, creator);
     // The creator's join is seq 1. It is committed as a host event whose
     // membership check is skipped: nobody can invite the first member.
     let join = sign(
-        app,
+        rooms,
         &room_id,
         &me,
         Content::Member {
@@ -151,13 +148,13 @@ async fn create_room_with(
     )?;
     let mut plan = crate::rooms::Plan::new_room(room.clone());
     let mut w = storage::WriteSet::default();
-    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     crate::rooms::write_event(&mut w, &join, 1, join.content_hash())?;
     plan.room.next_seq = 2;
-    plan.apply_membership(app, &join, &mut w, None)?;
+    plan.apply_membership(rooms, &join, &mut w, None)?;
     plan.finish(&mut w)?;
-    app.store.commit(&w)?;
-    app.store.flush().await?;
+    rooms.store.commit(&w)?;
+    rooms.store.flush().await?;
     Ok(plan.room)
 }
 
@@ -171,23 +168,23 @@ pub struct Posted {
 /// Post an event to a room: sequenced at once if we host it, queued for the
 /// host otherwise.
 pub async fn post(
-    app: &App,
+    rooms: &Rooms,
     p: &Participant,
     room_id: &RoomId,
     content: Content,
 ) -> Result<Posted> {
-    let me = fqid_of(app, p);
-    joined_room(app, room_id, &me)?;
-    let event = sign(app, room_id, &me, content)?;
+    let me = fqid_of(rooms, p);
+    joined_room(rooms, room_id, &me)?;
+    let event = sign(rooms, room_id, &me, content)?;
     let event_id = event.event_id.to_string();
-    if room_id.host() == app.server_name {
-        commit_local(app, event).await?;
+    if room_id.host() == rooms.server_name {
+        commit_local(rooms, event).await?;
         Ok(Posted {
             event_id,
             state: "sent",
         })
     } else {
-        replica::submit(app, &event).await?;
+        replica::submit(rooms, &event).await?;
         Ok(Posted {
             event_id,
             state: "pending",
@@ -236,18 +233,18 @@ pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageVie
 
 /// Messages in host order after `after_seq`, then our not-yet-sequenced ones.
 pub fn messages(
-    app: &App,
+    rooms: &Rooms,
     p: &Participant,
     room_id: &RoomId,
     after_seq: u64,
     limit: usize,
 ) -> Result<Vec<MessageView>> {
-    joined_room(app, room_id, &fqid_of(app, p))?;
+    joined_room(rooms, room_id, &fqid_of(rooms, p))?;
     let from = keys::event(room_id.as_str(), after_seq.saturating_add(1));
     let to = keys::event(room_id.as_str(), u64::MAX);
     let mut out = Vec::new();
     let mut reactions: Vec<(String, String, String, bool)> = Vec::new();
-    for (k, stored) in app
+    for (k, stored) in rooms
         .store
         .range::<StoredEvent>(T::Events, &from, &to, usize::MAX)?
     {
@@ -271,7 +268,7 @@ pub fn messages(
             }
         }
     }
-    for (_, stored) in app
+    for (_, stored) in rooms
         .store
         .scan::<StoredEvent>(T::Pending, &storage::prefix(room_id.as_str()))?
     {
@@ -299,100 +296,60 @@ pub fn messages(
 
 /// Ask `fqid`'s server for its profile (signed GET). Any failure is the
 /// inviter's answer (SPEC §6 step 1).
-pub async fn fetch_profile(app: &App, fqid: &Fqid) -> Result<ProfileAnswer> {
-    let server = fqid.server();
-    let path = format!("/_scaiwave/federation/v1/profile/{}", fqid.local_id());
-    let reply = app
-        .s2s(
-            http::Method::GET,
-            &server,
-            &path,
-            None,
-            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
-        )
-        .await?
-        .map_err(|e| {
-            Error::new(
-                Code::ParticipantNotFound,
-                format!("cannot reach {server} to look up {fqid}: {e}"),
-            )
-            .as_conflict()
-        })?;
-    if !reply.ok() {
-        return Err(remote_error(&server, &reply));
-    }
-    reply.json::<ProfileAnswer>().map_err(|e| {
-        Error::new(
-            Code::ParticipantNotFound,
-            format!("{server} answered the profile request with {e}"),
-        )
-    })
-}
-
-/// A peer's error answer, passed on with the peer named.
-fn remote_error(
-    server: &crate::ids::ServerName,
-    reply: &crate::federation::client::Reply,
-) -> Error {
-    match reply.error() {
-        Some(e) => {
-            let code = Code::parse(&e.code).unwrap_or(Code::Internal);
-            let mut err = Error::new(code, format!("{server} answered {}: {}", e.code, e.message));
-            err.status = Some(reply.status);
-            err
-        }
-        None => Error::new(
-            Code::Internal,
-            format!("{server} answered HTTP {}", reply.status),
-        ),
-    }
+pub async fn fetch_profile(rooms: &Rooms, fqid: &Fqid) -> Result<ProfileAnswer> {
+    peer_api::profile(&rooms.fed, fqid).await
 }
 
 /// Invite a local or foreign participant to a room `p` is in.
-pub async fn invite(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<String> {
-    let room = joined_room(app, room_id, &fqid_of(app, p))?;
-    invite_into(app, p, room, target, Source::Local).await
+pub async fn invite(
+    rooms: &Rooms,
+    p: &Participant,
+    room_id: &RoomId,
+    target: &Fqid,
+) -> Result<String> {
+    let room = joined_room(rooms, room_id, &fqid_of(rooms, p))?;
+    invite_into(rooms, p, room, target, Source::Local).await
 }
 
 /// `POST /v1/admin/rooms/{room_id}/federation/invite`: a server admin
 /// invites into any room this server hosts without being a member; in a
 /// room hosted elsewhere the host decides, so the admin must be joined.
 pub async fn admin_invite(
-    app: &App,
+    rooms: &Rooms,
     admin: &Participant,
     room_id: &RoomId,
     target: &Fqid,
 ) -> Result<String> {
-    let room = room_for_admin(app, room_id)?;
-    if room_id.host() != app.server_name {
-        let me = fqid_of(app, admin);
-        if joined_room(app, room_id, &me).is_err() {
+    let room = room_for_admin(rooms, room_id)?;
+    if room_id.host() != rooms.server_name {
+        let me = fqid_of(rooms, admin);
+        if joined_room(rooms, room_id, &me).is_err() {
             return Err(Error::forbidden(format!(
                 "{room_id} is hosted by {}, which decides who may invite; join the room as {me} first",
                 room_id.host()
             )));
         }
-        return invite(app, admin, room_id, target).await;
+        return invite(rooms, admin, room_id, target).await;
     }
-    invite_into(app, admin, room, target, Source::LocalAdmin).await
+    invite_into(rooms, admin, room, target, Source::LocalAdmin).await
 }
 
 async fn invite_into(
-    app: &App,
+    rooms: &Rooms,
     p: &Participant,
     room: Room,
     target: &Fqid,
     source: Source,
 ) -> Result<String> {
-    let me = fqid_of(app, p);
+    let me = fqid_of(rooms, p);
     let room_id = &RoomId::parse(&room.room_id)?;
     // In a room hosted elsewhere, the invite goes to the host, which checks
     // it against the room (membership, foreign limit), sequences it and
     // delivers it (SPEC §6: any participant can invite).
-    let hosted_here = room_id.host() == app.server_name;
+    let hosted_here = room_id.host() == rooms.server_name;
     let mut display_name = None;
-    if app.is_local(target) {
-        if app.participant(&target.local_id())?.is_none() {
+    if rooms.is_local(target) {
+        if rooms.store.participant(&target.local_id())?.is_none() {
             return Err(Error::not_found(format!(
                 "{target} does not exist on this server"
             )));
@@ -405,12 +362,12 @@ async fn invite_into(
             )
             .as_conflict());
         }
-        if !app.config.federation.enabled {
+        if !rooms.fed.config.enabled {
             return Err(Error::new(
                 Code::TenantDisabled,
                 format!(
                     "federation is disabled on {}; set federation.enabled = true to federate",
-                    app.server_name
+                    rooms.server_name
                 ),
             )
             .as_conflict());
@@ -419,36 +376,36 @@ async fn invite_into(
             return Err(Error::new(Code::RoomNotFederated, "federation is off for this room; an admin can enable it with PUT /v1/admin/rooms/{room_id}/federate").as_conflict());
         }
         let server = target.server();
-        app.admit(&server).map_err(Error::as_conflict)?;
-        let foreign = crate::rooms::foreign_count(app, &load_members(app, room_id)?, false);
-        if hosted_here && foreign >= app.policy().max_foreign_participants_per_room {
+        rooms.fed.admit(&server).map_err(Error::as_conflict)?;
+        let foreign = crate::rooms::foreign_count(rooms, &load_members(rooms, room_id)?, false);
+        if hosted_here && foreign >= rooms.fed.policy().max_foreign_participants_per_room {
             return Err(Error::new(Code::ForeignLimit, "this room has reached max_foreign_participants_per_room; raise it in the federation policy").as_conflict());
         }
-        let profile = fetch_profile(app, target).await?;
+        let profile = fetch_profile(rooms, target).await?;
         display_name = Some(profile.display_name);
     }
-    let now = app.clock.now_ms();
+    let now = rooms.clock.now_ms();
     let content = Content::Member {
         membership: Membership::Invite,
         target: target.clone(),
-        expires_at_ms: Some(now + app.config.federation.invite_ttl.as_millis() as i64),
+        expires_at_ms: Some(now + rooms.fed.config.invite_ttl.as_millis() as i64),
         room: Some(RoomSummary {
             name: room.name.clone(),
             room_type: room.room_type.as_str().into(),
         }),
     };
-    let event = sign(app, room_id, &me, content)?;
+    let event = sign(rooms, room_id, &me, content)?;
     let invite_id = event.event_id.to_string();
     if !hosted_here {
-        replica::submit(app, &event).await?;
+        replica::submit(rooms, &event).await?;
         return Ok(invite_id);
     }
-    commit_as(app, event, source).await?;
+    commit_as(rooms, event, source).await?;
     if let Some(name) = display_name {
         let k = keys::member(room_id.as_str(), target.as_str());
-        if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {
+        if let Some(mut m) = rooms.store.get::<Member>(T::Members, &k)? {
             m.display_name = Some(name);
-            app.store.put(T::Members, &k, &m)?;
+            rooms.store.put(T::Members, &k, &m)?;
         }
     }
     Ok(invite_id)
@@ -463,10 +420,10 @@ pub struct InvitationView {
     pub expires_at: String,
 }
 
-pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
-    let me = fqid_of(app, p).to_string();
-    let now = app.clock.now_ms();
-    Ok(app
+pub fn invitations(rooms: &Rooms, p: &Participant) -> Result<Vec<InvitationView>> {
+    let me = fqid_of(rooms, p).to_string();
+    let now = rooms.clock.now_ms();
+    Ok(rooms
         .store
         .invitations_of(&me)?
         .into_iter()
@@ -481,10 +438,10 @@ pub fn invitations(app: &App, p: &Participant) -> Result<Vec<InvitationView>> {
         .collect())
 }
 
-fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitation> {
-    let me = fqid_of(app, p).to_string();
+fn my_invitation(rooms: &Rooms, p: &Participant, invite_id: &str) -> Result<Invitation> {
+    let me = fqid_of(rooms, p).to_string();
     // A scan of the caller's own invitations, which the cap keeps short.
-    let inv: Invitation = app
+    let inv: Invitation = rooms
         .store
         .invitations_of(&me)?
         .into_iter()
@@ -494,7 +451,7 @@ fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitati
                 "no pending invitation {invite_id} for you; list them with GET /v1/me/invitations"
             ))
         })?;
-    if inv.expires_at_ms <= app.clock.now_ms() {
+    if inv.expires_at_ms <= rooms.clock.now_ms() {
         return Err(Error::new(
             Code::InviteExpired,
             "this invitation expired; ask a member of the room to invite you again",
@@ -505,75 +462,33 @@ fn my_invitation(app: &App, p: &Participant, invite_id: &str) -> Result<Invitati
 
 /// Send one event straight to its room's host and wait (≤ 10 s). `None`
 /// means the host could not be reached.
-pub async fn send_to_host(app: &App, event: &Event) -> Result<Option<Outcome>> {
-    let host = event.room_id.host();
-    let body = serde_json::to_vec(&SendBody {
-        txn_id: event.event_id.to_string(),
-        events: vec![event.to_wire_value(None)],
-        edus: Vec::new(),
-    })
-    .map_err(|e| Error::internal("encode", e))?;
-    let reply = app
-        .s2s(
-            http::Method::POST,
-            &host,
-            "/_scaiwave/federation/v1/send",
-            Some(body),
-            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
-        )
-        .await?;
-    match classify(reply) {
-        Attempt::Answered(a) => {
-            let r = a
-                .results
-                .into_iter()
-                .find(|r| r.event_id == event.event_id.to_string());
-            Ok(Some(match r {
-                Some(r) if r.status == SendStatus::Rejected => {
-                    let e = r.error.unwrap_or_else(|| {
-                        Error::new(Code::Internal, "rejected without a reason")
-                            .to_body()
-                            .error
-                    });
-                    let code = Code::parse(&e.code).unwrap_or(Code::Internal);
-                    Outcome::Rejected(Error::new(code, format!("{host} refused: {}", e.message)))
-                }
-                Some(r) => Outcome::Accepted(r.seq.unwrap_or(0)),
-                None => Outcome::Rejected(Error::new(
-                    Code::Internal,
-                    format!("{host} did not answer for the event"),
-                )),
-            }))
-        }
-        Attempt::Retry { .. } => Ok(None),
-        Attempt::Refused { code, message } => {
-            let c = Code::parse(&code).unwrap_or(Code::Internal);
-            Ok(Some(Outcome::Rejected(Error::new(
-                c,
-                format!("{host} refused: {message}"),
-            ))))
-        }
-    }
+pub async fn send_to_host(rooms: &Rooms, event: &Event) -> Result<Option<Outcome>> {
+    Ok(peer_api::send_to_host(&rooms.fed, event)
+        .await?
+        .map(|answer| match answer {
+            Ok(seq) => Outcome::Accepted(seq),
+            Err(e) => Outcome::Rejected(e),
+        }))
 }
 
 /// Accept or decline an invitation. Answers `{"room_id", "state"}`.
 pub async fn answer_invitation(
-    app: &App,
+    rooms: &Rooms,
     p: &Participant,
     invite_id: &str,
     accept: bool,
 ) -> Result<(u16, serde_json::Value)> {
     EventId::parse(invite_id).map_err(|_| Error::not_found("no such invitation"))?;
-    let inv = my_invitation(app, p, invite_id)?;
+    let inv = my_invitation(rooms, p, invite_id)?;
     let room_id = RoomId::parse(&inv.room_id)?;
-    let me = fqid_of(app, p);
+    let me = fqid_of(rooms, p);
     let membership = if accept {
         Membership::Join
     } else {
         Membership::Decline
     };
     let event = sign(
-        app,
+        rooms,
         &room_id,
         &me,
         Content::Member {
@@ -584,68 +499,53 @@ pub async fn answer_invitation(
         },
     )?;
     let state = |s: &str| serde_json::json!({"room_id": room_id.to_string(), "state": s});
-    if room_id.host() == app.server_name {
-        commit_local(app, event).await?;
+    if room_id.host() == rooms.server_name {
+        commit_local(rooms, event).await?;
         return Ok((200, state(if accept { "joined" } else { "declined" })));
     }
     if accept {
         let rt = RoomType::parse(&inv.room.room_type).unwrap_or(RoomType::Standard);
-        replica::ensure_room(app, &room_id, &inv.room.name, rt)?;
+        replica::ensure_room(rooms, &room_id, &inv.room.name, rt)?;
     }
-    match send_to_host(app, &event).await? {
+    match send_to_host(rooms, &event).await? {
         Some(Outcome::Accepted(seq)) | Some(Outcome::Duplicate(Some(seq))) => {
-            if replica::settle(app, &event, seq).await? == replica::Settled::SeqTaken {
+            if replica::settle(rooms, &event, seq).await? == replica::Settled::SeqTaken {
                 return Err(Error::new(
                     Code::Conflict,
                     format!("{} answered with seq {seq}, which already holds another event of the room; nothing was applied (ask its admin to check the room)", room_id.host()),
                 ));
             }
-            app.store.remove_invitation(&inv)?;
+            rooms.store.remove_invitation(&inv)?;
             if accept {
-                if let Err(e) = sync_after_join(app, &room_id, seq).await {
+                if let Err(e) = sync_after_join(rooms, &room_id, seq).await {
                     tracing::warn!(room_id = %room_id, error = %e, "joined, but could not load members and history yet");
                 }
             }
-            app.store.flush().await?;
+            rooms.store.flush().await?;
             Ok((200, state(if accept { "joined" } else { "declined" })))
         }
         Some(Outcome::Rejected(e)) => {
-            if accept && load_members(app, &room_id)?.is_empty() {
-                app.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
+            if accept && load_members(rooms, &room_id)?.is_empty() {
+                rooms.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
             }
             if matches!(e.code, Code::InviteExpired | Code::NotMember) {
-                app.store.remove_invitation(&inv)?;
+                rooms.store.remove_invitation(&inv)?;
             }
             Err(e)
         }
         Some(Outcome::Duplicate(None)) | None => {
-            replica::submit(app, &event).await?;
+            replica::submit(rooms, &event).await?;
             Ok((202, state("pending")))
         }
     }
 }
 
 /// After our join at `join_seq`: the member list, and history before it.
-pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Result<()> {
-    let host = room_id.host();
-    let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
-    let enc = crate::api::encode_segment(room_id.as_str());
-    let reply = app
-        .s2s_reading(
-            http::Method::GET,
-            &host,
-            &format!("/_scaiwave/federation/v1/rooms/{enc}/members"),
-            None,
-            timeout,
-            crate::limits::MEMBERS_REPLY_BYTES_MAX,
-        )
-        .await?
-        .map_err(|e| Error::new(Code::Internal, e.0))?;
-    if reply.ok() {
-        let answer: MembersAnswer = reply.json().map_err(|e| Error::new(Code::Internal, e))?;
-        store_members(app, room_id, &answer).await?;
+pub async fn sync_after_join(rooms: &Rooms, room_id: &RoomId, join_seq: u64) -> Result<()> {
+    if let Some(answer) = peer_api::members(&rooms.fed, room_id).await? {
+        store_members(rooms, room_id, &answer).await?;
     }
-    backfill(app, room_id, Some(join_seq), BACKFILL_EVENTS_MAX).await?;
+    backfill(rooms, room_id, Some(join_seq), BACKFILL_EVENTS_MAX).await?;
     Ok(())
 }
 
@@ -653,8 +553,8 @@ pub async fn sync_after_join(app: &App, room_id: &RoomId, join_seq: u64) -> Resu
 /// it is bounded ([`MEMBERS_ANSWER_ENTRIES_MAX`] entries, names of at most
 /// [`SHORT_TEXT_BYTES_MAX`] bytes) and never touches our own participants,
 /// whose membership only their own events decide.
-async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
-    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+async fn store_members(rooms: &Rooms, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let mut w = storage::WriteSet::default();
     if answer.members.len() > MEMBERS_ANSWER_ENTRIES_MAX {
         tracing::warn!(room_id = %room_id, listed = answer.members.len(), "the host listed more members than we take; keeping the first {MEMBERS_ANSWER_ENTRIES_MAX}");
@@ -666,11 +566,11 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
         let Ok(f) = Fqid::parse(&m.fqid) else {
             continue;
         };
-        if app.is_local(&f) {
+        if rooms.is_local(&f) {
             continue;
         }
         let k = keys::member(room_id.as_str(), f.as_str());
-        let prev: Option<Member> = app.store.get(T::Members, &k)?;
+        let prev: Option<Member> = rooms.store.get(T::Members, &k)?;
         let mut member = prev.unwrap_or(Member {
             fqid: f.to_string(),
             membership,
@@ -679,7 +579,7 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
         });
         member.membership = membership;
         crate::rooms::set_user_room(
-            app,
+            rooms,
             &f,
             room_id.as_str(),
             membership == Membership::Join,
@@ -692,7 +592,7 @@ async fn store_members(app: &App, room_id: &RoomId, answer: &MembersAnswer) -> R
         }
         w.put(T::Members, k, &member)?;
     }
-    app.store.commit(&w)?;
+    rooms.store.commit(&w)?;
     Ok(())
 }
 
@@ -709,43 +609,23 @@ fn truncate_at_char_boundary(text: &str, bytes_max: usize) -> String {
 /// Fetch history before `before_seq` from the host, verify every event, and
 /// store those we lack. Answers `(fetched, stored, rejected)`.
 pub async fn backfill(
-    app: &App,
+    rooms: &Rooms,
     room_id: &RoomId,
     before_seq: Option<u64>,
     limit: u64,
 ) -> Result<(u64, u64, u64)> {
-    let host = room_id.host();
-    let enc = crate::api::encode_segment(room_id.as_str());
-    let mut path = format!("/_scaiwave/federation/v1/rooms/{enc}/backfill?limit={limit}");
-    if let Some(b) = before_seq {
-        path.push_str(&format!("&before_seq={b}"));
-    }
-    let reply = app
-        .s2s_reading(
-            http::Method::GET,
-            &host,
-            &path,
-            None,
-            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
-            crate::limits::backfill_reply_bytes_max(limit),
-        )
-        .await?
-        .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;
-    if !reply.ok() {
-        return Err(remote_error(&host, &reply));
-    }
-    let answer: BackfillAnswer = reply.json().map_err(|e| Error::new(Code::Internal, e))?;
+    let answer = peer_api::backfill(&rooms.fed, room_id, before_seq, limit).await?;
     let fetched = answer.events.len() as u64;
     let (mut stored, mut rejected) = (0, 0);
     let mut w = storage::WriteSet::default();
-    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let mut top = 0;
     for value in answer.events {
         if value.get("rejected").and_then(Value::as_bool) == Some(true) {
             // The host's tombstone: the gap at this seq is real.
             if let Some(seq) = value.get("seq").and_then(Value::as_u64) {
                 let k = keys::event(room_id.as_str(), seq);
-                if app.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
+                if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
                     w.put(
                         T::Events,
                         k,
@@ -763,7 +643,7 @@ pub async fn backfill(
         let parsed = Event::from_value(value);
         let ok = match parsed {
             Ok((event, Some(seq))) if event.room_id == *room_id => {
-                match crate::federation::inbound::verify_event(app, &event).await {
+                match crate::federation::auth::verify_event(&rooms.fed, &event).await {
                     Ok(()) => Some((event, seq)),
                     Err(_) => None,
                 }
@@ -775,31 +655,35 @@ pub async fn backfill(
             continue;
         };
         let k = keys::event(room_id.as_str(), seq);
-        if app.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
+        if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
             continue;
         }
         crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
         top = top.max(seq.saturating_add(1));
         stored += 1;
     }
-    app.store.commit(&w)?;
+    rooms.store.commit(&w)?;
     // What was filled moves the replica's contiguous mark on, and next_seq
     // past everything stored (the replica relies on nothing being stored
     // at or above it).
-    if let Some(mut plan) = crate::rooms::Plan::load(app, room_id)? {
+    if let Some(mut plan) = crate::rooms::Plan::load(rooms, room_id)? {
         plan.room.next_seq = plan.room.next_seq.max(top);
-        plan.advance_contiguous(app, &std::collections::BTreeSet::new())?;
+        plan.advance_contiguous(rooms, &std::collections::BTreeSet::new())?;
         let mut room_write = storage::WriteSet::default();
         room_write.put(T::Rooms, room_id.as_str().as_bytes().to_vec(), &plan.room)?;
-        app.store.commit(&room_write)?;
+        rooms.store.commit(&room_write)?;
     }
-    app.store.flush().await?;
+    rooms.store.flush().await?;
     Ok((fetched, stored, rejected))
 }
 
 /// Our pending events' delivery state, for tests and the message list.
-pub fn pending_state(app: &App, room_id: &RoomId, event_id: &str) -> Result<Option<DeliveryState>> {
-    Ok(app
+pub fn pending_state(
+    rooms: &Rooms,
+    room_id: &RoomId,
+    event_id: &str,
+) -> Result<Option<DeliveryState>> {
+    Ok(rooms
         .store
         .get::<StoredEvent>(T::Pending, &keys::pending(room_id.as_str(), event_id))?
         .map(|s| s.state))
@@ -807,10 +691,15 @@ pub fn pending_state(app: &App, room_id: &RoomId, event_id: &str) -> Result<Opti
 
 /// Kick `target` from a room we host. Only room admins (the creator or a
 /// server admin) may; kicks never come from replicas (SPEC §6).
-pub async fn kick(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -> Result<Posted> {
-    let me = fqid_of(app, p);
-    let room = joined_room(app, room_id, &me)?;
-    if room_id.host() != app.server_name {
+pub async fn kick(
+    rooms: &Rooms,
+    p: &Participant,
+    room_id: &RoomId,
+    target: &Fqid,
+) -> Result<Posted> {
+    let me = fqid_of(rooms, p);
+    let room = joined_room(rooms, room_id, &me)?;
+    if room_id.host() != rooms.server_name {
         return Err(Error::forbidden(format!(
             "only admins of the host {} can kick from this room",
             room_id.host()
@@ -824,7 +713,7 @@ pub async fn kick(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -
         ));
     }
     let event = sign(
-        app,
+        rooms,
         room_id,
         &me,
         Content::Member {
@@ -835,7 +724,7 @@ pub async fn kick(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -
         },
     )?;
     let event_id = event.event_id.to_string();
-    commit_local(app, event).await?;
+    commit_local(rooms, event).await?;
     Ok(Posted {
         event_id,
         state: "sent",
@@ -844,9 +733,9 @@ pub async fn kick(app: &App, p: &Participant, room_id: &RoomId, target: &Fqid) -
 
 /// `POST /v1/me/federated-dms`: the DM room between the caller and `fqid`,
 /// created (and the invitation sent) the first time, the same room after.
-pub async fn federated_dm(app: &App, p: &Participant, other: &Fqid) -> Result<Room> {
-    let me = fqid_of(app, p);
-    if app.is_local(other) {
+pub async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Result<Room> {
+    let me = fqid_of(rooms, p);
+    if rooms.is_local(other) {
         return Err(Error::bad_request(format!(
             "{other} is on this server; federated DMs are with participants of other servers"
         )));
@@ -858,34 +747,30 @@ pub async fn federated_dm(app: &App, p: &Participant, other: &Fqid) -> Result<Ro
     // table, never a real room) keeps two concurrent requests from making two.
     let digest: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(me.as_str().as_bytes()).into();
     let lock_name: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
-    let lock_id = RoomId::parse(&format!("!dm{lock_name}:{}", app.server_name))?;
-    let _guard = app.room_locks.lock_all([lock_id]).await;
-    for room in crate::rooms::presence::rooms_of(app, &me)? {
-        if let Some(r) = load_room(app, &room)? {
+    let lock_id = RoomId::parse(&format!("!dm{lock_name}:{}", rooms.server_name))?;
+    let _guard = rooms.locks.lock_all([lock_id]).await;
+    for room in crate::rooms::presence::rooms_of(rooms, &me)? {
+        if let Some(r) = load_room(rooms, &room)? {
             if r.dm_pair.as_ref() == Some(&pair) {
                 return Ok(r);
             }
         }
     }
     // Check the other side exists before making anything.
-    fetch_profile(app, other).await?;
-    let room = create_room_with(app, p, &format!("{me} and {other}"), "dm", Some(pair)).await?;
-    invite(app, p, &RoomId::parse(&room.room_id)?, other).await?;
+    fetch_profile(rooms, other).await?;
+    let room = create_room_with(rooms, p, &format!("{me} and {other}"), "dm", Some(pair)).await?;
+    invite(rooms, p, &RoomId::parse(&room.room_id)?, other).await?;
     Ok(room)
 }
 
-/// How long a replica waits before filling a gap: with pipelined delivery
-/// the missing events are usually already on their way.
-pub const GAP_FILL_DELAY_MS: u64 = 2000;
-
 /// Fill the seqs in `[lo, hi)` of `room_id` that are still missing after a
 /// short wait, from the host's backfill endpoint (SPEC §6).
-pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
+pub async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
     tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
     let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
     let mut missing = Vec::new();
     for seq in lo..hi {
-        if !app
+        if !rooms
             .store
             .contains(T::Events, &keys::event(room_id.as_str(), seq))?
         {
@@ -896,21 +781,26 @@ pub async fn fill_gap(app: &App, room_id: &RoomId, lo: u64, hi: u64) -> Result<u
         return Ok(0);
     };
     tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
-    let (_, stored, _) =
-        backfill(app, room_id, Some(last.saturating_add(1)), last - first + 1).await?;
+    let (_, stored, _) = backfill(
+        rooms,
+        room_id,
+        Some(last.saturating_add(1)),
+        last - first + 1,
+    )
+    .await?;
     Ok(stored)
 }
 
 /// Record a foreign participant's display name in every room they have
 /// joined, found through their `user_rooms` rows (never a members scan).
-pub fn set_display_name(app: &App, fqid: &Fqid, name: &str) -> Result<usize> {
+pub fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
-    for room_id in crate::rooms::presence::rooms_of(app, fqid)? {
+    for room_id in crate::rooms::presence::rooms_of(rooms, fqid)? {
         let k = keys::member(room_id.as_str(), fqid.as_str());
-        if let Some(mut m) = app.store.get::<Member>(T::Members, &k)? {
+        if let Some(mut m) = rooms.store.get::<Member>(T::Members, &k)? {
             if m.display_name.as_deref() != Some(name) {
                 m.display_name = Some(name.to_string());
-                app.store.put(T::Members, &k, &m)?;
+                rooms.store.put(T::Members, &k, &m)?;
                 updated += 1;
             }
         }

@@ -4,11 +4,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::federation::delivery::enqueue_event;
 use crate::ids::{Fqid, RoomId, ServerName};
 use crate::protocol::event::{Content, Event, Membership};
+use crate::rooms::Rooms;
 use crate::rooms::{
     dedup, foreign_count, is_joined, participating_servers, write_event, InviteCap, Outcome, Plan,
 };
@@ -40,7 +39,7 @@ fn not_member(sender: &Fqid, room: &str) -> Error {
 /// SPEC §6 "What the host accepts from a replica". Local events were
 /// checked by the local API; both kinds pass the membership rules that
 /// keep room state consistent.
-fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) -> Result<()> {
+fn check(rooms: &Rooms, plan: &Plan, event: &Event, source: &Source, now_ms: i64) -> Result<()> {
     let room = &plan.room;
     if let Source::Peer(peer) = source {
         if !room.room_type.federable() {
@@ -52,7 +51,7 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
         if !room.federate {
             return Err(Error::new(
                 Code::RoomNotFederated,
-                format!("room {} has federation turned off on {}; its admin can enable it with PUT /v1/admin/rooms/{{room_id}}/federate", room.room_id, app.server_name),
+                format!("room {} has federation turned off on {}; its admin can enable it with PUT /v1/admin/rooms/{{room_id}}/federate", room.room_id, rooms.server_name),
             ));
         }
         if event.origin != *peer {
@@ -83,7 +82,7 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
                                 format!("the invitation of {sender} to {} expired; ask a member for a new one", room.room_id),
                             ));
                         }
-                        if !app.is_local(&event.sender) && foreign_count(app, &plan.members, true) >= app.policy().max_foreign_participants_per_room {
+                        if !rooms.is_local(&event.sender) && foreign_count(rooms, &plan.members, true) >= rooms.fed.policy().max_foreign_participants_per_room {
                             return Err(foreign_limit());
                         }
                     }
@@ -127,9 +126,9 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
                     if is_joined(&plan.members, target.as_str()) {
                         return Err(Error::bad_event(format!("{target} has already joined")));
                     }
-                    if !app.is_local(target)
-                        && foreign_count(app, &plan.members, false)
-                            >= app.policy().max_foreign_participants_per_room
+                    if !rooms.is_local(target)
+                        && foreign_count(rooms, &plan.members, false)
+                            >= rooms.fed.policy().max_foreign_participants_per_room
                     {
                         return Err(foreign_limit());
                     }
@@ -163,16 +162,16 @@ fn check(app: &App, plan: &Plan, event: &Event, source: &Source, now_ms: i64) ->
 
 /// Check, sequence, store and fan out a batch. The answer has one outcome
 /// per input, in order. Durable (flushed) before it returns.
-pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcome>> {
-    let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
-    let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
-    let now_ms = app.clock.now_ms();
-    let invite_ttl_ms = app.config.federation.invite_ttl.as_millis() as i64;
-    let policy = app.policy();
+pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Outcome>> {
+    let room_ids: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
+    let guards = rooms.locks.lock_all(room_ids.iter().cloned()).await;
+    let now_ms = rooms.clock.now_ms();
+    let invite_ttl_ms = rooms.fed.config.invite_ttl.as_millis() as i64;
+    let policy = rooms.fed.policy();
 
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
-    for r in &rooms {
-        if let Some(p) = Plan::load(app, r)? {
+    for r in &room_ids {
+        if let Some(p) = Plan::load(rooms, r)? {
             plans.insert(r.clone(), p);
         }
     }
@@ -196,7 +195,7 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
             });
             continue;
         }
-        if let Some(o) = dedup(app, event, &hash)? {
+        if let Some(o) = dedup(rooms, event, &hash)? {
             outcomes.push(o);
             continue;
         }
@@ -205,13 +204,13 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
                 Code::RoomNotFound,
                 format!(
                     "room {} does not exist on {}",
-                    event.room_id, app.server_name
+                    event.room_id, rooms.server_name
                 ),
             )));
             continue;
         };
         if let Err(e) =
-            check(app, plan, event, source, now_ms).and_then(|()| invite_cap.admit(app, event))
+            check(rooms, plan, event, source, now_ms).and_then(|()| invite_cap.admit(rooms, event))
         {
             outcomes.push(Outcome::Rejected(e));
             continue;
@@ -231,14 +230,14 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
         // Fan out to servers participating before this event (so a kicked or
         // leaving server learns it), plus an invitee's server, minus the
         // event's origin (never echoed) and us.
-        let mut targets = participating_servers(app, &plan.members);
+        let mut targets = participating_servers(rooms, &plan.members);
         if let Content::Member {
             target,
             membership: Membership::Invite | Membership::Kick | Membership::Leave,
             ..
         } = &event.content
         {
-            if !app.is_local(target) {
+            if !rooms.is_local(target) {
                 targets.insert(target.server());
             }
         }
@@ -250,11 +249,11 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
             } => Some(now_ms + invite_ttl_ms),
             _ => None,
         };
-        plan.apply_membership(app, event, &mut w, expires)?;
+        plan.apply_membership(rooms, event, &mut w, expires)?;
         let wire = event.to_wire_bytes(Some(seq));
         for peer in targets {
             if let Err(e) = policy.admit(&peer) {
-                app.audit(
+                rooms.fed.audit(
                     "federation.policy_rejected",
                     Some(&peer),
                     Some(&event.event_id.to_string()),
@@ -264,7 +263,9 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
                 );
                 continue;
             }
-            enqueue_event(app, &mut w, &peer, event, wire.clone(), now_ms)?;
+            rooms
+                .store
+                .queue_event(&mut w, &peer, event, wire.clone(), now_ms)?;
             woken.insert(peer);
         }
         live.push((event.room_id.to_string(), seq, wire));
@@ -273,14 +274,14 @@ pub async fn commit(app: &App, batch: Vec<(Event, Source)>) -> Result<Vec<Outcom
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
-    app.store.commit(&w)?;
+    rooms.store.commit(&w)?;
     // The flush needs no lock: a batch that read this one's writes is
     // answered only after its own flush, which covers these too.
     drop(guards);
-    app.store.flush().await?;
-    app.publish(live);
+    rooms.store.flush().await?;
+    rooms.publish(live);
     for peer in woken {
-        app.delivery.wake(app, &peer);
+        rooms.fed.outbox.wake(&peer);
     }
     Ok(outcomes)
 }

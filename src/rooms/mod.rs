@@ -1,15 +1,24 @@
 //! Rooms: membership, ordering and invitations (SPEC §6).
 //!
+//! - [`Rooms`]: the room domain's handle (its store, clock, locks and live
+//!   stream, over the [`Federation`] it talks to peers through).
 //! - [`host`]: the sequencer of rooms this server hosts: checks, assigns
 //!   `seq`, stores, and fans out through the outbox in one transaction.
 //! - [`replica`]: rooms hosted elsewhere: storing what the host sends,
-//!   queueing our participants' events to the host, acks.
+//!   queueing our participants' events to the host, acks, gap fills.
+//! - [`transaction`]: one inbound `/send`, routed to host and replica.
 //! - [`flows`]: what a participant does (create, post, invite, accept...),
-//!   built on the two above.
+//!   built on the two above; [`presence`], [`search`], [`sever`],
+//!   [`retention`].
 //!
 //! **Invariant:** a room's state is only changed while holding its lock from
 //! [`RoomLocks`], so `seq` assignment never races and plans read a stable
 //! view; rooms run in parallel.
+//!
+//! **Invariant of absence:** nothing here knows HTTP (no status types, no
+//! routes) or the composition (`App`); peers are reached through
+//! `federation::peer_api`, and work for later (delivery, gap fills) is
+//! handed over through channels that the layers above drain.
 
 pub mod flows;
 pub mod host;
@@ -18,18 +27,114 @@ pub mod replica;
 pub mod retention;
 pub mod search;
 pub mod sever;
+pub mod transaction;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{broadcast, mpsc, OwnedMutexGuard};
 
-use crate::app::App;
+use crate::clock::Clock;
 use crate::error::{Code, Error, Result};
-use crate::ids::{RoomId, ServerName};
-use crate::limits::INVITATIONS_PENDING_PER_PARTICIPANT_MAX;
-use crate::protocol::event::{Content, Event, Membership};
-use crate::storage::{self, keys, Invitation, Member, Room, StoredEvent, WriteSet, T};
+use crate::federation::Federation;
+use crate::ids::{Fqid, LocalId, RoomId, ServerName};
+use crate::limits::{INVITATIONS_PENDING_PER_PARTICIPANT_MAX, LIVE_EVENTS_BUFFERED};
+use crate::protocol::event::{Content, Event, Membership, Presence, PresenceStatus};
+use crate::storage::{self, keys, Invitation, Member, Room, Store, StoredEvent, WriteSet, T};
+
+/// The room domain of one server: what every flow, the host sequencer and
+/// the replica work with.
+pub struct Rooms {
+    pub fed: Arc<Federation>,
+    pub server_name: ServerName,
+    pub store: Store,
+    pub clock: Clock,
+    pub locks: RoomLocks,
+    /// New room events, for `GET /v1/events` streams (lagging readers
+    /// lose the oldest; the stream is a hint, history is the truth).
+    live: broadcast::Sender<LiveEvent>,
+    /// Rooms whose gap fill was claimed, for the fill runner
+    /// ([`replica::fill_gaps`]); at most one message per claim.
+    gap_fills: mpsc::UnboundedSender<replica::GapFill>,
+}
+
+/// A room event just stored, as live streams see it.
+#[derive(Debug, Clone)]
+pub struct LiveEvent {
+    pub room_id: String,
+    pub seq: u64,
+    pub wire: Arc<Vec<u8>>,
+}
+
+impl Rooms {
+    /// The rooms of `fed`'s server, and the receiver of their gap fills
+    /// for [`replica::fill_gaps`].
+    pub fn new(fed: Arc<Federation>) -> (Rooms, replica::GapFills) {
+        let (gap_fills, fills) = mpsc::unbounded_channel();
+        let rooms = Rooms {
+            server_name: fed.server_name.clone(),
+            store: fed.store.clone(),
+            clock: fed.clock.clone(),
+            fed,
+            locks: RoomLocks::default(),
+            live: broadcast::channel(LIVE_EVENTS_BUFFERED).0,
+            gap_fills,
+        };
+        (rooms, fills)
+    }
+
+    pub fn fqid(&self, local: &LocalId) -> Fqid {
+        self.fed.fqid(local)
+    }
+
+    pub fn is_local(&self, fqid: &Fqid) -> bool {
+        self.fed.is_local(fqid)
+    }
+
+    /// Whether any live stream is open: without one, nobody needs the
+    /// wire form of stored events built for [`Rooms::publish`].
+    pub fn has_live_listeners(&self) -> bool {
+        self.live.receiver_count() > 0
+    }
+
+    /// Tell live streams about stored events (after their commit).
+    pub fn publish(&self, events: impl IntoIterator<Item = (String, u64, Vec<u8>)>) {
+        for (room_id, seq, wire) in events {
+            // No receivers is fine: nobody is listening.
+            let _ = self.live.send(LiveEvent {
+                room_id,
+                seq,
+                wire: Arc::new(wire),
+            });
+        }
+    }
+
+    /// Create one of our participants and its first token (returned
+    /// once, stored hashed).
+    pub fn create_participant(
+        &self,
+        local: &LocalId,
+        display_name: &str,
+        power: storage::PowerLevel,
+    ) -> Result<String> {
+        let p = storage::Participant {
+            local_id: local.to_string(),
+            display_name: display_name.to_string(),
+            power_level: power,
+            presence: Presence {
+                status: PresenceStatus::Offline,
+                status_msg: None,
+            },
+            created_at_ms: self.clock.now_ms(),
+        };
+        self.store.create_participant(&p, self.fqid(local).as_str())
+    }
+
+    /// A new live stream of every stored event.
+    pub fn subscribe(&self) -> broadcast::Receiver<LiveEvent> {
+        self.live.subscribe()
+    }
+}
 
 /// One async mutex per room, created on first use, and the per-room
 /// background work that must not run twice at once (gap fills).
@@ -165,22 +270,17 @@ pub enum Outcome {
     Rejected(Error),
 }
 
-pub fn load_room(app: &App, room_id: &RoomId) -> Result<Option<Room>> {
-    app.store.get(T::Rooms, room_id.as_str().as_bytes())
+pub fn load_room(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Room>> {
+    rooms.store.room(room_id)
 }
 
-pub fn load_members(app: &App, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
-    Ok(app
-        .store
-        .scan::<Member>(T::Members, &storage::prefix(room_id.as_str()))?
-        .into_iter()
-        .map(|(_, m)| (m.fqid.clone(), m))
-        .collect())
+pub fn load_members(rooms: &Rooms, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
+    rooms.store.members(room_id)
 }
 
 /// Servers other than us with at least one joined participant.
 pub fn participating_servers(
-    app: &App,
+    rooms: &Rooms,
     members: &BTreeMap<String, Member>,
 ) -> BTreeSet<ServerName> {
     members
@@ -188,14 +288,14 @@ pub fn participating_servers(
         .filter(|m| m.membership == Membership::Join)
         .filter_map(|m| crate::ids::Fqid::parse(&m.fqid).ok())
         .map(|f| f.server())
-        .filter(|s| *s != app.server_name)
+        .filter(|s| *s != rooms.server_name)
         .collect()
 }
 
 /// Foreign participants a room holds against its limit: joined ones, and
 /// (unless `joined_only`) those with an open invitation.
-pub fn foreign_count(app: &App, members: &BTreeMap<String, Member>, joined_only: bool) -> u64 {
-    let now = app.clock.now_ms();
+pub fn foreign_count(rooms: &Rooms, members: &BTreeMap<String, Member>, joined_only: bool) -> u64 {
+    let now = rooms.clock.now_ms();
     members
         .values()
         .filter(|m| {
@@ -205,7 +305,7 @@ pub fn foreign_count(app: &App, members: &BTreeMap<String, Member>, joined_only:
                 m.is_present(now)
             }
         })
-        .filter(|m| crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| !app.is_local(&f)))
+        .filter(|m| crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| !rooms.is_local(&f)))
         .count() as u64
 }
 
@@ -224,12 +324,12 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn load(app: &App, room_id: &RoomId) -> Result<Option<Plan>> {
-        let Some(room) = load_room(app, room_id)? else {
+    pub fn load(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Plan>> {
+        let Some(room) = load_room(rooms, room_id)? else {
             return Ok(None);
         };
         Ok(Some(Plan {
-            members: load_members(app, room_id)?,
+            members: load_members(rooms, room_id)?,
             room,
             changed_members: BTreeSet::new(),
         }))
@@ -252,7 +352,7 @@ impl Plan {
     /// list of local participants, invitations) to `w`.
     pub fn apply_membership(
         &mut self,
-        app: &App,
+        rooms: &Rooms,
         event: &Event,
         w: &mut WriteSet,
         invite_expires_at_ms: Option<i64>,
@@ -267,7 +367,7 @@ impl Plan {
             return Ok(());
         };
         let room_id = self.room.room_id.clone();
-        let local_target = app.is_local(target);
+        let local_target = rooms.is_local(target);
         let previous = self.members.get(target.as_str()).cloned();
         let mut m = previous.clone().unwrap_or(Member {
             fqid: target.to_string(),
@@ -282,16 +382,16 @@ impl Plan {
             None
         };
         if local_target && m.display_name.is_none() {
-            if let Some(p) = app.participant(&target.local_id())? {
+            if let Some(p) = rooms.store.participant(&target.local_id())? {
                 m.display_name = Some(p.display_name);
             }
         }
         self.set_member(m);
-        let replica_room = RoomId::parse(&room_id).is_ok_and(|r| r.host() != app.server_name);
+        let replica_room = RoomId::parse(&room_id).is_ok_and(|r| r.host() != rooms.server_name);
         if local_target && *membership != Membership::Join && replica_room {
             let anyone_of_ours_joined = self.members.values().any(|m| {
                 m.membership == Membership::Join
-                    && crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| app.is_local(&f))
+                    && crate::ids::Fqid::parse(&m.fqid).is_ok_and(|f| rooms.is_local(&f))
             });
             if !anyone_of_ours_joined {
                 // Nothing of this room is ours to keep complete any more; a
@@ -303,7 +403,7 @@ impl Plan {
         }
         // Joined members of every server have their room rows: ours list
         // their rooms, a peer's are what its presence is kept for.
-        set_user_room(app, target, &room_id, *membership == Membership::Join, w)?;
+        set_user_room(rooms, target, &room_id, *membership == Membership::Join, w)?;
         if local_target {
             match membership {
                 Membership::Invite => {
@@ -314,7 +414,7 @@ impl Plan {
                     // A new invite replaces any older one to the room: one
                     // row per room, so the cap counts rooms and a peer
                     // re-inviting grows nothing.
-                    remove_invitations_for(app, &room_id, target.as_str(), w)?;
+                    remove_invitations_for(rooms, &room_id, target.as_str(), w)?;
                     w.put_invitation(&Invitation {
                         invite_id: event.event_id.to_string(),
                         room_id: room_id.clone(),
@@ -324,7 +424,7 @@ impl Plan {
                         expires_at_ms: invite_expires_at_ms.unwrap_or(i64::MAX),
                     })?;
                 }
-                _ => remove_invitations_for(app, &room_id, target.as_str(), w)?,
+                _ => remove_invitations_for(rooms, &room_id, target.as_str(), w)?,
             }
         }
         Ok(())
@@ -333,7 +433,11 @@ impl Plan {
     /// Move the replica's contiguous mark past every seq that is now held
     /// (in `fresh`, about to be written, or already stored). Returns the
     /// first missing seq below `next_seq`, if any: a gap.
-    pub fn advance_contiguous(&mut self, app: &App, fresh: &BTreeSet<u64>) -> Result<Option<u64>> {
+    pub fn advance_contiguous(
+        &mut self,
+        rooms: &Rooms,
+        fresh: &BTreeSet<u64>,
+    ) -> Result<Option<u64>> {
         let Some(start) = self.room.contiguous_seq.or(self.room.joined_seq) else {
             return Ok(None);
         };
@@ -342,7 +446,7 @@ impl Plan {
         let mut c = start;
         while let Some(n) = after(c) {
             let held = fresh.contains(&n)
-                || app
+                || rooms
                     .store
                     .contains(T::Events, &keys::event(&self.room.room_id, n))?;
             if !held {
@@ -370,7 +474,7 @@ impl Plan {
 /// none otherwise. A peer's participant joined nowhere any more loses its
 /// presence row too (presence is kept only for joined members).
 pub fn set_user_room(
-    app: &App,
+    rooms: &Rooms,
     target: &crate::ids::Fqid,
     room_id: &str,
     joined: bool,
@@ -381,8 +485,8 @@ pub fn set_user_room(
         return w.put(T::UserRooms, ur, &());
     }
     w.remove(T::UserRooms, ur.clone());
-    if !app.is_local(target) {
-        let elsewhere = app
+    if !rooms.is_local(target) {
+        let elsewhere = rooms
             .store
             .scan_limit::<()>(T::UserRooms, &storage::prefix(target.as_str()), 2)?
             .into_iter()
@@ -397,12 +501,12 @@ pub fn set_user_room(
 /// Pending invitations of `target` to `room_id` are settled by any later
 /// membership change (a prefix of the target's own rows).
 pub fn remove_invitations_for(
-    app: &App,
+    rooms: &Rooms,
     room_id: &str,
     target: &str,
     w: &mut WriteSet,
 ) -> Result<()> {
-    for inv in app.store.invitations_to_room(target, room_id)? {
+    for inv in rooms.store.invitations_to_room(target, room_id)? {
         w.remove_invitation(&inv);
     }
     Ok(())
@@ -420,7 +524,7 @@ impl InviteCap {
     /// Refuse an invite of a local participant who already holds the
     /// most pending invitations; any other event passes. Call it last,
     /// once every other check passed: an admitted invite counts.
-    pub fn admit(&mut self, app: &App, event: &Event) -> Result<()> {
+    pub fn admit(&mut self, rooms: &Rooms, event: &Event) -> Result<()> {
         let Content::Member {
             membership: Membership::Invite,
             target,
@@ -429,15 +533,16 @@ impl InviteCap {
         else {
             return Ok(());
         };
-        if !app.is_local(target) {
+        if !rooms.is_local(target) {
             return Ok(());
         }
-        let rooms = match self.rooms.entry(target.to_string()) {
+        let held = match self.rooms.entry(target.to_string()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
-                let now = app.clock.now_ms();
+                let now = rooms.clock.now_ms();
                 e.insert(
-                    app.store
+                    rooms
+                        .store
                         .invitations_of(target.as_str())?
                         .into_iter()
                         .filter(|i| i.expires_at_ms > now)
@@ -448,8 +553,8 @@ impl InviteCap {
         };
         let room = event.room_id.to_string();
         // A re-invite to a room replaces that room's invitation.
-        if rooms.contains(&room) || rooms.len() < INVITATIONS_PENDING_PER_PARTICIPANT_MAX {
-            rooms.insert(room);
+        if held.contains(&room) || held.len() < INVITATIONS_PENDING_PER_PARTICIPANT_MAX {
+            held.insert(room);
             return Ok(());
         }
         Err(Error::new(
@@ -457,7 +562,7 @@ impl InviteCap {
             format!(
                 "{target} already has {INVITATIONS_PENDING_PER_PARTICIPANT_MAX} pending invitations on {}; \
                  another can be sent once they accept or decline some, or some expire",
-                app.server_name
+                rooms.server_name
             ),
         ))
     }
@@ -501,9 +606,9 @@ pub fn write_event_unindexed(
 
 /// Dedup (SPEC §2): the same (origin, event_id) with the same bytes is a
 /// duplicate; with other bytes it is a bad event.
-pub fn dedup(app: &App, event: &Event, hash: &[u8; 32]) -> Result<Option<Outcome>> {
+pub fn dedup(rooms: &Rooms, event: &Event, hash: &[u8; 32]) -> Result<Option<Outcome>> {
     let k = keys::event_index(event.origin.as_str(), &event.event_id.to_string());
-    match app.store.get::<storage::EventRef>(T::EventIndex, &k)? {
+    match rooms.store.get::<storage::EventRef>(T::EventIndex, &k)? {
         None => Ok(None),
         Some(r) if r.hash == *hash => Ok(Some(Outcome::Duplicate(r.seq))),
         Some(_) => Ok(Some(Outcome::Rejected(Error::bad_event(format!(

@@ -5,19 +5,19 @@
 
 use std::collections::BTreeSet;
 
-use crate::app::App;
 use crate::error::{Error, Result};
 use crate::ids::{Fqid, RoomId, ServerName};
 use crate::limits::SHORT_TEXT_BYTES_MAX;
 use crate::protocol::event::{Membership, Presence, PresenceEdu};
+use crate::rooms::Rooms;
 use crate::rooms::{flows, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
 
 /// Rooms a participant has joined: ours, or a peer's in a room we know.
 /// Every caller but [`receive`] and `flows::set_display_name` asks for
 /// one of our participants, whose prefix holds only their own rows.
-pub fn rooms_of(app: &App, fqid: &Fqid) -> Result<Vec<RoomId>> {
-    Ok(app
+pub fn rooms_of(rooms: &Rooms, fqid: &Fqid) -> Result<Vec<RoomId>> {
+    Ok(rooms
         .store
         .scan::<()>(T::UserRooms, &storage::prefix(fqid.as_str()))?
         .into_iter()
@@ -28,19 +28,19 @@ pub fn rooms_of(app: &App, fqid: &Fqid) -> Result<Vec<RoomId>> {
 }
 
 /// Other servers with a joined participant in a room `fqid` has joined.
-pub fn servers_sharing_a_room(app: &App, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
+pub fn servers_sharing_a_room(rooms: &Rooms, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
     let mut servers = BTreeSet::new();
-    for room in rooms_of(app, fqid)? {
+    for room in rooms_of(rooms, fqid)? {
         servers.extend(crate::rooms::participating_servers(
-            app,
-            &load_members(app, &room)?,
+            rooms,
+            &load_members(rooms, &room)?,
         ));
     }
     Ok(servers)
 }
 
 /// `PUT /v1/me/presence`: store it and tell the servers that share a room.
-pub fn set(app: &App, p: &Participant, presence: Presence) -> Result<()> {
+pub fn set(rooms: &Rooms, p: &Participant, presence: Presence) -> Result<()> {
     if presence
         .status_msg
         .as_ref()
@@ -52,20 +52,23 @@ pub fn set(app: &App, p: &Participant, presence: Presence) -> Result<()> {
     }
     let mut updated = p.clone();
     updated.presence = presence.clone();
-    app.store
+    rooms
+        .store
         .put(T::Participants, p.local_id.as_bytes(), &updated)?;
-    let me = flows::fqid_of(app, p);
+    let me = flows::fqid_of(rooms, p);
     let edu = PresenceEdu {
         sender: me.clone(),
-        ts_ms: app.clock.now_ms(),
+        ts_ms: rooms.clock.now_ms(),
         presence,
     }
     .to_value();
-    let policy = app.policy();
-    for server in servers_sharing_a_room(app, &me)? {
+    let policy = rooms.fed.policy();
+    for server in servers_sharing_a_room(rooms, &me)? {
         if policy.admit(&server).is_ok() {
-            app.delivery
-                .queue_edu(app, &server, me.as_str(), edu.clone());
+            rooms
+                .fed
+                .outbox
+                .queue_edu(&server, me.as_str(), edu.clone());
         }
     }
     Ok(())
@@ -73,13 +76,13 @@ pub fn set(app: &App, p: &Participant, presence: Presence) -> Result<()> {
 
 /// A presence EDU from `origin`: kept if the sender is `origin`'s own and
 /// it is newer than what we hold.
-pub fn receive(app: &App, origin: &ServerName, edu: &PresenceEdu) -> Result<bool> {
+pub fn receive(rooms: &Rooms, origin: &ServerName, edu: &PresenceEdu) -> Result<bool> {
     if edu.sender.server() != *origin {
         return Ok(false);
     }
     // Only for a participant joined in a room we know: anything else is a
     // name the peer made up, and would be a row kept for ever.
-    let joined_somewhere = !app
+    let joined_somewhere = !rooms
         .store
         .scan_limit::<()>(T::UserRooms, &storage::prefix(edu.sender.as_str()), 1)?
         .is_empty();
@@ -87,11 +90,11 @@ pub fn receive(app: &App, origin: &ServerName, edu: &PresenceEdu) -> Result<bool
         return Ok(false);
     }
     let key = edu.sender.as_str().as_bytes();
-    let held: Option<ForeignPresence> = app.store.get(T::Presence, key)?;
+    let held: Option<ForeignPresence> = rooms.store.get(T::Presence, key)?;
     if held.is_some_and(|h| h.ts_ms >= edu.ts_ms) {
         return Ok(false);
     }
-    app.store.put(
+    rooms.store.put(
         T::Presence,
         key,
         &ForeignPresence {
@@ -104,20 +107,23 @@ pub fn receive(app: &App, origin: &ServerName, edu: &PresenceEdu) -> Result<bool
 
 /// What we know of anyone's presence: ours from the participant row,
 /// foreign from the last EDU.
-pub fn of(app: &App, fqid: &Fqid) -> Result<Option<Presence>> {
-    if app.is_local(fqid) {
-        return Ok(app.participant(&fqid.local_id())?.map(|p| p.presence));
+pub fn of(rooms: &Rooms, fqid: &Fqid) -> Result<Option<Presence>> {
+    if rooms.is_local(fqid) {
+        return Ok(rooms
+            .store
+            .participant(&fqid.local_id())?
+            .map(|p| p.presence));
     }
-    Ok(app
+    Ok(rooms
         .store
         .get::<ForeignPresence>(T::Presence, fqid.as_str().as_bytes())?
         .map(|f| f.presence))
 }
 
 /// Does `server` share a joined room with our participant `fqid`?
-pub fn shares_room(app: &App, fqid: &Fqid, server: &ServerName) -> Result<bool> {
-    for room in rooms_of(app, fqid)? {
-        let members = load_members(app, &room)?;
+pub fn shares_room(rooms: &Rooms, fqid: &Fqid, server: &ServerName) -> Result<bool> {
+    for room in rooms_of(rooms, fqid)? {
+        let members = load_members(rooms, &room)?;
         let shared = members.values().any(|m| {
             m.membership == Membership::Join
                 && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *server)

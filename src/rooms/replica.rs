@@ -3,13 +3,13 @@
 //! when the host answers with a `seq`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
-use crate::app::App;
 use crate::error::{Code, Error, Result};
-use crate::federation::delivery::enqueue_event;
 use crate::ids::{RoomId, ServerName};
 use crate::limits::SEQ_AHEAD_MAX;
 use crate::protocol::event::{Content, Event, Membership};
+use crate::rooms::Rooms;
 use crate::rooms::{dedup, search, write_event, write_event_unindexed, InviteCap, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
@@ -17,7 +17,7 @@ use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, Wri
 /// An invite for one of our participants to a room we do not know yet only
 /// creates the pending invitation (SPEC §6 step 2).
 pub async fn accept_from_host(
-    app: &App,
+    rooms: &Rooms,
     host: &ServerName,
     batch: Vec<(Event, u64)>,
 ) -> Result<Vec<Outcome>> {
@@ -34,11 +34,11 @@ pub async fn accept_from_host(
     // their event (search checks the message itself), never an event
     // without its postings, and a refused event leaves none.
     let mut postings = Vec::new();
-    let rooms: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
-    let guards = app.room_locks.lock_all(rooms.iter().cloned()).await;
+    let room_ids: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
+    let guards = rooms.locks.lock_all(room_ids.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
-    for r in &rooms {
-        if let Some(p) = Plan::load(app, r)? {
+    for r in &room_ids {
+        if let Some(p) = Plan::load(rooms, r)? {
             plans.insert(r.clone(), p);
         }
     }
@@ -55,7 +55,7 @@ pub async fn accept_from_host(
     let mut invite_cap = InviteCap::default();
     for ((event, seq), rows) in batch.iter().zip(staged.iter_mut()) {
         let hash = event.content_hash();
-        if let Some(o) = dedup(app, event, &hash)? {
+        if let Some(o) = dedup(rooms, event, &hash)? {
             outcomes.push(o);
             continue;
         }
@@ -71,7 +71,7 @@ pub async fn accept_from_host(
         }
         let Some(plan) = plans.get_mut(&event.room_id) else {
             outcomes.push(invite_for_unknown_room(
-                app,
+                rooms,
                 event,
                 *seq,
                 hash,
@@ -85,7 +85,7 @@ pub async fn accept_from_host(
                 Code::RoomNotFederated,
                 format!(
                     "room {} has federation turned off on {}",
-                    event.room_id, app.server_name
+                    event.room_id, rooms.server_name
                 ),
             )));
             continue;
@@ -103,14 +103,14 @@ pub async fn accept_from_host(
             outcomes.push(Outcome::Rejected(Error::bad_event(format!(
                 "seq {seq} of {} is more than {SEQ_AHEAD_MAX} past the newest seq {} has seen ({}); a host numbers a room's events one after another",
                 event.room_id,
-                app.server_name,
+                rooms.server_name,
                 plan.room.next_seq.saturating_sub(1)
             ))));
             continue;
         }
         let held = !taken.insert((event.room_id.clone(), *seq))
             || (*seq < stored_below[&event.room_id]
-                && app
+                && rooms
                     .store
                     .contains(T::Events, &keys::event(event.room_id.as_str(), *seq))?);
         if held {
@@ -120,7 +120,7 @@ pub async fn accept_from_host(
             ))));
             continue;
         }
-        if let Err(e) = invite_cap.admit(app, event) {
+        if let Err(e) = invite_cap.admit(rooms, event) {
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
@@ -132,11 +132,11 @@ pub async fn accept_from_host(
                 membership: Membership::Invite,
                 expires_at_ms,
                 ..
-            } => Some(capped_expiry(app, *expires_at_ms)),
+            } => Some(capped_expiry(rooms, *expires_at_ms)),
             _ => None,
         };
-        plan.apply_membership(app, event, &mut w, expires)?;
-        if app.has_live_listeners() {
+        plan.apply_membership(rooms, event, &mut w, expires)?;
+        if rooms.has_live_listeners() {
             live.push((
                 event.room_id.to_string(),
                 *seq,
@@ -155,7 +155,7 @@ pub async fn accept_from_host(
             .filter(|((e, _), o)| e.room_id == *room_id && matches!(o, Outcome::Accepted(_)))
             .map(|((_, seq), _)| *seq)
             .collect();
-        if let Some(first_missing) = plan.advance_contiguous(app, &fresh)? {
+        if let Some(first_missing) = plan.advance_contiguous(rooms, &fresh)? {
             gaps.push((room_id.clone(), first_missing, plan.room.next_seq));
         }
     }
@@ -163,49 +163,28 @@ pub async fn accept_from_host(
         plan.finish(&mut w)?;
     }
     if !postings.is_empty() {
-        app.store.put_many(T::Search, &postings)?;
+        rooms.store.put_many(T::Search, &postings)?;
     }
     let t0 = std::time::Instant::now();
-    app.store.commit(&w)?;
+    rooms.store.commit(&w)?;
     // The flush needs no lock: a batch that read this one's writes is
     // answered only after its own flush, which covers these too.
     drop(guards);
     let t1 = t0.elapsed();
-    app.store.flush().await?;
-    app.publish(live);
+    rooms.store.flush().await?;
+    rooms.publish(live);
     // Fill gaps shortly, if they are still there then; a gap that cannot
     // be filled now is tried again with the next batch for the room.
     // One fill per room at a time: batches arriving meanwhile would each
     // pull the same history (up to a whole backfill answer each).
     for (room_id, from, to) in gaps {
-        if let Some(handle) = app.delivery.app_handle() {
-            if !handle.room_locks.begin_gap_fill(&room_id) {
-                continue;
-            }
-            let tasks = handle.tasks.clone();
-            tasks.spawn(async move {
-                let (mut from, mut to) = (from, to);
-                loop {
-                    let fill = crate::rooms::flows::fill_gap(&handle, &room_id, from, to);
-                    tokio::select! {
-                        r = fill => if let Err(e) = r {
-                            tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
-                        },
-                        _ = handle.shutdown.cancelled() => {}
-                    }
-                    if !handle.room_locks.end_gap_fill(&room_id) {
-                        break;
-                    }
-                    // A later batch saw a gap while this fill ran: look again.
-                    match current_gap(&handle, &room_id) {
-                        Some(gap) if !handle.shutdown.is_cancelled() => (from, to) = gap,
-                        _ => {
-                            handle.room_locks.end_gap_fill(&room_id);
-                            break;
-                        }
-                    }
-                }
-            });
+        if !rooms.locks.begin_gap_fill(&room_id) {
+            continue;
+        }
+        if let Err(unsent) = rooms.gap_fills.send(GapFill { room_id, from, to }) {
+            // No runner (shutting down): nothing will fill it, so let the
+            // next batch claim it again.
+            rooms.locks.end_gap_fill(&unsent.0.room_id);
         }
     }
     tracing::debug!(
@@ -269,14 +248,14 @@ fn check_relayed_membership(host: &ServerName, plan: &Plan, event: &Event) -> Re
 /// but never later than our own `invite_ttl` from receipt (SPEC §6:
 /// unanswered invites expire after `invite_ttl` on both sides), so a
 /// host cannot plant invitations that never lapse.
-fn capped_expiry(app: &App, signed_ms: Option<i64>) -> i64 {
-    let ttl_ms = i64::try_from(app.config.federation.invite_ttl.as_millis()).unwrap_or(i64::MAX);
-    let cap = app.clock.now_ms().saturating_add(ttl_ms);
+fn capped_expiry(rooms: &Rooms, signed_ms: Option<i64>) -> i64 {
+    let ttl_ms = i64::try_from(rooms.fed.config.invite_ttl.as_millis()).unwrap_or(i64::MAX);
+    let cap = rooms.clock.now_ms().saturating_add(ttl_ms);
     signed_ms.map_or(cap, |e| e.min(cap))
 }
 
 fn invite_for_unknown_room(
-    app: &App,
+    rooms: &Rooms,
     event: &Event,
     seq: u64,
     hash: [u8; 32],
@@ -294,20 +273,20 @@ fn invite_for_unknown_room(
             Code::RoomNotFound,
             format!(
                 "{} does not take part in room {}",
-                app.server_name, event.room_id
+                rooms.server_name, event.room_id
             ),
         )));
     };
-    if !app.is_local(target) || app.participant(&target.local_id())?.is_none() {
+    if !rooms.is_local(target) || rooms.store.participant(&target.local_id())?.is_none() {
         return Ok(Outcome::Rejected(Error::new(
             Code::ParticipantNotFound,
-            format!("{target} does not exist on {}", app.server_name),
+            format!("{target} does not exist on {}", rooms.server_name),
         )));
     }
-    if let Err(e) = invite_cap.admit(app, event) {
+    if let Err(e) = invite_cap.admit(rooms, event) {
         return Ok(Outcome::Rejected(e));
     }
-    crate::rooms::remove_invitations_for(app, event.room_id.as_str(), target.as_str(), w)?;
+    crate::rooms::remove_invitations_for(rooms, event.room_id.as_str(), target.as_str(), w)?;
     let inv = storage::Invitation {
         invite_id: event.event_id.to_string(),
         room_id: event.room_id.to_string(),
@@ -317,7 +296,7 @@ fn invite_for_unknown_room(
         }),
         inviter: event.sender.to_string(),
         target: target.to_string(),
-        expires_at_ms: capped_expiry(app, *expires_at_ms),
+        expires_at_ms: capped_expiry(rooms, *expires_at_ms),
     };
     w.put_invitation(&inv)?;
     w.put(
@@ -332,29 +311,85 @@ fn invite_for_unknown_room(
     Ok(Outcome::Accepted(seq))
 }
 
+/// A claimed gap fill: the seqs `[from, to)` of `room_id`.
+#[derive(Debug)]
+pub struct GapFill {
+    room_id: RoomId,
+    from: u64,
+    to: u64,
+}
+
+/// Claimed gap fills, for [`fill_gaps`].
+pub type GapFills = tokio::sync::mpsc::UnboundedReceiver<GapFill>;
+
+/// Run every claimed gap fill, each in its own task on `tasks`, until
+/// `shutdown`. A fill runs again when a batch saw a gap of its own while
+/// it ran, and releases its room's claim when it is done.
+pub async fn fill_gaps(
+    rooms: Arc<Rooms>,
+    mut fills: GapFills,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let fill = tokio::select! {
+            f = fills.recv() => match f { Some(f) => f, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let (rooms, shutdown) = (rooms.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let GapFill {
+                room_id,
+                mut from,
+                mut to,
+            } = fill;
+            loop {
+                let fill = crate::rooms::flows::fill_gap(&rooms, &room_id, from, to);
+                tokio::select! {
+                    r = fill => if let Err(e) = r {
+                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                    },
+                    _ = shutdown.cancelled() => {}
+                }
+                if !rooms.locks.end_gap_fill(&room_id) {
+                    break;
+                }
+                // A later batch saw a gap while this fill ran: look again.
+                match current_gap(&rooms, &room_id) {
+                    Some(gap) if !shutdown.is_cancelled() => (from, to) = gap,
+                    _ => {
+                        rooms.locks.end_gap_fill(&room_id);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// The seqs `[from, to)` between a replica room's contiguous mark and the
 /// newest it has seen, if any are missing there.
-fn current_gap(app: &App, room_id: &RoomId) -> Option<(u64, u64)> {
-    let room = crate::rooms::load_room(app, room_id).ok()??;
+fn current_gap(rooms: &Rooms, room_id: &RoomId) -> Option<(u64, u64)> {
+    let room = crate::rooms::load_room(rooms, room_id).ok()??;
     let mark = room.contiguous_seq?;
     let from = mark.checked_add(1)?;
     (from < room.next_seq).then_some((from, room.next_seq))
 }
 
 /// Gap fills running now (at most one per room).
-pub fn gap_fills_running(app: &App) -> usize {
-    app.room_locks.gap_fills_running()
+pub fn gap_fills_running(rooms: &Rooms) -> usize {
+    rooms.locks.gap_fills_running()
 }
 
 /// Create the local record of a replica room before our join goes out, so
 /// events the host sends right after the join have a home.
 pub fn ensure_room(
-    app: &App,
+    rooms: &Rooms,
     room_id: &RoomId,
     name: &str,
     room_type: storage::RoomType,
 ) -> Result<()> {
-    if crate::rooms::load_room(app, room_id)?.is_some() {
+    if crate::rooms::load_room(rooms, room_id)?.is_some() {
         return Ok(());
     }
     let room = Room {
@@ -362,20 +397,22 @@ pub fn ensure_room(
         name: name.to_string(),
         room_type,
         federate: room_type.federable(),
-        created_at_ms: app.clock.now_ms(),
+        created_at_ms: rooms.clock.now_ms(),
         next_seq: 0,
         joined_seq: None,
         contiguous_seq: None,
         dm_pair: None,
         creator: None,
     };
-    app.store.put(T::Rooms, room_id.as_str().as_bytes(), &room)
+    rooms
+        .store
+        .put(T::Rooms, room_id.as_str().as_bytes(), &room)
 }
 
 /// Queue one of our participants' events for the host, kept as pending
 /// until the host answers with its `seq`.
-pub async fn submit(app: &App, event: &Event) -> Result<()> {
-    let _guard = app.room_locks.lock_all([event.room_id.clone()]).await;
+pub async fn submit(rooms: &Rooms, event: &Event) -> Result<()> {
+    let _guard = rooms.locks.lock_all([event.room_id.clone()]).await;
     let mut w = WriteSet::default();
     let event_id = event.event_id.to_string();
     w.put(
@@ -397,30 +434,29 @@ pub async fn submit(app: &App, event: &Event) -> Result<()> {
         },
     )?;
     let host = event.room_id.host();
-    enqueue_event(
-        app,
+    rooms.store.queue_event(
         &mut w,
         &host,
         event,
         event.to_wire_bytes(None),
-        app.clock.now_ms(),
+        rooms.clock.now_ms(),
     )?;
-    app.store.commit(&w)?;
-    app.store.flush().await?;
-    app.delivery.wake(app, &host);
+    rooms.store.commit(&w)?;
+    rooms.store.flush().await?;
+    rooms.fed.outbox.wake(&host);
     Ok(())
 }
 
 /// The host sequenced our event at `seq`: move it from pending into the
 /// room's history and apply it.
-pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<Settled> {
-    let _guard = app.room_locks.lock_all([event.room_id.clone()]).await;
-    let Some(mut plan) = Plan::load(app, &event.room_id)? else {
+pub async fn settle(rooms: &Rooms, event: &Event, seq: u64) -> Result<Settled> {
+    let _guard = rooms.locks.lock_all([event.room_id.clone()]).await;
+    let Some(mut plan) = Plan::load(rooms, &event.room_id)? else {
         return Ok(Settled::NoRoom);
     };
     let pending_key = keys::pending(event.room_id.as_str(), &event.event_id.to_string());
     let at = keys::event(event.room_id.as_str(), seq);
-    if let Some(stored) = app.store.get::<StoredEvent>(T::Events, &at)? {
+    if let Some(stored) = rooms.store.get::<StoredEvent>(T::Events, &at)? {
         let same = !stored.rejected
             && Event::parse(&stored.json)
                 .is_ok_and(|(e, _)| e.origin == event.origin && e.event_id == event.event_id);
@@ -433,10 +469,10 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<Settled> {
                 seq,
                 "the host answered our event with a seq that holds another event; keeping the stored one and marking ours failed"
             );
-            if let Some(mut ours) = app.store.get::<StoredEvent>(T::Pending, &pending_key)? {
+            if let Some(mut ours) = rooms.store.get::<StoredEvent>(T::Pending, &pending_key)? {
                 ours.state = DeliveryState::Failed;
-                app.store.put(T::Pending, &pending_key, &ours)?;
-                app.store.flush().await?;
+                rooms.store.put(T::Pending, &pending_key, &ours)?;
+                rooms.store.flush().await?;
             }
             return Ok(Settled::SeqTaken);
         }
@@ -451,16 +487,16 @@ pub async fn settle(app: &App, event: &Event, seq: u64) -> Result<Settled> {
         ..
     } = &event.content
     {
-        if app.is_local(target) && plan.room.joined_seq.is_none() {
+        if rooms.is_local(target) && plan.room.joined_seq.is_none() {
             plan.room.joined_seq = Some(seq);
         }
     }
-    plan.apply_membership(app, event, &mut w, None)?;
-    plan.advance_contiguous(app, &BTreeSet::from([seq]))?;
+    plan.apply_membership(rooms, event, &mut w, None)?;
+    plan.advance_contiguous(rooms, &BTreeSet::from([seq]))?;
     plan.finish(&mut w)?;
-    app.store.commit(&w)?;
-    app.store.flush().await?;
-    app.publish([(
+    rooms.store.commit(&w)?;
+    rooms.store.flush().await?;
+    rooms.publish([(
         event.room_id.to_string(),
         seq,
         event.to_wire_bytes(Some(seq)),
@@ -481,13 +517,13 @@ pub enum Settled {
 }
 
 /// The host refused our event for good (or it aged out): mark it failed.
-pub async fn fail(app: &App, room_id: &RoomId, event_id: &str) -> Result<()> {
-    let _guard = app.room_locks.lock_all([room_id.clone()]).await;
+pub async fn fail(rooms: &Rooms, room_id: &RoomId, event_id: &str) -> Result<()> {
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let k = keys::pending(room_id.as_str(), event_id);
-    if let Some(mut stored) = app.store.get::<StoredEvent>(T::Pending, &k)? {
+    if let Some(mut stored) = rooms.store.get::<StoredEvent>(T::Pending, &k)? {
         stored.state = DeliveryState::Failed;
-        app.store.put(T::Pending, &k, &stored)?;
-        app.store.flush().await?;
+        rooms.store.put(T::Pending, &k, &stored)?;
+        rooms.store.flush().await?;
     }
     Ok(())
 }

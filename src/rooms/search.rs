@@ -6,21 +6,13 @@
 
 use std::collections::BTreeSet;
 
-use crate::app::App;
 use crate::error::{Error, Result};
 use crate::ids::{Fqid, RoomId};
+use crate::limits::{POSTINGS_SCAN_MAX, RESULTS_MAX, TOKENS_PER_MESSAGE_MAX, TOKEN_CHARS_MAX};
 use crate::protocol::event::{Content, Event};
 use crate::rooms::flows::{message_view, MessageView};
+use crate::rooms::Rooms;
 use crate::storage::{self, keys, StoredEvent, WriteSet, T};
-
-/// Words indexed per message; a longer message is indexed by its first ones.
-const TOKENS_PER_MESSAGE_MAX: usize = 200;
-/// Characters in one indexed word.
-const TOKEN_CHARS_MAX: usize = 40;
-/// Postings read for one query word before giving up on completeness.
-const POSTINGS_SCAN_MAX: usize = 100_000;
-/// Results of one query.
-pub const RESULTS_MAX: usize = 50;
 
 /// Lower-cased words of letters and digits, each once.
 pub fn tokens(text: &str) -> Vec<String> {
@@ -58,17 +50,18 @@ pub fn postings(event: &Event, seq: u64) -> Vec<Vec<u8>> {
 }
 
 /// Messages in `me`'s rooms holding every word of `q`, newest first.
-pub fn search(app: &App, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)>> {
+pub fn search(rooms: &Rooms, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)>> {
     let words = tokens(q);
     let Some((first, rest)) = words.split_first() else {
         return Err(Error::bad_request("`q` must contain at least one word"));
     };
-    let mine: BTreeSet<String> = crate::rooms::presence::rooms_of(app, me)?
+    let mine: BTreeSet<String> = crate::rooms::presence::rooms_of(rooms, me)?
         .into_iter()
         .map(|r| r.to_string())
         .collect();
     let postings =
-        app.store
+        rooms
+            .store
             .scan_limit::<()>(T::Search, &storage::prefix(first), POSTINGS_SCAN_MAX)?;
     let mut hits = Vec::new();
     for (k, ()) in postings.into_iter().rev() {
@@ -83,7 +76,7 @@ pub fn search(app: &App, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)
         }
         let mut all = true;
         for w in rest {
-            all &= app
+            all &= rooms
                 .store
                 .contains(T::Search, &keys::search(w, &room, seq))?;
         }
@@ -91,7 +84,7 @@ pub fn search(app: &App, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)
             continue;
         }
         let room_id = RoomId::parse(&room)?;
-        if let Some(stored) = app
+        if let Some(stored) = rooms
             .store
             .get::<StoredEvent>(T::Events, &keys::event(room_id.as_str(), seq))?
         {

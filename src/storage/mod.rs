@@ -29,8 +29,13 @@
 //! [`WriteSet`], applied by [`Store::commit`] as one transaction, then
 //! [`Store::flush`]ed before the answer.
 
+pub mod audit;
 pub mod codec;
+pub mod members;
 pub mod migrate;
+pub mod outbox;
+pub mod participants;
+pub mod peers;
 pub mod records;
 
 use std::path::Path;
@@ -230,7 +235,7 @@ impl Store {
         Ok(store)
     }
 
-    pub fn tree(&self, t: T) -> &sled::Tree {
+    fn tree(&self, t: T) -> &sled::Tree {
         &self.trees[t as usize]
     }
 

@@ -10,7 +10,9 @@ use proptest::prelude::*;
 use scaiwave::app::App;
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
-use scaiwave::federation::delivery::{enqueue_event, Attempt, Transport};
+use scaiwave::delivery::Transport;
+use scaiwave::federation::peer_api::Attempt;
+use scaiwave::federation::Federation;
 use scaiwave::ids::{RoomId, ServerName};
 use scaiwave::protocol::wire::{SendAnswer, SendResult, SendStatus};
 use scaiwave::storage::{self, WriteSet, T};
@@ -65,14 +67,14 @@ fn event_ids(body: &[u8]) -> Vec<String> {
 impl Transport for Script {
     fn send<'a>(
         &'a self,
-        app: &'a App,
+        fed: &'a Federation,
         _peer: &'a ServerName,
         body: Vec<u8>,
     ) -> BoxFuture<'a, Attempt> {
         self.durable_at_send
             .lock()
             .unwrap()
-            .push(app.store.reads_are_durable());
+            .push(fed.store.reads_are_durable());
         let ids = event_ids(&body);
         self.attempts
             .lock()
@@ -193,10 +195,10 @@ pub fn open(dir: &std::path::Path, script: Arc<Script>, clock: Clock) -> Arc<App
             Err(e) => panic!("{e}"),
         }
     };
-    if !app.keys.has_key() {
-        app.keys.generate(T0).unwrap();
+    if !app.fed.keys.has_key() {
+        app.fed.keys.generate(T0).unwrap();
     }
-    app.delivery.start(&app).unwrap();
+    app.start_delivery();
     app
 }
 
@@ -219,19 +221,13 @@ fn enqueue_unflushed(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let e = signed_event(app, room, ALICE, message(&format!("m{i}")));
-        enqueue_event(
-            app,
-            &mut w,
-            &peer,
-            &e,
-            e.to_wire_bytes(None),
-            app.clock.now_ms(),
-        )
-        .unwrap();
+        app.store
+            .queue_event(&mut w, &peer, &e, e.to_wire_bytes(None), app.clock.now_ms())
+            .unwrap();
         ids.push(e.event_id.to_string());
     }
     app.store.commit(&w).unwrap();
-    app.delivery.wake(app, &peer);
+    app.fed.outbox.wake(&peer);
     ids
 }
 
@@ -325,8 +321,9 @@ async fn backoff_doubles_with_jitter_one_probe_per_interval() {
     // ...but the peer talking to us wakes the queue at once.
     *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
     let now = Instant::now();
-    app.delivery
-        .peer_is_back(&app, &ServerName::parse(PEER).unwrap());
+    app.fed
+        .outbox
+        .peer_is_back(&ServerName::parse(PEER).unwrap());
     settle().await;
     let attempts = script.attempts.lock().unwrap().clone();
     assert_eq!(attempts.len(), before + 1);
@@ -364,10 +361,13 @@ async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
     let (_dir, script, app) = fresh(None);
     // bob... here alice@a.test posts into a room b.test hosts: pending until b answers.
     let room = RoomId::parse(PEER_ROOM).unwrap();
-    scaiwave::rooms::replica::ensure_room(&app, &room, "r", storage::RoomType::Standard).unwrap();
+    scaiwave::rooms::replica::ensure_room(&app.rooms, &room, "r", storage::RoomType::Standard)
+        .unwrap();
     let e = signed_event(&app, room.as_str(), ALICE, message("hello?"));
     let queued_at = app.clock.now_ms();
-    scaiwave::rooms::replica::submit(&app, &e).await.unwrap();
+    scaiwave::rooms::replica::submit(&app.rooms, &e)
+        .await
+        .unwrap();
     let max_age = app.config.federation.retry_max_age.as_millis() as i64;
 
     tokio::time::sleep(Duration::from_millis(max_age as u64 - 1)).await;
@@ -380,7 +380,7 @@ async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
     settle().await;
     assert_eq!(queue_depth(&app), 0, "dropped at the deadline");
     let state =
-        scaiwave::rooms::flows::pending_state(&app, &room, &e.event_id.to_string()).unwrap();
+        scaiwave::rooms::flows::pending_state(&app.rooms, &room, &e.event_id.to_string()).unwrap();
     assert_eq!(state, Some(storage::DeliveryState::Failed));
     let rows = audit_rows(&app);
     let row = rows
@@ -487,7 +487,7 @@ async fn a_slow_transaction_does_not_hold_up_the_window() {
     assert_eq!(sent, 1000, "the other nine went while the first was out");
     assert_eq!(
         script.in_flight.lock().unwrap().1,
-        scaiwave::federation::delivery::PIPELINE_DEPTH,
+        scaiwave::limits::PIPELINE_DEPTH,
         "never more than the window"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -587,7 +587,7 @@ proptest! {
                 settle().await;
             }
             *script.fallback.lock().unwrap() = Some(Answer::AcceptAll);
-            app.delivery.peer_is_back(&app, &ServerName::parse(PEER).unwrap());
+            app.fed.outbox.peer_is_back(&ServerName::parse(PEER).unwrap());
             tokio::time::sleep(Duration::from_secs(2 * 3600)).await;
 
             let delivered = script.delivered.lock().unwrap().clone();
@@ -618,7 +618,7 @@ async fn audit_rows_are_kept_for_audit_retention() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Clock::starting_at(T0);
     let app = open(dir.path(), Arc::new(Script::default()), clock.clone());
-    app.audit(
+    app.fed.audit(
         "federation.event.accepted",
         None,
         Some("old"),
@@ -627,7 +627,7 @@ async fn audit_rows_are_kept_for_audit_retention() {
         "",
     );
     clock.advance(Duration::from_secs(60 * 86400));
-    app.audit(
+    app.fed.audit(
         "federation.event.accepted",
         None,
         Some("recent"),
@@ -637,7 +637,9 @@ async fn audit_rows_are_kept_for_audit_retention() {
     );
     clock.advance(Duration::from_secs(30 * 86400 + 1));
     assert_eq!(
-        app.prune_audit().unwrap(),
+        scaiwave::rooms::retention::run_pass(&app.rooms, app.config.audit.retention)
+            .unwrap()
+            .audit_rows,
         1,
         "only the row older than 90 d goes"
     );
@@ -654,23 +656,24 @@ async fn audit_rows_are_kept_for_audit_retention() {
 #[tokio::test(start_paused = true)]
 async fn the_key_rotates_on_schedule_and_keeps_the_old_one_for_the_overlap() {
     let (_dir, _script, app) = fresh(None);
-    let first = app.keys.current().unwrap().key_id;
+    let first = app.fed.keys.current().unwrap().key_id;
+    let (fed, shutdown) = (app.fed.clone(), app.shutdown.clone());
     app.tasks
-        .spawn(scaiwave::server::rotation_timer(app.clone()));
+        .spawn(async move { fed.rotation_timer(shutdown).await });
     let interval = app.config.federation.key_rotation_interval;
     tokio::time::sleep(interval - Duration::from_secs(60)).await;
     assert_eq!(
-        app.keys.current().unwrap().key_id,
+        app.fed.keys.current().unwrap().key_id,
         first,
         "not before key_rotation_interval"
     );
     tokio::time::sleep(Duration::from_secs(120)).await;
-    let second = app.keys.current().unwrap().key_id;
+    let second = app.fed.keys.current().unwrap().key_id;
     assert_ne!(second, first, "rotated at key_rotation_interval");
-    let d = app.keys.descriptor(&app.server_name);
+    let d = app.fed.keys.descriptor(&app.server_name);
     assert_eq!(d.old_keys.len(), 1);
     assert_eq!(d.old_keys[0].key_id, first.as_str());
-    let ring = app.keys.ring();
+    let ring = app.fed.keys.ring();
     let old = &ring.old[0];
     assert_eq!(
         old.expires_at_ms.unwrap() - old.rotated_at_ms.unwrap(),
@@ -700,10 +703,11 @@ async fn an_answer_without_our_events_backs_off_instead_of_spinning() {
 async fn nothing_is_sent_to_a_peer_our_policy_refuses() {
     let (_dir, script, app) = fresh(Some(Answer::AcceptAll));
     let deny = app
+        .fed
         .policy()
         .patched(&serde_json::json!({"denied_peers": [PEER]}))
         .unwrap();
-    app.set_policy(deny).unwrap();
+    app.fed.set_policy(deny).unwrap();
     enqueue(&app, 2);
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert!(
@@ -711,7 +715,8 @@ async fn nothing_is_sent_to_a_peer_our_policy_refuses() {
         "never sent while denied"
     );
     assert_eq!(queue_depth(&app), 2, "kept for when the policy changes");
-    app.set_policy(scaiwave::federation::policy::Policy::default())
+    app.fed
+        .set_policy(scaiwave::federation::policy::Policy::default())
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(

@@ -389,9 +389,9 @@ async fn unverified_requests_cannot_bloat_the_audit_log() {
 
 #[test]
 fn audit_detail_is_escaped_and_bounded() {
-    let d = scaiwave::app::audit_detail("line\nbreak\u{1b}[31m");
+    let d = scaiwave::storage::audit::audit_detail("line\nbreak\u{1b}[31m");
     assert_eq!(d, "line\\nbreak\\u{1b}[31m");
-    let long = scaiwave::app::audit_detail(&"é".repeat(5000));
+    let long = scaiwave::storage::audit::audit_detail(&"é".repeat(5000));
     assert!(long.len() <= 1024 && long.ends_with('…'), "{}", long.len());
 }
 

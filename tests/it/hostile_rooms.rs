@@ -317,7 +317,7 @@ async fn a_host_seq_at_u64_max_does_not_wrap() {
     );
     let b = net.server("b.test").app().clone();
     let host = net.server("a.test").name.clone();
-    let out = replica::accept_from_host(&b, &host, vec![(event, u64::MAX)])
+    let out = replica::accept_from_host(&b.rooms, &host, vec![(event, u64::MAX)])
         .await
         .unwrap();
     assert_eq!(out.len(), 1);
@@ -352,7 +352,7 @@ async fn settle_never_overwrites_a_stored_event() {
         .unwrap()
         .unwrap();
     let (event, _) = Event::parse(&pending.json).unwrap();
-    replica::settle(&b, &event, first_seq).await.unwrap();
+    replica::settle(&b.rooms, &event, first_seq).await.unwrap();
     let stored_after: Option<StoredEvent> = b
         .store
         .get(T::Events, &keys::event(&room, first_seq))
@@ -360,7 +360,7 @@ async fn settle_never_overwrites_a_stored_event() {
     assert_eq!(stored_after, Some(stored_before));
     let roomid = RoomId::parse(&room).unwrap();
     assert_eq!(
-        scaiwave::rooms::flows::pending_state(&b, &roomid, event_id).unwrap(),
+        scaiwave::rooms::flows::pending_state(&b.rooms, &roomid, event_id).unwrap(),
         Some(scaiwave::storage::DeliveryState::Failed)
     );
     assert_eq!(
@@ -397,7 +397,10 @@ async fn a_seq_far_ahead_is_refused_and_opens_no_gap() {
     let r = &results(&v)[0];
     assert_refused(r, "SW_FED_BAD_EVENT", "past the newest seq");
     assert_eq!(next_seq(&net, "b.test", &room), before);
-    assert_eq!(replica::gap_fills_running(net.server("b.test").app()), 0);
+    assert_eq!(
+        replica::gap_fills_running(&net.server("b.test").app().rooms),
+        0
+    );
     net.stop_all().await;
 }
 
@@ -425,7 +428,10 @@ async fn batches_with_a_gap_share_one_fill() {
         );
     }
     // Well within the fill's first wait.
-    assert_eq!(replica::gap_fills_running(net.server("b.test").app()), 1);
+    assert_eq!(
+        replica::gap_fills_running(&net.server("b.test").app().rooms),
+        1
+    );
     net.stop_all().await;
 }
 
@@ -468,10 +474,10 @@ async fn cached_send_answers_go_after_a_day() {
         .await;
     let b = net.server("b.test").app().clone();
     assert_eq!(b.store.count_prefix(T::Txns, b""), 1);
-    let pass = scaiwave::rooms::retention::run_pass(&b).unwrap();
+    let pass = scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
     assert_eq!(pass.txn_answers, 0, "still fresh");
     b.clock.advance(Duration::from_secs(25 * 3600));
-    let pass = scaiwave::rooms::retention::run_pass(&b).unwrap();
+    let pass = scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
     assert_eq!(pass.txn_answers, 1);
     assert_eq!(b.store.count_prefix(T::Txns, b""), 0);
     assert_eq!(b.store.count_prefix(T::TxnTimes, b""), 0);
@@ -505,11 +511,11 @@ async fn expired_invitations_are_deleted_by_the_retention_pass() {
     assert_eq!(s, 200, "{v}");
     assert!(results(&v).iter().all(|r| r["status"] == "accepted"), "{v}");
     assert_eq!(invitation_rows(&net, "b.test"), 3);
-    scaiwave::rooms::retention::run_pass(&b).unwrap();
+    scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
     assert_eq!(invitation_rows(&net, "b.test"), 3, "not expired yet");
     assert_eq!(net.invitations(&bob).await.len(), 3);
     b.clock.advance(Duration::from_secs(120));
-    scaiwave::rooms::retention::run_pass(&b).unwrap();
+    scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
     assert_eq!(invitation_rows(&net, "b.test"), 0);
     assert!(net.invitations(&bob).await.is_empty());
     net.stop_all().await;

@@ -12,3 +12,4 @@ mod process;
 mod refusals;
 mod rooms;
 mod testnet;
+mod tidy;

@@ -54,7 +54,7 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     let room_id = scaiwave::ids::RoomId::parse(&room).unwrap();
     eventually("the host sequenced bob's last reaction", || async {
         let id = last.as_str().unwrap();
-        scaiwave::rooms::flows::pending_state(&b_app, &room_id, id).unwrap()
+        scaiwave::rooms::flows::pending_state(&b_app.rooms, &room_id, id).unwrap()
             != Some(scaiwave::storage::DeliveryState::Pending)
     })
     .await;
@@ -100,7 +100,7 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     // against c.test's own key (it fetched c.test's descriptor to do so).
     let b = net.server("b.test").app().clone();
     assert_eq!(
-        b.verifier.protocol_versions(&net.server("c.test").name),
+        b.fed.verifier.protocol_versions(&net.server("c.test").name),
         ["v1"]
     );
 
@@ -113,8 +113,8 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
         &carol.fqid,
         message("forged by a"),
         // a.test signs, but the signature claims to be c.test's key.
-        &c.keys.current().unwrap().key_id,
-        &a.keys.current().unwrap().signing,
+        &c.fed.keys.current().unwrap().key_id,
+        &a.fed.keys.current().unwrap().signing,
     )
     .to_wire_value(Some(900));
     let (s, v) = net
@@ -564,7 +564,7 @@ async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
     })
     .await;
     let gap_fill_wait =
-        std::time::Duration::from_millis(scaiwave::rooms::flows::GAP_FILL_DELAY_MS + 1000);
+        std::time::Duration::from_millis(scaiwave::limits::GAP_FILL_DELAY_MS + 1000);
     tokio::time::sleep(gap_fill_wait).await;
     assert!(
         !bodies(&net, &bob, &room)

@@ -581,6 +581,7 @@ impl TestNet {
     ) -> (u16, Value) {
         let app = self.server(from).app().clone();
         let reply = app
+            .fed
             .s2s(
                 method,
                 &self.name(to).parse().unwrap(),
@@ -667,7 +668,7 @@ pub fn message(body: &str) -> Content {
 /// An event by `sender` in `room`, stamped by `app`'s clock and signed with
 /// `app`'s current key.
 pub fn signed_event(app: &App, room: &str, sender: &str, content: Content) -> Event {
-    let key = app.keys.current().unwrap();
+    let key = app.fed.keys.current().unwrap();
     signed_event_with(app, room, sender, content, &key.key_id, &key.signing)
 }
 
@@ -692,7 +693,7 @@ pub fn signed_event_with(
 }
 
 pub fn enc(id: &str) -> String {
-    scaiwave::api::encode_segment(id)
+    scaiwave::federation::peer_api::encode_segment(id)
 }
 
 /// Wait (bounded) until `check` holds; never a fixed sleep.

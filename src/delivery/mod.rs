@@ -1,221 +1,98 @@
-//! Outbound delivery (SPEC §11): a durable FIFO queue per peer in the
-//! `outbox` tree, drained by one task per peer that has work.
+//! Outbound delivery (SPEC §11): the durable FIFO queue of each peer (the
+//! `outbox` rows of storage), drained by one task per peer that has work.
 //!
 //! Handlers only enqueue (in the same transaction that stores the event)
-//! and [`Delivery::wake`] the peer's task. The task owns that peer's backoff
-//! state: nobody else writes it. A crash between a send and the delete of
-//! the delivered rows re-sends the same transaction, which receivers answer
-//! as `duplicate`.
+//! and ring the peer's doorbell (`federation::outbox`); [`Delivery::run`]
+//! starts the peer's task on its first ring. The task owns that peer's
+//! backoff state: nobody else writes it. A crash between a send and the
+//! delete of the delivered rows re-sends the same transaction, which
+//! receivers answer as `duplicate`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use std::time::Duration;
-
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::app::App;
 use crate::error::{Code, Result};
+use crate::federation::outbox::{NewPeers, PeerSignals};
+use crate::federation::peer_api::{self, Attempt};
+use crate::federation::Federation;
 use crate::ids::{RoomId, ServerName};
-use crate::limits::{DELIVERY_TIMEOUT_SECS, EVENTS_PER_TRANSACTION_MAX};
+use crate::limits::{EDU_TTL_MS, EVENTS_PER_TRANSACTION_MAX, PIPELINE_DEPTH};
 use crate::protocol::event::Event;
 use crate::protocol::wire::{SendAnswer, SendStatus};
-use crate::storage::{self, keys, OutboxItem, OutboxKind, WriteSet, T};
-
-/// Add `event` (in wire form) to `peer`'s queue inside the caller's write set.
-pub fn enqueue_event(
-    app: &App,
-    w: &mut WriteSet,
-    peer: &ServerName,
-    event: &Event,
-    wire: Vec<u8>,
-    now_ms: i64,
-) -> Result<()> {
-    let id = app.store.generate_id()?;
-    w.put(
-        T::Outbox,
-        keys::outbox(peer.as_str(), id),
-        &OutboxItem {
-            queued_at_ms: now_ms,
-            kind: OutboxKind::Event {
-                room_id: event.room_id.to_string(),
-                event_id: event.event_id.to_string(),
-                origin: event.origin.to_string(),
-                wire,
-            },
-        },
-    )
-}
-
-struct PeerSignals {
-    /// New rows (or EDUs) were queued.
-    queued: Notify,
-    /// The peer talked to us: if we are backing off, try again now.
-    inbound: Notify,
-    /// When the task will try again (ms), 0 when it is not backing off.
-    next_retry_at_ms: AtomicI64,
-    /// Presence EDUs waiting for this peer: latest per sender, kept in memory
-    /// only (they are ephemeral) and dropped after [`EDU_TTL_MS`].
-    edus: Mutex<BTreeMap<String, (i64, serde_json::Value)>>,
-}
-
-/// A presence update older than this is not worth delivering any more.
-pub const EDU_TTL_MS: i64 = 5 * 60 * 1000;
+use crate::rooms::Rooms;
+use crate::storage::{self, keys, OutboxItem, OutboxKind, T};
 
 /// How a transaction reaches a peer. Production uses signed HTTPS; tests
 /// of the delivery loop script the answers and drive time.
 pub trait Transport: Send + Sync {
     fn send<'a>(
         &'a self,
-        app: &'a App,
+        fed: &'a Federation,
         peer: &'a ServerName,
         body: Vec<u8>,
     ) -> BoxFuture<'a, Attempt>;
 }
 
-/// Signed HTTPS `POST /send` through [`crate::federation::client::Outbound`].
+/// Signed HTTPS `POST /send` ([`peer_api::send_transaction`]).
 pub struct HttpsTransport;
 
 impl Transport for HttpsTransport {
     fn send<'a>(
         &'a self,
-        app: &'a App,
+        fed: &'a Federation,
         peer: &'a ServerName,
         body: Vec<u8>,
     ) -> BoxFuture<'a, Attempt> {
-        Box::pin(async move {
-            let timeout = Duration::from_secs(DELIVERY_TIMEOUT_SECS);
-            match app
-                .s2s(
-                    http::Method::POST,
-                    peer,
-                    "/_scaiwave/federation/v1/send",
-                    Some(body),
-                    timeout,
-                )
-                .await
-            {
-                Ok(reply) => classify(reply),
-                // We cannot sign (no key yet): retry, an admin may generate one.
-                Err(e) => Attempt::Retry {
-                    code: e.code.as_str().into(),
-                    message: e.message,
-                    retry_after_secs: None,
-                },
-            }
-        })
+        Box::pin(peer_api::send_transaction(fed, peer, body))
     }
 }
 
-#[derive(Default)]
+/// The delivery worker of one server: what its peer tasks need.
 pub struct Delivery {
-    app: OnceLock<Weak<App>>,
-    peers: Mutex<HashMap<ServerName, Arc<PeerSignals>>>,
-}
-
-/// What one attempt to send a transaction came to.
-#[derive(Debug)]
-pub enum Attempt {
-    /// The peer answered 200 with one result per event.
-    Answered(SendAnswer),
-    /// Try again later (network, 5xx, 408, 429, signature or unknown peer).
-    Retry {
-        code: String,
-        message: String,
-        retry_after_secs: Option<u64>,
-    },
-    /// The peer refused the whole transaction for good.
-    Refused { code: String, message: String },
+    rooms: Arc<Rooms>,
+    transport: Arc<dyn Transport>,
+    shutdown: CancellationToken,
 }
 
 impl Delivery {
-    /// Give the delivery loop its handle on the app and start a task for
-    /// every peer that already has queued rows (work left from a previous run).
-    pub fn start(&self, app: &Arc<App>) -> Result<()> {
-        let _ = self.app.set(Arc::downgrade(app));
-        let mut peers = Vec::new();
-        for item in app.store.tree(T::Outbox).iter().keys() {
-            let k = item.map_err(|e| crate::error::Error::internal("outbox scan", e))?;
-            let name = k.split(|b| *b == 0).next().unwrap_or_default();
-            if let Ok(peer) = ServerName::parse(&String::from_utf8_lossy(name)) {
-                if peers.last() != Some(&peer) {
-                    peers.push(peer);
+    pub fn new(
+        rooms: Arc<Rooms>,
+        transport: Arc<dyn Transport>,
+        shutdown: CancellationToken,
+    ) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            rooms,
+            transport,
+            shutdown,
+        })
+    }
+
+    /// Start a task for every peer that already has queued rows (work
+    /// left from a previous run), then one for each peer rung for the
+    /// first time, on `tasks`, until shutdown.
+    pub async fn run(self: Arc<Self>, mut new_peers: NewPeers, tasks: TaskTracker) {
+        match self.rooms.store.outbox_peers() {
+            Ok(peers) => {
+                for peer in peers {
+                    self.rooms.fed.outbox.wake(&peer);
                 }
             }
+            Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
         }
-        for peer in peers {
-            self.wake(app, &peer);
-        }
-        Ok(())
-    }
-
-    /// The app itself, for work spawned from code that only holds `&App`.
-    pub fn app_handle(&self) -> Option<Arc<App>> {
-        self.app.get().and_then(Weak::upgrade)
-    }
-
-    fn signals(&self, app: &App, peer: &ServerName) -> Arc<PeerSignals> {
-        let mut map = self.peers.lock().expect("delivery map lock");
-        if let Some(s) = map.get(peer) {
-            return s.clone();
-        }
-        let s = Arc::new(PeerSignals {
-            queued: Notify::new(),
-            inbound: Notify::new(),
-            next_retry_at_ms: AtomicI64::new(0),
-            edus: Mutex::new(BTreeMap::new()),
-        });
-        map.insert(peer.clone(), s.clone());
-        if let Some(app_arc) = self.app.get().and_then(Weak::upgrade) {
-            let (peer, signals) = (peer.clone(), s.clone());
-            app.tasks.spawn(run_peer(app_arc, peer, signals));
-        }
-        s
-    }
-
-    /// New rows are queued for `peer`.
-    pub fn wake(&self, app: &App, peer: &ServerName) {
-        self.signals(app, peer).queued.notify_one();
-    }
-
-    /// Queue a presence EDU for `peer`, replacing an older one of the same sender.
-    pub fn queue_edu(&self, app: &App, peer: &ServerName, sender: &str, edu: serde_json::Value) {
-        let s = self.signals(app, peer);
-        s.edus
-            .lock()
-            .expect("edu lock")
-            .insert(sender.to_string(), (app.clock.now_ms(), edu));
-        s.queued.notify_one();
-    }
-
-    /// When `peer`'s task will try again, if it is backing off.
-    pub fn next_retry_at_ms(&self, peer: &ServerName) -> Option<i64> {
-        let map = self.peers.lock().expect("delivery map lock");
-        map.get(peer)
-            .map(|s| s.next_retry_at_ms.load(Ordering::Relaxed))
-            .filter(|t| *t > 0)
-    }
-
-    /// `peer` just talked to us: cut its backoff short.
-    pub fn peer_is_back(&self, app: &App, peer: &ServerName) {
-        let known = self
-            .peers
-            .lock()
-            .expect("delivery map lock")
-            .get(peer)
-            .cloned();
-        if let Some(s) = known {
-            s.inbound.notify_one();
-        } else if app
-            .store
-            .count_prefix(T::Outbox, &storage::prefix(peer.as_str()))
-            > 0
-        {
-            self.wake(app, peer);
+        loop {
+            let (peer, signals) = tokio::select! {
+                p = new_peers.recv() => match p { Some(p) => p, None => return },
+                _ = self.shutdown.cancelled() => return,
+            };
+            tasks.spawn(run_peer(self.clone(), peer, signals));
         }
     }
 }
@@ -233,57 +110,6 @@ pub fn backoff(initial: Duration, max: Duration, failures: u32, jitter: f64) -> 
 /// huge value cannot overflow into a negative delay (a hot retry loop).
 pub fn retry_after(secs: Option<u64>, retry_max_interval: Duration) -> Duration {
     Duration::from_secs(secs.unwrap_or(0)).min(retry_max_interval)
-}
-
-/// Classify a transport result by SPEC §10's retry classes.
-pub fn classify(
-    reply: std::result::Result<
-        crate::federation::client::Reply,
-        crate::federation::client::NetworkError,
-    >,
-) -> Attempt {
-    let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            return Attempt::Retry {
-                code: "network".into(),
-                message: e.0,
-                retry_after_secs: None,
-            }
-        }
-    };
-    if reply.status == 200 {
-        return match reply.json::<SendAnswer>() {
-            Ok(a) => Attempt::Answered(a),
-            Err(e) => Attempt::Retry {
-                code: "bad_answer".into(),
-                message: e,
-                retry_after_secs: None,
-            },
-        };
-    }
-    let err = reply.error();
-    let code = err
-        .as_ref()
-        .map(|e| e.code.clone())
-        .unwrap_or_else(|| format!("http_{}", reply.status));
-    let message = err
-        .map(|e| e.message)
-        .unwrap_or_else(|| format!("HTTP {}", reply.status));
-    let retry = reply.status >= 500
-        || reply.status == 408
-        || reply.status == 429
-        || Code::parse(&code)
-            .is_some_and(|c| matches!(c, Code::SignatureMismatch | Code::PeerUnknown));
-    if retry {
-        Attempt::Retry {
-            code,
-            message,
-            retry_after_secs: reply.retry_after_secs,
-        }
-    } else {
-        Attempt::Refused { code, message }
-    }
 }
 
 fn transaction_body(items: &[(Vec<u8>, OutboxItem)], edus: Vec<serde_json::Value>) -> Vec<u8> {
@@ -319,7 +145,7 @@ fn transaction_body(items: &[(Vec<u8>, OutboxItem)], edus: Vec<serde_json::Value
 
 /// Drop a queued item for good: audit it, log it, and mark our own event failed.
 async fn give_up(
-    app: &App,
+    delivery: &Delivery,
     peer: &ServerName,
     key: &[u8],
     item: &OutboxItem,
@@ -333,7 +159,7 @@ async fn give_up(
         ..
     } = &item.kind;
     tracing::warn!(name: "federation.send.failed", peer = %peer, event_id = %event_id, room_id = %room_id, code, "federation.send.failed: {why}");
-    app.audit(
+    delivery.rooms.fed.audit(
         "federation.send.failed",
         Some(peer),
         Some(event_id),
@@ -341,14 +167,15 @@ async fn give_up(
         Code::parse(code),
         &format!("{code}: {why}"),
     );
-    app.peer_failure(peer, code, why);
-    if let Err(e) = app.store.remove(T::Outbox, key) {
+    delivery.rooms.fed.peer_failure(peer, code, why);
+    if let Err(e) = delivery.rooms.store.remove(T::Outbox, key) {
         tracing::error!(error = %e, "could not drop a given-up outbox row");
     }
-    if *origin == app.server_name.as_str() {
+    if *origin == delivery.rooms.server_name.as_str() {
         if let Ok(room) = RoomId::parse(room_id) {
-            if room.host() != app.server_name {
-                if let Err(e) = crate::rooms::replica::fail(app, &room, event_id).await {
+            if room.host() != delivery.rooms.server_name {
+                if let Err(e) = crate::rooms::replica::fail(&delivery.rooms, &room, event_id).await
+                {
                     tracing::error!(error = %e, "could not mark an event failed");
                 }
             }
@@ -360,7 +187,7 @@ async fn give_up(
 /// the retryable ones (and any the answer forgot) queued. Returns how many
 /// were delivered and how many rows left the queue in all.
 async fn apply_answer(
-    app: &App,
+    delivery: &Delivery,
     peer: &ServerName,
     items: &[(Vec<u8>, OutboxItem)],
     answer: &SendAnswer,
@@ -389,7 +216,7 @@ async fn apply_answer(
                     if let Ok((event, _)) = Event::parse(wire) {
                         // A seq conflict marks the event failed; either way
                         // the row has left the queue.
-                        crate::rooms::replica::settle(app, &event, seq).await?;
+                        crate::rooms::replica::settle(&delivery.rooms, &event, seq).await?;
                     }
                 }
                 delivered.push(key.clone());
@@ -401,23 +228,16 @@ async fn apply_answer(
                     let (code, msg) = err
                         .map(|e| (e.code, e.message))
                         .unwrap_or_else(|| ("unknown".into(), "rejected".into()));
-                    give_up(app, peer, key, item, &code, &msg).await;
+                    give_up(delivery, peer, key, item, &code, &msg).await;
                     given_up += 1;
                 }
             }
         }
     }
     let count = delivered.len() as u64;
-    app.store.remove_all(T::Outbox, &delivered)?;
+    delivery.rooms.store.remove_all(T::Outbox, &delivered)?;
     Ok((count, count + given_up))
 }
-
-/// Transactions in flight at once to one peer, when the order of arrival
-/// cannot matter (every event carries the `seq` we gave it as host).
-/// Measured on 2 cores draining a backlog to one peer: 3 left the cores
-/// idle between answers (8 400 events/s), 8 keeps them busy (9 500 – 11 000
-/// in the same series); 12 was no faster, only each request slower.
-pub const PIPELINE_DEPTH: usize = 8;
 
 /// What one round of sending came to.
 #[derive(Default)]
@@ -433,10 +253,10 @@ type Rows = Vec<(Vec<u8>, OutboxItem)>;
 /// Rows that can travel in parallel transactions: events of rooms we host
 /// carry their `seq`, so the receiver orders them whatever comes first.
 /// Our own events to another host are sequenced by arrival: one at a time.
-fn parallel_safe(app: &App, item: &OutboxItem) -> bool {
+fn parallel_safe(delivery: &Delivery, item: &OutboxItem) -> bool {
     match &item.kind {
         OutboxKind::Event { room_id, .. } => {
-            RoomId::parse(room_id).is_ok_and(|r| r.host() == app.server_name)
+            RoomId::parse(room_id).is_ok_and(|r| r.host() == delivery.rooms.server_name)
         }
     }
 }
@@ -459,11 +279,11 @@ impl Feed {
     /// The next transaction's rows: at most [`EVENTS_PER_TRANSACTION_MAX`],
     /// read on from the queue (parallel-safe, not yet aged rows only; the
     /// outer loop handles the others from the head).
-    fn next_chunk(&mut self, app: &App, peer: &ServerName) -> Rows {
+    fn next_chunk(&mut self, delivery: &Delivery, peer: &ServerName) -> Rows {
         let step = EVENTS_PER_TRANSACTION_MAX;
         if self.pending.len() < step && self.more {
             if let Some(cursor) = &self.cursor {
-                let read = app.store.scan_after::<OutboxItem>(
+                let read = delivery.rooms.store.scan_after::<OutboxItem>(
                     T::Outbox,
                     &storage::prefix(peer.as_str()),
                     cursor,
@@ -473,7 +293,7 @@ impl Feed {
                     Ok(rows) => {
                         for (k, it) in rows {
                             let aged = self.now - it.queued_at_ms >= self.max_age_ms;
-                            if aged || !parallel_safe(app, &it) {
+                            if aged || !parallel_safe(delivery, &it) {
                                 self.more = false;
                                 break;
                             }
@@ -499,7 +319,7 @@ impl Feed {
 /// other); anything else, or a probe while backing off, is one
 /// transaction. The first retryable failure stops the window.
 async fn send_round(
-    app: &App,
+    delivery: &Delivery,
     peer: &ServerName,
     signals: &PeerSignals,
     mut feed: Feed,
@@ -509,8 +329,11 @@ async fn send_round(
     let now = feed.now;
     // We never send to a server our policy refuses (SPEC §7): its rows
     // wait (an admin may change the policy) until they age out.
-    if let Err(e) = app.policy().admit(peer) {
-        app.peer_failure(peer, e.code.as_str(), &e.message);
+    if let Err(e) = delivery.rooms.fed.policy().admit(peer) {
+        delivery
+            .rooms
+            .fed
+            .peer_failure(peer, e.code.as_str(), &e.message);
         return Round {
             retry: Some((e.code.as_str().to_string(), e.message, None)),
             ..Round::default()
@@ -518,17 +341,21 @@ async fn send_round(
     }
     let parallel = !probing
         && !feed.pending.is_empty()
-        && feed.pending.iter().all(|(_, it)| parallel_safe(app, it));
+        && feed
+            .pending
+            .iter()
+            .all(|(_, it)| parallel_safe(delivery, it));
     let depth = if parallel { PIPELINE_DEPTH } else { 1 };
     feed.more = parallel;
     let launch = |rows: Rows, edus: Vec<serde_json::Value>| async move {
         let started = tokio::time::Instant::now();
         // The rows were read before this point; a commit that wrote them
         // may not have flushed yet, and nothing leaves before it is durable.
-        let attempt = match app.store.make_reads_durable().await {
+        let attempt = match delivery.rooms.store.make_reads_durable().await {
             Ok(()) => {
-                app.transport
-                    .send(app, peer, transaction_body(&rows, edus))
+                delivery
+                    .transport
+                    .send(&delivery.rooms.fed, peer, transaction_body(&rows, edus))
                     .await
             }
             Err(e) => Attempt::Retry {
@@ -541,12 +368,12 @@ async fn send_round(
     };
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
     // EDUs ride on the first transaction, which goes even without events.
-    in_flight.push(launch(feed.next_chunk(app, peer), edus));
+    in_flight.push(launch(feed.next_chunk(delivery, peer), edus));
     let mut round = Round::default();
     loop {
         while parallel && round.retry.is_none() && !round.stuck && in_flight.len() < depth {
-            let rows = feed.next_chunk(app, peer);
-            if rows.is_empty() || app.shutdown.is_cancelled() {
+            let rows = feed.next_chunk(delivery, peer);
+            if rows.is_empty() || delivery.shutdown.is_cancelled() {
                 break;
             }
             in_flight.push(launch(rows, Vec::new()));
@@ -561,7 +388,7 @@ async fn send_round(
                     .lock()
                     .expect("edu lock")
                     .retain(|_, (at, _)| *at > now);
-                match apply_answer(app, peer, &part, &answer).await {
+                match apply_answer(delivery, peer, &part, &answer).await {
                     Ok((delivered, left_queue)) => {
                         // Nothing left the queue (only retryable refusals, or
                         // an answer without our events): back off, never spin.
@@ -569,7 +396,7 @@ async fn send_round(
                         if delivered > 0 {
                             let total_ms = started.elapsed().as_secs_f64() * 1000.0;
                             tracing::info!(name: "federation.send.success", peer = %peer, events = delivered, total_ms, "federation.send.success");
-                            app.peer_success(peer, delivered, 0);
+                            delivery.rooms.fed.peer_success(peer, delivered, 0);
                         }
                     }
                     Err(e) => {
@@ -583,18 +410,18 @@ async fn send_round(
                 message,
                 retry_after_secs,
             } => {
-                app.peer_failure(peer, &code, &message);
+                delivery.rooms.fed.peer_failure(peer, &code, &message);
                 round.retry = Some((code, message, retry_after_secs));
             }
             Attempt::Refused { code, message } => {
-                app.peer_failure(peer, &code, &message);
+                delivery.rooms.fed.peer_failure(peer, &code, &message);
                 signals
                     .edus
                     .lock()
                     .expect("edu lock")
                     .retain(|_, (at, _)| *at > now);
                 for (k, it) in &part {
-                    give_up(app, peer, k, it, &code, &message).await;
+                    give_up(delivery, peer, k, it, &code, &message).await;
                 }
             }
         }
@@ -602,15 +429,15 @@ async fn send_round(
 }
 
 /// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
-async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
-    let fed = app.config.federation.clone();
+async fn run_peer(delivery: Arc<Delivery>, peer: ServerName, signals: Arc<PeerSignals>) {
+    let fed = delivery.rooms.fed.config.clone();
     let max_age_ms = fed.retry_max_age.as_millis() as i64;
     let mut failures: u32 = 0;
     loop {
-        if app.shutdown.is_cancelled() {
+        if delivery.shutdown.is_cancelled() {
             return;
         }
-        let scan = app.store.scan_limit(
+        let scan = delivery.rooms.store.scan_limit(
             T::Outbox,
             &storage::prefix(peer.as_str()),
             EVENTS_PER_TRANSACTION_MAX,
@@ -619,7 +446,7 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
             Vec::new()
         });
-        let now = app.clock.now_ms();
+        let now = delivery.rooms.clock.now_ms();
         let edus: Vec<serde_json::Value> = {
             let mut map = signals.edus.lock().expect("edu lock");
             map.retain(|_, (at, _)| now - *at < EDU_TTL_MS);
@@ -629,7 +456,7 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             signals.next_retry_at_ms.store(0, Ordering::Relaxed);
             tokio::select! {
                 _ = signals.queued.notified() => continue,
-                _ = app.shutdown.cancelled() => return,
+                _ = delivery.shutdown.cancelled() => return,
             }
         }
         let (aged, live): (Vec<_>, Vec<_>) = items
@@ -637,7 +464,7 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             .partition(|(_, it)| now - it.queued_at_ms >= max_age_ms);
         for (k, it) in &aged {
             give_up(
-                &app,
+                &delivery,
                 &peer,
                 k,
                 it,
@@ -657,7 +484,7 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
             now,
             max_age_ms,
         };
-        let round = send_round(&app, &peer, &signals, feed, edus, failures > 0).await;
+        let round = send_round(&delivery, &peer, &signals, feed, edus, failures > 0).await;
         let delay = match (&round.retry, round.stuck) {
             (None, false) => {
                 failures = 0;
@@ -684,16 +511,16 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
         };
         // Wake at the retry time, or when the oldest row reaches its
         // give-up age if that comes first (so give-up happens on time).
-        let now = app.clock.now_ms();
+        let now = delivery.rooms.clock.now_ms();
         let mut wake_at = now + delay.as_millis() as i64;
         if let Some(oldest_at) = oldest_at {
             wake_at = wake_at.min(oldest_at + max_age_ms);
         }
         signals.next_retry_at_ms.store(wake_at, Ordering::Relaxed);
         tokio::select! {
-            _ = app.clock.sleep_until_ms(wake_at) => {}
+            _ = delivery.rooms.clock.sleep_until_ms(wake_at) => {}
             _ = signals.inbound.notified() => {}
-            _ = app.shutdown.cancelled() => return,
+            _ = delivery.shutdown.cancelled() => return,
         }
     }
 }
@@ -701,68 +528,6 @@ async fn run_peer(app: Arc<App>, peer: ServerName, signals: Arc<PeerSignals>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reply(
-        status: u16,
-        code: Option<&str>,
-        retry_after: Option<u64>,
-    ) -> std::result::Result<
-        crate::federation::client::Reply,
-        crate::federation::client::NetworkError,
-    > {
-        let body = code
-            .map(|c| {
-                serde_json::to_vec(
-                    &crate::error::Error::new(Code::parse(c).unwrap(), "x").to_body(),
-                )
-                .unwrap()
-            })
-            .unwrap_or_default();
-        Ok(crate::federation::client::Reply {
-            status,
-            retry_after_secs: retry_after,
-            date_secs: None,
-            max_age_secs: None,
-            body: body.into(),
-        })
-    }
-
-    #[test]
-    fn retry_classes_follow_spec_section_10() {
-        let retry = |r| matches!(classify(r), Attempt::Retry { .. });
-        assert!(retry(Err(crate::federation::client::NetworkError(
-            "refused".into()
-        ))));
-        assert!(retry(reply(500, None, None)));
-        assert!(retry(reply(503, Some("SW_FED_NO_KEY"), None)));
-        assert!(retry(reply(408, None, None)));
-        assert!(retry(reply(401, Some("SW_FED_SIGNATURE_MISMATCH"), None)));
-        assert!(retry(reply(403, Some("SW_FED_PEER_UNKNOWN"), None)));
-        match classify(reply(429, Some("SW_FED_RATE_LIMITED"), Some(30))) {
-            Attempt::Retry {
-                retry_after_secs, ..
-            } => assert_eq!(retry_after_secs, Some(30)),
-            other => panic!("{other:?}"),
-        }
-        for (status, code) in [
-            (403, "SW_FED_POLICY_REJECTED"),
-            (400, "SW_FED_BAD_REQUEST"),
-            (421, "SW_FED_WRONG_DESTINATION"),
-            (403, "SW_FED_TENANT_DISABLED"),
-        ] {
-            assert!(
-                matches!(
-                    classify(reply(status, Some(code), None)),
-                    Attempt::Refused { .. }
-                ),
-                "{code}"
-            );
-        }
-        assert!(matches!(
-            classify(reply(404, None, None)),
-            Attempt::Refused { .. }
-        ));
-    }
 
     #[test]
     fn retry_after_is_clamped_to_the_backoff_cap() {
