@@ -37,7 +37,7 @@ use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
 use scaiwave::protocol::canonical;
 use scaiwave::protocol::event::{Content, Event};
 use scaiwave::protocol::wire::{SendAnswer, SendBody, SendStatus};
-use scaiwave::rooms::flows;
+use scaiwave::rooms::{commands, fqid_of, views};
 use scaiwave::server::Running;
 use scaiwave::storage::{PowerLevel, Store, WriteSet};
 
@@ -309,18 +309,18 @@ async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<Room
         .store
         .participant(&load_id)?
         .context("the load participant was just created")?;
-    let load_fqid = flows::fqid_of(&peer.rooms, &load);
+    let load_fqid = fqid_of(&peer.rooms, &load);
 
     let mut ids = Vec::with_capacity(rooms);
     for r in 0..rooms {
         let room =
-            flows::create_room(&target.rooms, &owner, &format!("load {r}"), "standard").await?;
+            commands::create_room(&target.rooms, &owner, &format!("load {r}"), "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let invite_id = flows::invite(&target.rooms, &owner, &room_id, &load_fqid).await?;
+        let invite_id = commands::invite(&target.rooms, &owner, &room_id, &load_fqid).await?;
         // The invite reaches the peer through the target's delivery loop.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         loop {
-            let arrived = flows::invitations(&peer.rooms, &load)?
+            let arrived = views::invitations(&peer.rooms, &load)?
                 .iter()
                 .any(|i| i.invite_id == invite_id);
             if arrived {
@@ -331,10 +331,9 @@ async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<Room
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (status, answer) =
-            flows::answer_invitation(&peer.rooms, &load, &invite_id, true).await?;
-        if status != 200 {
-            bail!("joining {room_id} answered {status} {answer}; expected an immediate join");
+        let answered = commands::answer_invitation(&peer.rooms, &load, &invite_id, true).await?;
+        if answered.state != commands::AnswerState::Joined {
+            bail!("joining {room_id} answered {answered:?}; expected an immediate join");
         }
         ids.push(room_id);
     }
@@ -419,7 +418,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         .store
         .participant(&owner_id)?
         .context("owner exists")?;
-    let sender = flows::fqid_of(&target.rooms, &owner);
+    let sender = fqid_of(&target.rooms, &owner);
     let key = target.fed.keys.current()?;
     let mut built = 0;
     while built < args.events {

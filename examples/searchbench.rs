@@ -17,7 +17,7 @@ use scaiwave::config::Config;
 use scaiwave::ids::{LocalId, RoomId, ServerName};
 use scaiwave::protocol::event::Content;
 use scaiwave::rooms::host::{self, Source};
-use scaiwave::rooms::{flows, search};
+use scaiwave::rooms::{commands, fqid_of, search};
 use scaiwave::storage::PowerLevel;
 
 // The same allocator as the shipped binary, so the figures are the binary's.
@@ -60,9 +60,9 @@ fn main() -> anyhow::Result<()> {
         app.rooms
             .create_participant(&local, "Reader", PowerLevel::Member)?;
         let me = app.store.participant(&local)?.expect("just created");
-        let room = flows::create_room(&app.rooms, &me, "bench", "standard").await?;
+        let room = commands::create_room(&app.rooms, &me, "bench", "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let sender = flows::fqid_of(&app.rooms, &me);
+        let sender = fqid_of(&app.rooms, &me);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         let mut done = 0;
@@ -79,7 +79,7 @@ fn main() -> anyhow::Result<()> {
                         mentions: vec![],
                     };
                     (
-                        flows::sign(&app.rooms, &room_id, &sender, content)
+                        commands::sign(&app.rooms, &room_id, &sender, content)
                             .expect("a valid message"),
                         Source::Local,
                     )

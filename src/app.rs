@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::federation::outbox::NewPeers;
 use crate::federation::Federation;
 use crate::ids::{LocalId, ServerName};
-use crate::rooms::replica::GapFills;
+use crate::rooms::GapFills;
 use crate::rooms::Rooms;
 use crate::storage::{PowerLevel, Store};
 
@@ -131,7 +131,7 @@ impl App {
         };
         self.tasks
             .spawn(self.delivery.clone().run(new_peers, self.tasks.clone()));
-        self.tasks.spawn(crate::rooms::replica::fill_gaps(
+        self.tasks.spawn(crate::rooms::history::fill_gaps(
             self.rooms.clone(),
             gap_fills,
             self.tasks.clone(),

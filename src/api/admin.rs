@@ -47,9 +47,9 @@ pub async fn route(
                 .refresh(&fqid.server())
                 .await
                 .map_err(Error::as_conflict)?;
-            let profile = crate::rooms::flows::fetch_profile(&svc.rooms, &fqid).await?;
+            let profile = crate::rooms::commands::fetch_profile(&svc.rooms, &fqid).await?;
             let updated =
-                crate::rooms::flows::set_display_name(&svc.rooms, &fqid, &profile.display_name)?;
+                crate::rooms::commands::set_display_name(&svc.rooms, &fqid, &profile.display_name)?;
             Ok(json_reply(
                 200,
                 &json!({"fqid": profile.fqid, "display_name": profile.display_name, "presence": profile.presence, "rooms_updated": updated}),
@@ -63,7 +63,7 @@ pub async fn route(
                 .and_then(Value::as_bool)
                 .ok_or_else(|| Error::bad_request("send {\"enabled\": true|false}"))?;
             let _guard = svc.rooms.locks.lock_all([room_id.clone()]).await;
-            let mut room = crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
+            let mut room = crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
             room.federate = enabled;
             svc.rooms
                 .store
@@ -76,15 +76,15 @@ pub async fn route(
         }
         ("POST", ["rooms", room, "federation", "invite"]) => {
             let room_id = RoomId::parse(room)?;
-            crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
+            crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
             let fqid = fqid_field(&req.json()?)?;
             let invite_id =
-                crate::rooms::flows::admin_invite(&svc.rooms, &admin, &room_id, &fqid).await?;
+                crate::rooms::commands::admin_invite(&svc.rooms, &admin, &room_id, &fqid).await?;
             Ok(json_reply(200, &json!({"invite_id": invite_id})))
         }
         ("POST", ["rooms", room, "federation", "backfill"]) => {
             let room_id = RoomId::parse(room)?;
-            crate::rooms::flows::room_for_admin(&svc.rooms, &room_id)?;
+            crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
             if room_id.host() == svc.rooms.server_name {
                 return Err(Error::bad_request(format!(
                     "{} hosts {room_id} and holds its whole history; backfill pulls from a room's host",
@@ -100,11 +100,8 @@ pub async fn route(
                     .unwrap_or(BACKFILL_EVENTS_MAX)
                     .clamp(1, BACKFILL_EVENTS_MAX),
             };
-            match crate::rooms::flows::backfill(&svc.rooms, &room_id, None, limit).await {
-                Ok((fetched, stored, rejected)) => Ok(json_reply(
-                    200,
-                    &json!({"fetched": fetched, "stored": stored, "rejected": rejected}),
-                )),
+            match crate::rooms::history::backfill(&svc.rooms, &room_id, None, limit).await {
+                Ok(done) => Ok(json_reply(200, &done)),
                 Err(e) if e.code != Code::Internal || e.status.is_some() => Ok(json_reply(
                     200,
                     &json!({"fetched": 0, "stored": 0, "rejected": 0, "remote_error": e.to_body().error}),

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::MESSAGES_PAGE_MAX;
 use crate::protocol::event::{Content, Membership, ReactionAction};
-use crate::rooms::flows;
 use crate::rooms::load_members;
+use crate::rooms::{commands, fqid_of, joined_room, views};
 use crate::storage::{self, Room, T};
 
 fn room_view(svc: &Services, room: &Room) -> Value {
@@ -117,10 +117,10 @@ pub async fn route(
     me: crate::storage::Participant,
 ) -> Result<Response> {
     match (req.method.as_str(), rest) {
-        ("GET", ["events"]) => Ok(live_stream(svc, flows::fqid_of(&svc.rooms, &me))),
+        ("GET", ["events"]) => Ok(live_stream(svc, fqid_of(&svc.rooms, &me))),
         ("GET", ["me"]) => Ok(json_reply(
             200,
-            &json!({"fqid": flows::fqid_of(&svc.rooms, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
+            &json!({"fqid": fqid_of(&svc.rooms, &me).to_string(), "display_name": me.display_name, "presence": me.presence}),
         )),
         ("PUT", ["me", "presence"]) => {
             let presence: crate::protocol::event::Presence = serde_json::from_value(req.json()?)
@@ -130,16 +130,21 @@ pub async fn route(
         }
         ("GET", ["me", "invitations"]) => Ok(json_reply(
             200,
-            &json!({"invitations": flows::invitations(&svc.rooms, &me)?}),
+            &json!({"invitations": views::invitations(&svc.rooms, &me)?}),
         )),
         ("POST", ["me", "invitations", id, answer @ ("accept" | "decline")]) => {
-            let (status, body) =
-                flows::answer_invitation(&svc.rooms, &me, id, *answer == "accept").await?;
-            Ok(json_reply(status, &body))
+            let answered =
+                commands::answer_invitation(&svc.rooms, &me, id, *answer == "accept").await?;
+            // Queued for an unreachable host: accepted, not yet done.
+            let status = match answered.state {
+                commands::AnswerState::Pending => 202,
+                _ => 200,
+            };
+            Ok(json_reply(status, &answered))
         }
         ("POST", ["rooms"]) => {
             let body = req.json()?;
-            let room = flows::create_room(
+            let room = commands::create_room(
                 &svc.rooms,
                 &me,
                 str_field(&body, "name")?,
@@ -151,7 +156,7 @@ pub async fn route(
             Ok(json_reply(200, &room_view(svc, &room)))
         }
         ("GET", ["rooms"]) => {
-            let me_fqid = flows::fqid_of(&svc.rooms, &me);
+            let me_fqid = fqid_of(&svc.rooms, &me);
             let mut rooms = Vec::new();
             for (k, ()) in svc
                 .rooms
@@ -168,7 +173,7 @@ pub async fn route(
         }
         ("GET", ["rooms", room, "members"]) => {
             let room_id = RoomId::parse(room)?;
-            flows::joined_room(&svc.rooms, &room_id, &flows::fqid_of(&svc.rooms, &me))?;
+            joined_room(&svc.rooms, &room_id, &fqid_of(&svc.rooms, &me))?;
             let members: Vec<Value> = load_members(&svc.rooms, &room_id)?
                 .values()
                 .filter(|m| m.is_present(svc.rooms.clock.now_ms()))
@@ -199,7 +204,7 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(&svc.rooms, &me, &room_id, content).await?,
+                &commands::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         ("GET", ["rooms", room, "messages"]) => {
@@ -219,7 +224,7 @@ pub async fn route(
                 .clamp(1, MESSAGES_PAGE_MAX);
             Ok(json_reply(
                 200,
-                &json!({ "messages": flows::messages(&svc.rooms, &me, &room_id, after, limit)? }),
+                &json!({ "messages": views::messages(&svc.rooms, &me, &room_id, after, limit)? }),
             ))
         }
         ("POST", ["rooms", room, "reactions"]) => {
@@ -239,13 +244,13 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(&svc.rooms, &me, &room_id, content).await?,
+                &commands::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         ("POST", ["rooms", room, "invitations"]) => {
             let room_id = RoomId::parse(room)?;
             let fqid = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
-            let invite_id = flows::invite(&svc.rooms, &me, &room_id, &fqid).await?;
+            let invite_id = commands::invite(&svc.rooms, &me, &room_id, &fqid).await?;
             Ok(json_reply(
                 200,
                 &json!({"invite_id": invite_id, "room_id": room_id.to_string(), "fqid": fqid.to_string()}),
@@ -253,8 +258,7 @@ pub async fn route(
         }
         ("GET", ["search"]) => {
             let q = req.query_param("q").unwrap_or_default();
-            let hits =
-                crate::rooms::search::search(&svc.rooms, &flows::fqid_of(&svc.rooms, &me), &q)?;
+            let hits = crate::rooms::search::search(&svc.rooms, &fqid_of(&svc.rooms, &me), &q)?;
             let results: Vec<Value> = hits
                 .into_iter()
                 .map(|(room_id, m)| {
@@ -270,17 +274,17 @@ pub async fn route(
             let target = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
             Ok(json_reply(
                 200,
-                &flows::kick(&svc.rooms, &me, &room_id, &target).await?,
+                &commands::kick(&svc.rooms, &me, &room_id, &target).await?,
             ))
         }
         ("POST", ["me", "federated-dms"]) => {
             let other = Fqid::parse(str_field(&req.json()?, "fqid")?)?;
-            let room = flows::federated_dm(&svc.rooms, &me, &other).await?;
+            let room = commands::federated_dm(&svc.rooms, &me, &other).await?;
             Ok(json_reply(200, &room_view(svc, &room)))
         }
         ("POST", ["rooms", room, "leave"]) => {
             let room_id = RoomId::parse(room)?;
-            let me_fqid = flows::fqid_of(&svc.rooms, &me);
+            let me_fqid = fqid_of(&svc.rooms, &me);
             let content = Content::Member {
                 membership: Membership::Leave,
                 target: me_fqid,
@@ -289,7 +293,7 @@ pub async fn route(
             };
             Ok(json_reply(
                 200,
-                &flows::post(&svc.rooms, &me, &room_id, content).await?,
+                &commands::post(&svc.rooms, &me, &room_id, content).await?,
             ))
         }
         _ => Err(not_found_route(req)),

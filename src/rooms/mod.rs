@@ -20,7 +20,8 @@
 //! `federation::peer_api`, and work for later (delivery, gap fills) is
 //! handed over through channels that the layers above drain.
 
-pub mod flows;
+pub mod commands;
+pub mod history;
 pub mod host;
 pub mod presence;
 pub mod replica;
@@ -28,6 +29,7 @@ pub mod retention;
 pub mod search;
 pub mod sever;
 pub mod transaction;
+pub mod views;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -40,7 +42,9 @@ use crate::federation::Federation;
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
 use crate::limits::{INVITATIONS_PENDING_PER_PARTICIPANT_MAX, LIVE_EVENTS_BUFFERED};
 use crate::protocol::event::{Content, Event, Membership, Presence, PresenceStatus};
-use crate::storage::{self, keys, Invitation, Member, Room, Store, StoredEvent, WriteSet, T};
+use crate::storage::{
+    self, keys, Invitation, Member, Participant, Room, Store, StoredEvent, WriteSet, T,
+};
 
 /// The room domain of one server: what every flow, the host sequencer and
 /// the replica work with.
@@ -54,8 +58,8 @@ pub struct Rooms {
     /// lose the oldest; the stream is a hint, history is the truth).
     live: broadcast::Sender<LiveEvent>,
     /// Rooms whose gap fill was claimed, for the fill runner
-    /// ([`replica::fill_gaps`]); at most one message per claim.
-    gap_fills: mpsc::UnboundedSender<replica::GapFill>,
+    /// ([`history::fill_gaps`]); at most one message per claim.
+    gap_fills: mpsc::UnboundedSender<GapFill>,
 }
 
 /// A room event just stored, as live streams see it.
@@ -68,8 +72,8 @@ pub struct LiveEvent {
 
 impl Rooms {
     /// The rooms of `fed`'s server, and the receiver of their gap fills
-    /// for [`replica::fill_gaps`].
-    pub fn new(fed: Arc<Federation>) -> (Rooms, replica::GapFills) {
+    /// for [`history::fill_gaps`].
+    pub fn new(fed: Arc<Federation>) -> (Rooms, GapFills) {
         let (gap_fills, fills) = mpsc::unbounded_channel();
         let rooms = Rooms {
             server_name: fed.server_name.clone(),
@@ -135,6 +139,17 @@ impl Rooms {
         self.live.subscribe()
     }
 }
+
+/// A claimed gap fill: the seqs `[from, to)` of `room_id`.
+#[derive(Debug)]
+pub struct GapFill {
+    room_id: RoomId,
+    from: u64,
+    to: u64,
+}
+
+/// Claimed gap fills, for [`history::fill_gaps`].
+pub type GapFills = mpsc::UnboundedReceiver<GapFill>;
 
 /// One async mutex per room, created on first use, and the per-room
 /// background work that must not run twice at once (gap fills).
@@ -260,6 +275,30 @@ impl Drop for LockUser {
 pub struct RoomGuard {
     _guard: OwnedMutexGuard<()>,
     _user: LockUser,
+}
+
+pub fn fqid_of(rooms: &Rooms, p: &Participant) -> Fqid {
+    Fqid::new(
+        &crate::ids::LocalId::parse(&p.local_id).expect("stored local ids are valid"),
+        &rooms.server_name,
+    )
+}
+
+/// The room, if `who` is a joined member of it.
+pub fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result<Room> {
+    let not_found = || {
+        Error::not_found(format!(
+            "room {room_id} not found among your rooms; check the id or ask to be invited"
+        ))
+    };
+    let room = load_room(rooms, room_id)?.ok_or_else(not_found)?;
+    let m: Option<Member> = rooms
+        .store
+        .get(T::Members, &keys::member(room_id.as_str(), who.as_str()))?;
+    if !m.is_some_and(|m| m.membership == Membership::Join) {
+        return Err(not_found());
+    }
+    Ok(room)
 }
 
 /// What happened to one event of a batch.

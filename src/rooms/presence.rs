@@ -6,31 +6,17 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result};
-use crate::ids::{Fqid, RoomId, ServerName};
+use crate::ids::{Fqid, ServerName};
 use crate::limits::SHORT_TEXT_BYTES_MAX;
 use crate::protocol::event::{Membership, Presence, PresenceEdu};
 use crate::rooms::Rooms;
-use crate::rooms::{flows, load_members};
+use crate::rooms::{fqid_of, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
-
-/// Rooms a participant has joined: ours, or a peer's in a room we know.
-/// Every caller but [`receive`] and `flows::set_display_name` asks for
-/// one of our participants, whose prefix holds only their own rows.
-pub fn rooms_of(rooms: &Rooms, fqid: &Fqid) -> Result<Vec<RoomId>> {
-    Ok(rooms
-        .store
-        .scan::<()>(T::UserRooms, &storage::prefix(fqid.as_str()))?
-        .into_iter()
-        .filter_map(|(k, ())| {
-            RoomId::parse(&String::from_utf8_lossy(&k[fqid.as_str().len() + 1..])).ok()
-        })
-        .collect())
-}
 
 /// Other servers with a joined participant in a room `fqid` has joined.
 pub fn servers_sharing_a_room(rooms: &Rooms, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
     let mut servers = BTreeSet::new();
-    for room in rooms_of(rooms, fqid)? {
+    for room in rooms.store.rooms_of(fqid)? {
         servers.extend(crate::rooms::participating_servers(
             rooms,
             &load_members(rooms, &room)?,
@@ -55,7 +41,7 @@ pub fn set(rooms: &Rooms, p: &Participant, presence: Presence) -> Result<()> {
     rooms
         .store
         .put(T::Participants, p.local_id.as_bytes(), &updated)?;
-    let me = flows::fqid_of(rooms, p);
+    let me = fqid_of(rooms, p);
     let edu = PresenceEdu {
         sender: me.clone(),
         ts_ms: rooms.clock.now_ms(),
@@ -122,7 +108,7 @@ pub fn of(rooms: &Rooms, fqid: &Fqid) -> Result<Option<Presence>> {
 
 /// Does `server` share a joined room with our participant `fqid`?
 pub fn shares_room(rooms: &Rooms, fqid: &Fqid, server: &ServerName) -> Result<bool> {
-    for room in rooms_of(rooms, fqid)? {
+    for room in rooms.store.rooms_of(fqid)? {
         let members = load_members(rooms, &room)?;
         let shared = members.values().any(|m| {
             m.membership == Membership::Join

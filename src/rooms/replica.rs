@@ -3,7 +3,6 @@
 //! when the host answers with a `seq`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 
 use crate::error::{Code, Error, Result};
 use crate::ids::{RoomId, ServerName};
@@ -181,7 +180,7 @@ pub async fn accept_from_host(
         if !rooms.locks.begin_gap_fill(&room_id) {
             continue;
         }
-        if let Err(unsent) = rooms.gap_fills.send(GapFill { room_id, from, to }) {
+        if let Err(unsent) = rooms.gap_fills.send(super::GapFill { room_id, from, to }) {
             // No runner (shutting down): nothing will fill it, so let the
             // next batch claim it again.
             rooms.locks.end_gap_fill(&unsent.0.room_id);
@@ -309,71 +308,6 @@ fn invite_for_unknown_room(
         },
     )?;
     Ok(Outcome::Accepted(seq))
-}
-
-/// A claimed gap fill: the seqs `[from, to)` of `room_id`.
-#[derive(Debug)]
-pub struct GapFill {
-    room_id: RoomId,
-    from: u64,
-    to: u64,
-}
-
-/// Claimed gap fills, for [`fill_gaps`].
-pub type GapFills = tokio::sync::mpsc::UnboundedReceiver<GapFill>;
-
-/// Run every claimed gap fill, each in its own task on `tasks`, until
-/// `shutdown`. A fill runs again when a batch saw a gap of its own while
-/// it ran, and releases its room's claim when it is done.
-pub async fn fill_gaps(
-    rooms: Arc<Rooms>,
-    mut fills: GapFills,
-    tasks: tokio_util::task::TaskTracker,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        let fill = tokio::select! {
-            f = fills.recv() => match f { Some(f) => f, None => return },
-            _ = shutdown.cancelled() => return,
-        };
-        let (rooms, shutdown) = (rooms.clone(), shutdown.clone());
-        tasks.spawn(async move {
-            let GapFill {
-                room_id,
-                mut from,
-                mut to,
-            } = fill;
-            loop {
-                let fill = crate::rooms::flows::fill_gap(&rooms, &room_id, from, to);
-                tokio::select! {
-                    r = fill => if let Err(e) = r {
-                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
-                    },
-                    _ = shutdown.cancelled() => {}
-                }
-                if !rooms.locks.end_gap_fill(&room_id) {
-                    break;
-                }
-                // A later batch saw a gap while this fill ran: look again.
-                match current_gap(&rooms, &room_id) {
-                    Some(gap) if !shutdown.is_cancelled() => (from, to) = gap,
-                    _ => {
-                        rooms.locks.end_gap_fill(&room_id);
-                        break;
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// The seqs `[from, to)` between a replica room's contiguous mark and the
-/// newest it has seen, if any are missing there.
-fn current_gap(rooms: &Rooms, room_id: &RoomId) -> Option<(u64, u64)> {
-    let room = crate::rooms::load_room(rooms, room_id).ok()??;
-    let mark = room.contiguous_seq?;
-    let from = mark.checked_add(1)?;
-    (from < room.next_seq).then_some((from, room.next_seq))
 }
 
 /// Gap fills running now (at most one per room).

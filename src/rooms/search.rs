@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::ids::{Fqid, RoomId};
 use crate::limits::{POSTINGS_SCAN_MAX, RESULTS_MAX, TOKENS_PER_MESSAGE_MAX, TOKEN_CHARS_MAX};
 use crate::protocol::event::{Content, Event};
-use crate::rooms::flows::{message_view, MessageView};
+use crate::rooms::views::{message_view, MessageView};
 use crate::rooms::Rooms;
 use crate::storage::{self, keys, StoredEvent, WriteSet, T};
 
@@ -55,7 +55,9 @@ pub fn search(rooms: &Rooms, me: &Fqid, q: &str) -> Result<Vec<(String, MessageV
     let Some((first, rest)) = words.split_first() else {
         return Err(Error::bad_request("`q` must contain at least one word"));
     };
-    let mine: BTreeSet<String> = crate::rooms::presence::rooms_of(rooms, me)?
+    let mine: BTreeSet<String> = rooms
+        .store
+        .rooms_of(me)?
         .into_iter()
         .map(|r| r.to_string())
         .collect();

@@ -8,7 +8,7 @@ use crate::ids::{Fqid, RoomId, ServerName};
 use crate::protocol::event::{Content, Membership};
 use crate::rooms::host::{self, Source};
 use crate::rooms::Rooms;
-use crate::rooms::{flows, load_members, Plan, RoomLocks};
+use crate::rooms::{commands, fqid_of, load_members, Plan, RoomLocks};
 use crate::storage::{self, keys, Participant, Room, WriteSet, T};
 
 pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) -> Result<Value> {
@@ -18,7 +18,7 @@ pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) 
         .into_iter()
         .map(|(_, r)| r)
         .collect();
-    let me = flows::fqid_of(rooms, admin);
+    let me = fqid_of(rooms, admin);
     let of_peer = |fqid: &str| Fqid::parse(fqid).is_ok_and(|f| f.server() == *peer);
 
     // Rooms the peer hosts: our participants leave. Tell the host while it
@@ -36,7 +36,7 @@ pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) 
             .filter(|f| rooms.is_local(f))
             .collect();
         for who in ours {
-            if let Ok(leave) = flows::sign(
+            if let Ok(leave) = commands::sign(
                 rooms,
                 &room_id,
                 &who,
@@ -47,7 +47,7 @@ pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) 
                     room: None,
                 },
             ) {
-                let _ = flows::send_to_host(rooms, &leave).await;
+                let _ = commands::send_to_host(rooms, &leave).await;
                 leave_locally(rooms, &rooms.locks, &room_id, &leave).await?;
                 left += 1;
             }
@@ -79,7 +79,7 @@ pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) 
             .collect();
         let mut batch = Vec::new();
         for target in targets {
-            let kick = flows::sign(
+            let kick = commands::sign(
                 rooms,
                 &room_id,
                 &me,

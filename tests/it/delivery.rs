@@ -380,7 +380,7 @@ async fn gives_up_at_exactly_retry_max_age_with_audit_and_failed_state() {
     settle().await;
     assert_eq!(queue_depth(&app), 0, "dropped at the deadline");
     let state =
-        scaiwave::rooms::flows::pending_state(&app.rooms, &room, &e.event_id.to_string()).unwrap();
+        scaiwave::rooms::views::pending_state(&app.rooms, &room, &e.event_id.to_string()).unwrap();
     assert_eq!(state, Some(storage::DeliveryState::Failed));
     let rows = audit_rows(&app);
     let row = rows

@@ -360,7 +360,7 @@ async fn settle_never_overwrites_a_stored_event() {
     assert_eq!(stored_after, Some(stored_before));
     let roomid = RoomId::parse(&room).unwrap();
     assert_eq!(
-        scaiwave::rooms::flows::pending_state(&b.rooms, &roomid, event_id).unwrap(),
+        scaiwave::rooms::views::pending_state(&b.rooms, &roomid, event_id).unwrap(),
         Some(scaiwave::storage::DeliveryState::Failed)
     );
     assert_eq!(

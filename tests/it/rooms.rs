@@ -54,7 +54,7 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     let room_id = scaiwave::ids::RoomId::parse(&room).unwrap();
     eventually("the host sequenced bob's last reaction", || async {
         let id = last.as_str().unwrap();
-        scaiwave::rooms::flows::pending_state(&b_app.rooms, &room_id, id).unwrap()
+        scaiwave::rooms::views::pending_state(&b_app.rooms, &room_id, id).unwrap()
             != Some(scaiwave::storage::DeliveryState::Pending)
     })
     .await;

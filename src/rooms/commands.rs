@@ -1,31 +1,21 @@
-//! What participants do: create rooms, post, invite, answer invitations,
-//! read history. Each flow checks the caller's rights, signs the event, and
-//! hands it to the host sequencer or the replica queue.
+//! What participants (and admins) do: create rooms, post, invite, answer
+//! invitations, kick, open DMs. Each command checks the caller's rights,
+//! signs the event, and hands it to the host sequencer or the replica
+//! queue; answers are domain values, never HTTP statuses.
 
 use serde::Serialize;
-use serde_json::Value;
 
-use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
 use crate::federation::peer_api;
 use crate::ids::{EventId, Fqid, RoomId};
-use crate::limits::GAP_FILL_DELAY_MS;
-use crate::limits::{BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX};
+use crate::limits::SHORT_TEXT_BYTES_MAX;
 use crate::protocol::event::{Content, Event, Membership, RoomSummary};
-use crate::protocol::wire::{MembersAnswer, ProfileAnswer};
+use crate::protocol::wire::ProfileAnswer;
 use crate::rooms::host::{self, Source};
 use crate::rooms::Rooms;
+use crate::rooms::{fqid_of, history, joined_room};
 use crate::rooms::{load_members, load_room, replica, Outcome};
-use crate::storage::{
-    self, keys, DeliveryState, Invitation, Member, Participant, Room, RoomType, StoredEvent, T,
-};
-
-pub fn fqid_of(rooms: &Rooms, p: &Participant) -> Fqid {
-    Fqid::new(
-        &crate::ids::LocalId::parse(&p.local_id).expect("stored local ids are valid"),
-        &rooms.server_name,
-    )
-}
+use crate::storage::{self, keys, Invitation, Member, Participant, Room, RoomType, T};
 
 /// Sign a new event from one of our participants.
 pub fn sign(rooms: &Rooms, room_id: &RoomId, sender: &Fqid, content: Content) -> Result<Event> {
@@ -39,23 +29,6 @@ pub fn sign(rooms: &Rooms, room_id: &RoomId, sender: &Fqid, content: Content) ->
         &key.key_id,
         &key.signing,
     ))
-}
-
-/// The room, if `who` is a joined member of it.
-pub fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result<Room> {
-    let not_found = || {
-        Error::not_found(format!(
-            "room {room_id} not found among your rooms; check the id or ask to be invited"
-        ))
-    };
-    let room = load_room(rooms, room_id)?.ok_or_else(not_found)?;
-    let m: Option<Member> = rooms
-        .store
-        .get(T::Members, &keys::member(room_id.as_str(), who.as_str()))?;
-    if !m.is_some_and(|m| m.membership == Membership::Join) {
-        return Err(not_found());
-    }
-    Ok(room)
 }
 
 fn outcome_to_result(o: Outcome) -> Result<Option<u64>> {
@@ -192,108 +165,6 @@ pub async fn post(
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct MessageView {
-    pub event_id: String,
-    pub seq: Option<u64>,
-    pub sender: String,
-    pub body: String,
-    pub thread_root: Option<String>,
-    pub reply_to: Option<String>,
-    pub mentions: Vec<String>,
-    pub origin_ts: i64,
-    pub state: &'static str,
-    pub reactions: std::collections::BTreeMap<String, Vec<String>>,
-}
-
-pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
-    let (event, _) = Event::parse(&stored.json).ok()?;
-    let Content::Message {
-        body,
-        thread_root,
-        reply_to,
-        mentions,
-    } = &event.content
-    else {
-        return None;
-    };
-    Some(MessageView {
-        event_id: event.event_id.to_string(),
-        seq,
-        sender: event.sender.to_string(),
-        body: body.clone(),
-        thread_root: thread_root.map(|t| t.to_string()),
-        reply_to: reply_to.map(|t| t.to_string()),
-        mentions: mentions.iter().map(|m| m.to_string()).collect(),
-        origin_ts: event.origin_ts_ms,
-        state: stored.state.as_str(),
-        reactions: Default::default(),
-    })
-}
-
-/// Messages in host order after `after_seq`, then our not-yet-sequenced ones.
-pub fn messages(
-    rooms: &Rooms,
-    p: &Participant,
-    room_id: &RoomId,
-    after_seq: u64,
-    limit: usize,
-) -> Result<Vec<MessageView>> {
-    joined_room(rooms, room_id, &fqid_of(rooms, p))?;
-    let from = keys::event(room_id.as_str(), after_seq.saturating_add(1));
-    let to = keys::event(room_id.as_str(), u64::MAX);
-    let mut out = Vec::new();
-    let mut reactions: Vec<(String, String, String, bool)> = Vec::new();
-    for (k, stored) in rooms
-        .store
-        .range::<StoredEvent>(T::Events, &from, &to, usize::MAX)?
-    {
-        if stored.rejected {
-            continue;
-        }
-        let seq = Some(keys::trailing_u64(&k));
-        if let Some(v) = message_view(&stored, seq) {
-            if out.len() < limit {
-                out.push(v);
-            }
-        } else if let Ok((e, _)) = Event::parse(&stored.json) {
-            if let Content::Reaction {
-                target,
-                key,
-                action,
-            } = &e.content
-            {
-                let add = *action == crate::protocol::event::ReactionAction::Add;
-                reactions.push((target.to_string(), key.clone(), e.sender.to_string(), add));
-            }
-        }
-    }
-    for (_, stored) in rooms
-        .store
-        .scan::<StoredEvent>(T::Pending, &storage::prefix(room_id.as_str()))?
-    {
-        if out.len() >= limit {
-            break;
-        }
-        if let Some(v) = message_view(&stored, None) {
-            out.push(v);
-        }
-    }
-    for (target, key, sender, add) in reactions {
-        if let Some(m) = out.iter_mut().find(|m| m.event_id == target) {
-            let who = m.reactions.entry(key.clone()).or_default();
-            who.retain(|s| *s != sender);
-            if add {
-                who.push(sender);
-            }
-            if who.is_empty() {
-                m.reactions.remove(&key);
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// Ask `fqid`'s server for its profile (signed GET). Any failure is the
 /// inviter's answer (SPEC §6 step 1).
 pub async fn fetch_profile(rooms: &Rooms, fqid: &Fqid) -> Result<ProfileAnswer> {
@@ -411,33 +282,6 @@ async fn invite_into(
     Ok(invite_id)
 }
 
-#[derive(Debug, Serialize)]
-pub struct InvitationView {
-    pub invite_id: String,
-    pub room_id: String,
-    pub room: RoomSummary,
-    pub inviter: String,
-    pub expires_at: String,
-}
-
-pub fn invitations(rooms: &Rooms, p: &Participant) -> Result<Vec<InvitationView>> {
-    let me = fqid_of(rooms, p).to_string();
-    let now = rooms.clock.now_ms();
-    Ok(rooms
-        .store
-        .invitations_of(&me)?
-        .into_iter()
-        .filter(|i| i.expires_at_ms > now)
-        .map(|i| InvitationView {
-            invite_id: i.invite_id,
-            room_id: i.room_id,
-            room: i.room,
-            inviter: i.inviter,
-            expires_at: rfc3339(i.expires_at_ms),
-        })
-        .collect())
-}
-
 fn my_invitation(rooms: &Rooms, p: &Participant, invite_id: &str) -> Result<Invitation> {
     let me = fqid_of(rooms, p).to_string();
     // A scan of the caller's own invitations, which the cap keeps short.
@@ -471,13 +315,29 @@ pub async fn send_to_host(rooms: &Rooms, event: &Event) -> Result<Option<Outcome
         }))
 }
 
-/// Accept or decline an invitation. Answers `{"room_id", "state"}`.
+/// Where an answered invitation stands (SPEC §9 `{"room_id", "state"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Answered {
+    pub room_id: String,
+    pub state: AnswerState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerState {
+    Joined,
+    Declined,
+    /// The host could not be reached: the answer is queued for it.
+    Pending,
+}
+
+/// Accept or decline an invitation.
 pub async fn answer_invitation(
     rooms: &Rooms,
     p: &Participant,
     invite_id: &str,
     accept: bool,
-) -> Result<(u16, serde_json::Value)> {
+) -> Result<Answered> {
     EventId::parse(invite_id).map_err(|_| Error::not_found("no such invitation"))?;
     let inv = my_invitation(rooms, p, invite_id)?;
     let room_id = RoomId::parse(&inv.room_id)?;
@@ -498,10 +358,18 @@ pub async fn answer_invitation(
             room: None,
         },
     )?;
-    let state = |s: &str| serde_json::json!({"room_id": room_id.to_string(), "state": s});
+    let state = |state| Answered {
+        room_id: room_id.to_string(),
+        state,
+    };
+    let done = if accept {
+        AnswerState::Joined
+    } else {
+        AnswerState::Declined
+    };
     if room_id.host() == rooms.server_name {
         commit_local(rooms, event).await?;
-        return Ok((200, state(if accept { "joined" } else { "declined" })));
+        return Ok(state(done));
     }
     if accept {
         let rt = RoomType::parse(&inv.room.room_type).unwrap_or(RoomType::Standard);
@@ -517,12 +385,12 @@ pub async fn answer_invitation(
             }
             rooms.store.remove_invitation(&inv)?;
             if accept {
-                if let Err(e) = sync_after_join(rooms, &room_id, seq).await {
+                if let Err(e) = history::sync_after_join(rooms, &room_id, seq).await {
                     tracing::warn!(room_id = %room_id, error = %e, "joined, but could not load members and history yet");
                 }
             }
             rooms.store.flush().await?;
-            Ok((200, state(if accept { "joined" } else { "declined" })))
+            Ok(state(done))
         }
         Some(Outcome::Rejected(e)) => {
             if accept && load_members(rooms, &room_id)?.is_empty() {
@@ -535,158 +403,9 @@ pub async fn answer_invitation(
         }
         Some(Outcome::Duplicate(None)) | None => {
             replica::submit(rooms, &event).await?;
-            Ok((202, state("pending")))
+            Ok(state(AnswerState::Pending))
         }
     }
-}
-
-/// After our join at `join_seq`: the member list, and history before it.
-pub async fn sync_after_join(rooms: &Rooms, room_id: &RoomId, join_seq: u64) -> Result<()> {
-    if let Some(answer) = peer_api::members(&rooms.fed, room_id).await? {
-        store_members(rooms, room_id, &answer).await?;
-    }
-    backfill(rooms, room_id, Some(join_seq), BACKFILL_EVENTS_MAX).await?;
-    Ok(())
-}
-
-/// Take the host's member list after our join. It is the host's word, so
-/// it is bounded ([`MEMBERS_ANSWER_ENTRIES_MAX`] entries, names of at most
-/// [`SHORT_TEXT_BYTES_MAX`] bytes) and never touches our own participants,
-/// whose membership only their own events decide.
-async fn store_members(rooms: &Rooms, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
-    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
-    let mut w = storage::WriteSet::default();
-    if answer.members.len() > MEMBERS_ANSWER_ENTRIES_MAX {
-        tracing::warn!(room_id = %room_id, listed = answer.members.len(), "the host listed more members than we take; keeping the first {MEMBERS_ANSWER_ENTRIES_MAX}");
-    }
-    for m in answer.members.iter().take(MEMBERS_ANSWER_ENTRIES_MAX) {
-        let Some(membership) = Membership::parse(&m.membership) else {
-            continue;
-        };
-        let Ok(f) = Fqid::parse(&m.fqid) else {
-            continue;
-        };
-        if rooms.is_local(&f) {
-            continue;
-        }
-        let k = keys::member(room_id.as_str(), f.as_str());
-        let prev: Option<Member> = rooms.store.get(T::Members, &k)?;
-        let mut member = prev.unwrap_or(Member {
-            fqid: f.to_string(),
-            membership,
-            display_name: None,
-            invite_expires_at_ms: None,
-        });
-        member.membership = membership;
-        crate::rooms::set_user_room(
-            rooms,
-            &f,
-            room_id.as_str(),
-            membership == Membership::Join,
-            &mut w,
-        )?;
-        if let Some(name) = &m.display_name {
-            // Truncated rather than dropped: the start of a long name still
-            // tells members apart, and no name at all shows a bare FQID.
-            member.display_name = Some(truncate_at_char_boundary(name, SHORT_TEXT_BYTES_MAX));
-        }
-        w.put(T::Members, k, &member)?;
-    }
-    rooms.store.commit(&w)?;
-    Ok(())
-}
-
-/// The longest prefix of `text` of at most `bytes_max` bytes that ends
-/// on a character boundary.
-fn truncate_at_char_boundary(text: &str, bytes_max: usize) -> String {
-    let mut end = text.len().min(bytes_max);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text[..end].to_string()
-}
-
-/// Fetch history before `before_seq` from the host, verify every event, and
-/// store those we lack. Answers `(fetched, stored, rejected)`.
-pub async fn backfill(
-    rooms: &Rooms,
-    room_id: &RoomId,
-    before_seq: Option<u64>,
-    limit: u64,
-) -> Result<(u64, u64, u64)> {
-    let answer = peer_api::backfill(&rooms.fed, room_id, before_seq, limit).await?;
-    let fetched = answer.events.len() as u64;
-    let (mut stored, mut rejected) = (0, 0);
-    let mut w = storage::WriteSet::default();
-    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
-    let mut top = 0;
-    for value in answer.events {
-        if value.get("rejected").and_then(Value::as_bool) == Some(true) {
-            // The host's tombstone: the gap at this seq is real.
-            if let Some(seq) = value.get("seq").and_then(Value::as_u64) {
-                let k = keys::event(room_id.as_str(), seq);
-                if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
-                    w.put(
-                        T::Events,
-                        k,
-                        &StoredEvent {
-                            json: Vec::new(),
-                            state: DeliveryState::Sent,
-                            rejected: true,
-                        },
-                    )?;
-                    top = top.max(seq.saturating_add(1));
-                }
-            }
-            continue;
-        }
-        let parsed = Event::from_value(value);
-        let ok = match parsed {
-            Ok((event, Some(seq))) if event.room_id == *room_id => {
-                match crate::federation::auth::verify_event(&rooms.fed, &event).await {
-                    Ok(()) => Some((event, seq)),
-                    Err(_) => None,
-                }
-            }
-            _ => None,
-        };
-        let Some((event, seq)) = ok else {
-            rejected += 1;
-            continue;
-        };
-        let k = keys::event(room_id.as_str(), seq);
-        if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
-            continue;
-        }
-        crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
-        top = top.max(seq.saturating_add(1));
-        stored += 1;
-    }
-    rooms.store.commit(&w)?;
-    // What was filled moves the replica's contiguous mark on, and next_seq
-    // past everything stored (the replica relies on nothing being stored
-    // at or above it).
-    if let Some(mut plan) = crate::rooms::Plan::load(rooms, room_id)? {
-        plan.room.next_seq = plan.room.next_seq.max(top);
-        plan.advance_contiguous(rooms, &std::collections::BTreeSet::new())?;
-        let mut room_write = storage::WriteSet::default();
-        room_write.put(T::Rooms, room_id.as_str().as_bytes().to_vec(), &plan.room)?;
-        rooms.store.commit(&room_write)?;
-    }
-    rooms.store.flush().await?;
-    Ok((fetched, stored, rejected))
-}
-
-/// Our pending events' delivery state, for tests and the message list.
-pub fn pending_state(
-    rooms: &Rooms,
-    room_id: &RoomId,
-    event_id: &str,
-) -> Result<Option<DeliveryState>> {
-    Ok(rooms
-        .store
-        .get::<StoredEvent>(T::Pending, &keys::pending(room_id.as_str(), event_id))?
-        .map(|s| s.state))
 }
 
 /// Kick `target` from a room we host. Only room admins (the creator or a
@@ -749,7 +468,7 @@ pub async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Resul
     let lock_name: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
     let lock_id = RoomId::parse(&format!("!dm{lock_name}:{}", rooms.server_name))?;
     let _guard = rooms.locks.lock_all([lock_id]).await;
-    for room in crate::rooms::presence::rooms_of(rooms, &me)? {
+    for room in rooms.store.rooms_of(&me)? {
         if let Some(r) = load_room(rooms, &room)? {
             if r.dm_pair.as_ref() == Some(&pair) {
                 return Ok(r);
@@ -763,39 +482,11 @@ pub async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Resul
     Ok(room)
 }
 
-/// Fill the seqs in `[lo, hi)` of `room_id` that are still missing after a
-/// short wait, from the host's backfill endpoint (SPEC §6).
-pub async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
-    tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
-    let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
-    let mut missing = Vec::new();
-    for seq in lo..hi {
-        if !rooms
-            .store
-            .contains(T::Events, &keys::event(room_id.as_str(), seq))?
-        {
-            missing.push(seq);
-        }
-    }
-    let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
-        return Ok(0);
-    };
-    tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
-    let (_, stored, _) = backfill(
-        rooms,
-        room_id,
-        Some(last.saturating_add(1)),
-        last - first + 1,
-    )
-    .await?;
-    Ok(stored)
-}
-
 /// Record a foreign participant's display name in every room they have
 /// joined, found through their `user_rooms` rows (never a members scan).
 pub fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
-    for room_id in crate::rooms::presence::rooms_of(rooms, fqid)? {
+    for room_id in rooms.store.rooms_of(fqid)? {
         let k = keys::member(room_id.as_str(), fqid.as_str());
         if let Some(mut m) = rooms.store.get::<Member>(T::Members, &k)? {
             if m.display_name.as_deref() != Some(name) {

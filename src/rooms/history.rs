@@ -1,0 +1,252 @@
+//! A replica's history from its host: the member list and backfill after
+//! a join, backfill on an admin's request, and gap fills (SPEC §6), each
+//! event verified before it is stored.
+
+use serde_json::Value;
+
+use crate::error::Result;
+use crate::federation::peer_api;
+use crate::ids::{Fqid, RoomId};
+use crate::limits::GAP_FILL_DELAY_MS;
+use crate::limits::{BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX};
+use crate::protocol::event::{Event, Membership};
+use crate::protocol::wire::MembersAnswer;
+use crate::rooms::Rooms;
+use crate::storage::{self, keys, DeliveryState, Member, StoredEvent, T};
+use std::sync::Arc;
+
+use crate::rooms::{GapFill, GapFills};
+
+/// After our join at `join_seq`: the member list, and history before it.
+pub async fn sync_after_join(rooms: &Rooms, room_id: &RoomId, join_seq: u64) -> Result<()> {
+    if let Some(answer) = peer_api::members(&rooms.fed, room_id).await? {
+        store_members(rooms, room_id, &answer).await?;
+    }
+    backfill(rooms, room_id, Some(join_seq), BACKFILL_EVENTS_MAX).await?;
+    Ok(())
+}
+
+/// Take the host's member list after our join. It is the host's word, so
+/// it is bounded ([`MEMBERS_ANSWER_ENTRIES_MAX`] entries, names of at most
+/// [`SHORT_TEXT_BYTES_MAX`] bytes) and never touches our own participants,
+/// whose membership only their own events decide.
+async fn store_members(rooms: &Rooms, room_id: &RoomId, answer: &MembersAnswer) -> Result<()> {
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
+    let mut w = storage::WriteSet::default();
+    if answer.members.len() > MEMBERS_ANSWER_ENTRIES_MAX {
+        tracing::warn!(room_id = %room_id, listed = answer.members.len(), "the host listed more members than we take; keeping the first {MEMBERS_ANSWER_ENTRIES_MAX}");
+    }
+    for m in answer.members.iter().take(MEMBERS_ANSWER_ENTRIES_MAX) {
+        let Some(membership) = Membership::parse(&m.membership) else {
+            continue;
+        };
+        let Ok(f) = Fqid::parse(&m.fqid) else {
+            continue;
+        };
+        if rooms.is_local(&f) {
+            continue;
+        }
+        let k = keys::member(room_id.as_str(), f.as_str());
+        let prev: Option<Member> = rooms.store.get(T::Members, &k)?;
+        let mut member = prev.unwrap_or(Member {
+            fqid: f.to_string(),
+            membership,
+            display_name: None,
+            invite_expires_at_ms: None,
+        });
+        member.membership = membership;
+        crate::rooms::set_user_room(
+            rooms,
+            &f,
+            room_id.as_str(),
+            membership == Membership::Join,
+            &mut w,
+        )?;
+        if let Some(name) = &m.display_name {
+            // Truncated rather than dropped: the start of a long name still
+            // tells members apart, and no name at all shows a bare FQID.
+            member.display_name = Some(truncate_at_char_boundary(name, SHORT_TEXT_BYTES_MAX));
+        }
+        w.put(T::Members, k, &member)?;
+    }
+    rooms.store.commit(&w)?;
+    Ok(())
+}
+
+/// The longest prefix of `text` of at most `bytes_max` bytes that ends
+/// on a character boundary.
+fn truncate_at_char_boundary(text: &str, bytes_max: usize) -> String {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// What one backfill came to (SPEC §9 `federation/backfill` answers it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Backfilled {
+    /// Events the host sent.
+    pub fetched: u64,
+    /// Events we lacked and stored, each verified.
+    pub stored: u64,
+    /// Events that failed verification (or named another room), not stored.
+    pub rejected: u64,
+}
+
+/// Fetch history before `before_seq` from the host, verify every event, and
+/// store those we lack.
+pub async fn backfill(
+    rooms: &Rooms,
+    room_id: &RoomId,
+    before_seq: Option<u64>,
+    limit: u64,
+) -> Result<Backfilled> {
+    let answer = peer_api::backfill(&rooms.fed, room_id, before_seq, limit).await?;
+    let fetched = answer.events.len() as u64;
+    let (mut stored, mut rejected) = (0, 0);
+    let mut w = storage::WriteSet::default();
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
+    let mut top = 0;
+    for value in answer.events {
+        if value.get("rejected").and_then(Value::as_bool) == Some(true) {
+            // The host's tombstone: the gap at this seq is real.
+            if let Some(seq) = value.get("seq").and_then(Value::as_u64) {
+                let k = keys::event(room_id.as_str(), seq);
+                if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
+                    w.put(
+                        T::Events,
+                        k,
+                        &StoredEvent {
+                            json: Vec::new(),
+                            state: DeliveryState::Sent,
+                            rejected: true,
+                        },
+                    )?;
+                    top = top.max(seq.saturating_add(1));
+                }
+            }
+            continue;
+        }
+        let parsed = Event::from_value(value);
+        let ok = match parsed {
+            Ok((event, Some(seq))) if event.room_id == *room_id => {
+                match crate::federation::auth::verify_event(&rooms.fed, &event).await {
+                    Ok(()) => Some((event, seq)),
+                    Err(_) => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((event, seq)) = ok else {
+            rejected += 1;
+            continue;
+        };
+        let k = keys::event(room_id.as_str(), seq);
+        if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
+            continue;
+        }
+        crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
+        top = top.max(seq.saturating_add(1));
+        stored += 1;
+    }
+    rooms.store.commit(&w)?;
+    // What was filled moves the replica's contiguous mark on, and next_seq
+    // past everything stored (the replica relies on nothing being stored
+    // at or above it).
+    if let Some(mut plan) = crate::rooms::Plan::load(rooms, room_id)? {
+        plan.room.next_seq = plan.room.next_seq.max(top);
+        plan.advance_contiguous(rooms, &std::collections::BTreeSet::new())?;
+        let mut room_write = storage::WriteSet::default();
+        room_write.put(T::Rooms, room_id.as_str().as_bytes().to_vec(), &plan.room)?;
+        rooms.store.commit(&room_write)?;
+    }
+    rooms.store.flush().await?;
+    Ok(Backfilled {
+        fetched,
+        stored,
+        rejected,
+    })
+}
+
+/// Fill the seqs in `[lo, hi)` of `room_id` that are still missing after a
+/// short wait, from the host's backfill endpoint (SPEC §6).
+pub async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
+    tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
+    let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
+    let mut missing = Vec::new();
+    for seq in lo..hi {
+        if !rooms
+            .store
+            .contains(T::Events, &keys::event(room_id.as_str(), seq))?
+        {
+            missing.push(seq);
+        }
+    }
+    let (Some(first), Some(last)) = (missing.first(), missing.last()) else {
+        return Ok(0);
+    };
+    tracing::info!(room_id = %room_id, from = first, to = last, "filling a gap in the room's history from its host");
+    let Backfilled { stored, .. } = backfill(
+        rooms,
+        room_id,
+        Some(last.saturating_add(1)),
+        last - first + 1,
+    )
+    .await?;
+    Ok(stored)
+}
+
+/// Run every claimed gap fill, each in its own task on `tasks`, until
+/// `shutdown`. A fill runs again when a batch saw a gap of its own while
+/// it ran, and releases its room's claim when it is done.
+pub async fn fill_gaps(
+    rooms: Arc<Rooms>,
+    mut fills: GapFills,
+    tasks: tokio_util::task::TaskTracker,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let fill = tokio::select! {
+            f = fills.recv() => match f { Some(f) => f, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let (rooms, shutdown) = (rooms.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let GapFill {
+                room_id,
+                mut from,
+                mut to,
+            } = fill;
+            loop {
+                let fill = fill_gap(&rooms, &room_id, from, to);
+                tokio::select! {
+                    r = fill => if let Err(e) = r {
+                        tracing::warn!(room_id = %room_id, error = %e, "could not fill a gap yet");
+                    },
+                    _ = shutdown.cancelled() => {}
+                }
+                if !rooms.locks.end_gap_fill(&room_id) {
+                    break;
+                }
+                // A later batch saw a gap while this fill ran: look again.
+                match current_gap(&rooms, &room_id) {
+                    Some(gap) if !shutdown.is_cancelled() => (from, to) = gap,
+                    _ => {
+                        rooms.locks.end_gap_fill(&room_id);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The seqs `[from, to)` between a replica room's contiguous mark and the
+/// newest it has seen, if any are missing there.
+fn current_gap(rooms: &Rooms, room_id: &RoomId) -> Option<(u64, u64)> {
+    let room = crate::rooms::load_room(rooms, room_id).ok()??;
+    let mark = room.contiguous_seq?;
+    let from = mark.checked_add(1)?;
+    (from < room.next_seq).then_some((from, room.next_seq))
+}
