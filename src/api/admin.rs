@@ -8,6 +8,7 @@ use crate::clock::rfc3339;
 use crate::error::{Code, Error, Result};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
 use crate::limits::{AUDIT_PAGE_MAX, BACKFILL_EVENTS_MAX, SHORT_TEXT_BYTES_MAX};
+use crate::rooms::commands;
 use crate::storage::{self, AuditRow, OutboxItem, Participant, PowerLevel, T};
 
 pub async fn route(
@@ -34,26 +35,8 @@ pub async fn route(
             Ok(json_reply(200, &next))
         }
         ("POST", ["federation", "foreign", fqid, "refresh"]) => {
-            let fqid = Fqid::parse(fqid)?;
-            // The descriptor fetch is unsigned but still contacts the peer:
-            // never one our policy refuses.
-            svc.rooms
-                .fed
-                .admit(&fqid.server())
-                .map_err(Error::as_conflict)?;
-            svc.rooms
-                .fed
-                .verifier
-                .refresh(&fqid.server())
-                .await
-                .map_err(Error::as_conflict)?;
-            let profile = crate::rooms::commands::fetch_profile(&svc.rooms, &fqid).await?;
-            let updated =
-                crate::rooms::commands::set_display_name(&svc.rooms, &fqid, &profile.display_name)?;
-            Ok(json_reply(
-                200,
-                &json!({"fqid": profile.fqid, "display_name": profile.display_name, "presence": profile.presence, "rooms_updated": updated}),
-            ))
+            let refreshed = commands::refresh_foreign(&svc.rooms, &Fqid::parse(fqid)?).await?;
+            Ok(json_reply(200, &refreshed))
         }
         ("PUT", ["rooms", room, "federate"]) => {
             let room_id = RoomId::parse(room)?;
@@ -62,13 +45,7 @@ pub async fn route(
                 .get("enabled")
                 .and_then(Value::as_bool)
                 .ok_or_else(|| Error::bad_request("send {\"enabled\": true|false}"))?;
-            let _guard = svc.rooms.locks.lock_all([room_id.clone()]).await;
-            let mut room = crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
-            room.federate = enabled;
-            svc.rooms
-                .store
-                .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
-            svc.rooms.store.flush().await?;
+            commands::set_federate(&svc.rooms, &room_id, enabled).await?;
             Ok(json_reply(
                 200,
                 &json!({"room_id": room_id.to_string(), "federate": enabled}),
@@ -76,74 +53,80 @@ pub async fn route(
         }
         ("POST", ["rooms", room, "federation", "invite"]) => {
             let room_id = RoomId::parse(room)?;
-            crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
+            commands::room_for_admin(&svc.rooms, &room_id)?;
             let fqid = fqid_field(&req.json()?)?;
-            let invite_id =
-                crate::rooms::commands::admin_invite(&svc.rooms, &admin, &room_id, &fqid).await?;
+            let invite_id = commands::admin_invite(&svc.rooms, &admin, &room_id, &fqid).await?;
             Ok(json_reply(200, &json!({"invite_id": invite_id})))
         }
         ("POST", ["rooms", room, "federation", "backfill"]) => {
-            let room_id = RoomId::parse(room)?;
-            crate::rooms::commands::room_for_admin(&svc.rooms, &room_id)?;
-            if room_id.host() == svc.rooms.server_name {
-                return Err(Error::bad_request(format!(
-                    "{} hosts {room_id} and holds its whole history; backfill pulls from a room's host",
-                    svc.rooms.server_name
-                )));
-            }
-            let limit = match req.body.is_empty() {
-                true => BACKFILL_EVENTS_MAX,
-                false => req
-                    .json()?
-                    .get("limit")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(BACKFILL_EVENTS_MAX)
-                    .clamp(1, BACKFILL_EVENTS_MAX),
-            };
-            match crate::rooms::history::backfill(&svc.rooms, &room_id, None, limit).await {
-                Ok(done) => Ok(json_reply(200, &done)),
-                Err(e) if e.code != Code::Internal || e.status.is_some() => Ok(json_reply(
-                    200,
-                    &json!({"fetched": 0, "stored": 0, "rejected": 0, "remote_error": e.to_body().error}),
-                )),
-                Err(e) => Err(e),
-            }
+            backfill(svc, req, &RoomId::parse(room)?).await
         }
-        ("POST", ["participants"]) => {
-            let body = req.json()?;
-            let local = LocalId::parse(body.get("local_id").and_then(Value::as_str).unwrap_or(""))?;
-            let display = body
-                .get("display_name")
-                .and_then(Value::as_str)
-                .unwrap_or(local.as_str())
-                .to_string();
-            if display.len() > SHORT_TEXT_BYTES_MAX {
-                return Err(Error::bad_request(format!(
-                    "`display_name` is limited to {SHORT_TEXT_BYTES_MAX} bytes"
-                )));
-            }
-            let power = match body
-                .get("power_level")
-                .and_then(Value::as_str)
-                .unwrap_or("member")
-            {
-                "member" => PowerLevel::Member,
-                "admin" => PowerLevel::Admin,
-                _ => {
-                    return Err(Error::bad_request(
-                        "`power_level` must be \"member\" or \"admin\"",
-                    ))
-                }
-            };
-            let token = svc.rooms.create_participant(&local, &display, power)?;
-            Ok(json_reply(
-                200,
-                &json!({"fqid": svc.rooms.fqid(&local).to_string(), "token": token}),
-            ))
-        }
+        ("POST", ["participants"]) => create_participant(svc, &req.json()?),
         ("GET", ["audit"]) => Ok(json_reply(200, &json!({ "rows": audit(svc, req)? }))),
         _ => Err(not_found_route(req)),
     }
+}
+
+/// `POST /v1/admin/rooms/{room_id}/federation/backfill`: pull history
+/// from the room's host; a refusal of the host's is in the answer.
+async fn backfill(svc: &Services, req: &Request, room_id: &RoomId) -> Result<Response> {
+    commands::room_for_admin(&svc.rooms, room_id)?;
+    if room_id.host() == svc.rooms.server_name {
+        return Err(Error::bad_request(format!(
+            "{} hosts {room_id} and holds its whole history; backfill pulls from a room's host",
+            svc.rooms.server_name
+        )));
+    }
+    let limit = match req.body.is_empty() {
+        true => BACKFILL_EVENTS_MAX,
+        false => req
+            .json()?
+            .get("limit")
+            .and_then(Value::as_u64)
+            .unwrap_or(BACKFILL_EVENTS_MAX)
+            .clamp(1, BACKFILL_EVENTS_MAX),
+    };
+    match crate::rooms::history::backfill(&svc.rooms, room_id, None, limit).await {
+        Ok(done) => Ok(json_reply(200, &done)),
+        Err(e) if e.code != Code::Internal || e.status.is_some() => Ok(json_reply(
+            200,
+            &json!({"fetched": 0, "stored": 0, "rejected": 0, "remote_error": e.to_body().error}),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// `POST /v1/admin/participants`: a participant and its first token.
+fn create_participant(svc: &Services, body: &Value) -> Result<Response> {
+    let local = LocalId::parse(body.get("local_id").and_then(Value::as_str).unwrap_or(""))?;
+    let display = body
+        .get("display_name")
+        .and_then(Value::as_str)
+        .unwrap_or(local.as_str())
+        .to_string();
+    if display.len() > SHORT_TEXT_BYTES_MAX {
+        return Err(Error::bad_request(format!(
+            "`display_name` is limited to {SHORT_TEXT_BYTES_MAX} bytes"
+        )));
+    }
+    let power = match body
+        .get("power_level")
+        .and_then(Value::as_str)
+        .unwrap_or("member")
+    {
+        "member" => PowerLevel::Member,
+        "admin" => PowerLevel::Admin,
+        _ => {
+            return Err(Error::bad_request(
+                "`power_level` must be \"member\" or \"admin\"",
+            ))
+        }
+    };
+    let token = svc.rooms.create_participant(&local, &display, power)?;
+    Ok(json_reply(
+        200,
+        &json!({"fqid": svc.rooms.fqid(&local).to_string(), "token": token}),
+    ))
 }
 
 fn fqid_field(body: &Value) -> Result<Fqid> {

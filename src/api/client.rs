@@ -1,9 +1,9 @@
 //! Client routes (`/v1/*` except admin, SPEC §9): my profile, rooms,
 //! messages, reactions, invitations.
 
-use serde_json::{json, Value};
-
 use std::sync::Arc;
+
+use serde_json::{json, Value};
 
 use crate::api::{json_reply, not_found_route, Request, Response, Services};
 use crate::error::{Error, Result};
@@ -12,7 +12,7 @@ use crate::limits::MESSAGES_PAGE_MAX;
 use crate::protocol::event::{Content, Membership, ReactionAction};
 use crate::rooms::load_members;
 use crate::rooms::{commands, fqid_of, joined_room, views};
-use crate::storage::{self, Room, T};
+use crate::storage::{Participant, Room};
 
 fn room_view(svc: &Services, room: &Room) -> Value {
     let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
@@ -68,16 +68,14 @@ fn opt_event_id(body: &Value, name: &str) -> Result<Option<EventId>> {
 fn live_stream(svc: &Arc<Services>, me: Fqid) -> Response {
     use futures_util::StreamExt;
     let rx = svc.rooms.subscribe();
-    let app_for_stop = svc.clone();
+    // Streams end at shutdown, so graceful shutdown does not wait on them.
+    let shutdown = svc.shutdown.clone().cancelled_owned();
     let svc = svc.clone();
     let events = tokio_stream_from(rx).filter_map(move |ev| {
         let member = svc
             .rooms
             .store
-            .contains(
-                T::UserRooms,
-                &crate::storage::keys::user_room(me.as_str(), &ev.room_id),
-            )
+            .has_joined(&me, &ev.room_id)
             .unwrap_or(false);
         let out = member.then(|| {
             Ok::<_, std::convert::Infallible>(
@@ -89,8 +87,6 @@ fn live_stream(svc: &Arc<Services>, me: Fqid) -> Response {
         });
         async move { out }
     });
-    // Streams end at shutdown, so graceful shutdown does not wait on them.
-    let shutdown = app_for_stop.shutdown.clone().cancelled_owned();
     let events = events.take_until(shutdown);
     warp::reply::Reply::into_response(warp::sse::reply(warp::sse::keep_alive().stream(events)))
 }
@@ -114,7 +110,7 @@ pub async fn route(
     svc: &Arc<Services>,
     req: &Request,
     rest: &[&str],
-    me: crate::storage::Participant,
+    me: Participant,
 ) -> Result<Response> {
     match (req.method.as_str(), rest) {
         ("GET", ["events"]) => Ok(live_stream(svc, fqid_of(&svc.rooms, &me))),
@@ -155,97 +151,18 @@ pub async fn route(
             .await?;
             Ok(json_reply(200, &room_view(svc, &room)))
         }
-        ("GET", ["rooms"]) => {
-            let me_fqid = fqid_of(&svc.rooms, &me);
-            let mut rooms = Vec::new();
-            for (k, ()) in svc
-                .rooms
-                .store
-                .scan::<()>(T::UserRooms, &storage::prefix(me_fqid.as_str()))?
-            {
-                let room_id =
-                    String::from_utf8_lossy(&k[me_fqid.as_str().len() + 1..]).into_owned();
-                if let Some(room) = svc.rooms.store.get::<Room>(T::Rooms, room_id.as_bytes())? {
-                    rooms.push(room_view(svc, &room));
-                }
-            }
-            Ok(json_reply(200, &json!({ "rooms": rooms })))
-        }
-        ("GET", ["rooms", room, "members"]) => {
-            let room_id = RoomId::parse(room)?;
-            joined_room(&svc.rooms, &room_id, &fqid_of(&svc.rooms, &me))?;
-            let members: Vec<Value> = load_members(&svc.rooms, &room_id)?
-                .values()
-                .filter(|m| m.is_present(svc.rooms.clock.now_ms()))
-                .map(|m| {
-                    let fqid = Fqid::parse(&m.fqid).ok();
-                    let foreign = fqid.as_ref().is_some_and(|f| !svc.rooms.is_local(f));
-                    let presence = fqid
-                        .and_then(|f| crate::rooms::presence::of(&svc.rooms, &f).ok().flatten());
-                    json!({
-                        "fqid": m.fqid,
-                        "display_name": m.display_name,
-                        "membership": m.membership.as_str(),
-                        "foreign": foreign,
-                        "presence": presence,
-                    })
-                })
-                .collect();
-            Ok(json_reply(200, &json!({ "members": members })))
-        }
+        ("GET", ["rooms"]) => my_rooms(svc, &me),
+        ("GET", ["rooms", room, "members"]) => members(svc, &me, &RoomId::parse(room)?),
         ("POST", ["rooms", room, "messages"]) => {
-            let room_id = RoomId::parse(room)?;
-            let body = req.json()?;
-            let content = Content::Message {
-                body: str_field(&body, "body")?.to_string(),
-                thread_root: opt_event_id(&body, "thread_root")?,
-                reply_to: opt_event_id(&body, "reply_to")?,
-                mentions: mentions_field(&body)?,
-            };
-            Ok(json_reply(
-                200,
-                &commands::post(&svc.rooms, &me, &room_id, content).await?,
-            ))
+            let content = message_content(&req.json()?)?;
+            let posted = commands::post(&svc.rooms, &me, &RoomId::parse(room)?, content).await?;
+            Ok(json_reply(200, &posted))
         }
-        ("GET", ["rooms", room, "messages"]) => {
-            let room_id = RoomId::parse(room)?;
-            let after = req
-                .query_param("after_seq")
-                .map(|v| v.parse::<u64>())
-                .transpose()
-                .map_err(|_| Error::bad_request("`after_seq` must be an integer"))?
-                .unwrap_or(0);
-            let limit = req
-                .query_param("limit")
-                .map(|v| v.parse::<usize>())
-                .transpose()
-                .map_err(|_| Error::bad_request("`limit` must be an integer"))?
-                .unwrap_or(100)
-                .clamp(1, MESSAGES_PAGE_MAX);
-            Ok(json_reply(
-                200,
-                &json!({ "messages": views::messages(&svc.rooms, &me, &room_id, after, limit)? }),
-            ))
-        }
+        ("GET", ["rooms", room, "messages"]) => messages(svc, req, &me, &RoomId::parse(room)?),
         ("POST", ["rooms", room, "reactions"]) => {
-            let room_id = RoomId::parse(room)?;
-            let body = req.json()?;
-            let action = match body.get("action").and_then(Value::as_str).unwrap_or("add") {
-                "add" => ReactionAction::Add,
-                "remove" => ReactionAction::Remove,
-                _ => return Err(Error::bad_request("`action` must be add or remove")),
-            };
-            let target = EventId::parse(str_field(&body, "target")?)
-                .map_err(|_| Error::bad_request("`target` must be an event_id"))?;
-            let content = Content::Reaction {
-                target,
-                key: str_field(&body, "key")?.to_string(),
-                action,
-            };
-            Ok(json_reply(
-                200,
-                &commands::post(&svc.rooms, &me, &room_id, content).await?,
-            ))
+            let content = reaction_content(&req.json()?)?;
+            let posted = commands::post(&svc.rooms, &me, &RoomId::parse(room)?, content).await?;
+            Ok(json_reply(200, &posted))
         }
         ("POST", ["rooms", room, "invitations"]) => {
             let room_id = RoomId::parse(room)?;
@@ -298,4 +215,86 @@ pub async fn route(
         }
         _ => Err(not_found_route(req)),
     }
+}
+
+/// `GET /v1/rooms`: the rooms the caller has joined.
+fn my_rooms(svc: &Services, me: &Participant) -> Result<Response> {
+    let mut rooms = Vec::new();
+    for room_id in svc.rooms.store.rooms_of(&fqid_of(&svc.rooms, me))? {
+        if let Some(room) = svc.rooms.store.room(&room_id)? {
+            rooms.push(room_view(svc, &room));
+        }
+    }
+    Ok(json_reply(200, &json!({ "rooms": rooms })))
+}
+
+/// `GET /v1/rooms/{room_id}/members`, with presence and the foreign flag.
+fn members(svc: &Services, me: &Participant, room_id: &RoomId) -> Result<Response> {
+    joined_room(&svc.rooms, room_id, &fqid_of(&svc.rooms, me))?;
+    let now = svc.rooms.clock.now_ms();
+    let members: Vec<Value> = load_members(&svc.rooms, room_id)?
+        .values()
+        .filter(|m| m.is_present(now))
+        .map(|m| {
+            let fqid = Fqid::parse(&m.fqid).ok();
+            let foreign = fqid.as_ref().is_some_and(|f| !svc.rooms.is_local(f));
+            let presence =
+                fqid.and_then(|f| crate::rooms::presence::of(&svc.rooms, &f).ok().flatten());
+            json!({
+                "fqid": m.fqid,
+                "display_name": m.display_name,
+                "membership": m.membership.as_str(),
+                "foreign": foreign,
+                "presence": presence,
+            })
+        })
+        .collect();
+    Ok(json_reply(200, &json!({ "members": members })))
+}
+
+/// The content of `POST /v1/rooms/{room_id}/messages`.
+fn message_content(body: &Value) -> Result<Content> {
+    Ok(Content::Message {
+        body: str_field(body, "body")?.to_string(),
+        thread_root: opt_event_id(body, "thread_root")?,
+        reply_to: opt_event_id(body, "reply_to")?,
+        mentions: mentions_field(body)?,
+    })
+}
+
+/// The content of `POST /v1/rooms/{room_id}/reactions`.
+fn reaction_content(body: &Value) -> Result<Content> {
+    let action = match body.get("action").and_then(Value::as_str).unwrap_or("add") {
+        "add" => ReactionAction::Add,
+        "remove" => ReactionAction::Remove,
+        _ => return Err(Error::bad_request("`action` must be add or remove")),
+    };
+    let target = EventId::parse(str_field(body, "target")?)
+        .map_err(|_| Error::bad_request("`target` must be an event_id"))?;
+    Ok(Content::Reaction {
+        target,
+        key: str_field(body, "key")?.to_string(),
+        action,
+    })
+}
+
+/// `GET /v1/rooms/{room_id}/messages?after_seq=&limit=`.
+fn messages(svc: &Services, req: &Request, me: &Participant, room_id: &RoomId) -> Result<Response> {
+    let after = req
+        .query_param("after_seq")
+        .map(|v| v.parse::<u64>())
+        .transpose()
+        .map_err(|_| Error::bad_request("`after_seq` must be an integer"))?
+        .unwrap_or(0);
+    let limit = req
+        .query_param("limit")
+        .map(|v| v.parse::<usize>())
+        .transpose()
+        .map_err(|_| Error::bad_request("`limit` must be an integer"))?
+        .unwrap_or(100)
+        .clamp(1, MESSAGES_PAGE_MAX);
+    Ok(json_reply(
+        200,
+        &json!({ "messages": views::messages(&svc.rooms, me, room_id, after, limit)? }),
+    ))
 }

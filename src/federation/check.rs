@@ -9,6 +9,8 @@ use crate::error::Code;
 use crate::ids::ServerName;
 use crate::limits::SYNC_S2S_TIMEOUT_SECS;
 
+use crate::protocol::wire::Descriptor;
+
 use super::Federation;
 
 /// One step of the check.
@@ -67,86 +69,11 @@ impl fmt::Display for Finding {
 const PROBE_LOCAL_ID: &str = "scaiwave-federation-check";
 
 pub async fn check(fed: &Federation, peer: &ServerName) -> Vec<Finding> {
-    let mut out = Vec::new();
-    // 1. Our own descriptor.
     let ours = fed.keys.descriptor(&fed.server_name);
-    out.push(if ours.public_key.is_empty() {
-        Finding::fail(
-            "own descriptor",
-            Code::NoKey,
-            "this server has no signing key (public_key is empty)",
-            "scaiwave admin federation key generate",
-        )
-    } else {
-        Finding::ok(
-            "own descriptor",
-            format!("{} publishes key {}", fed.server_name, ours.key_id),
-        )
-    });
-    // 2. The peer's descriptor over a verified TLS chain.
-    let (descriptor, date_secs) = match fed.outbound.descriptor(peer, true).await {
-        Ok((d, _, date)) => (Some(d), date),
-        Err(why) => {
-            out.push(Finding::fail(
-                "peer descriptor",
-                Code::SignatureMismatch,
-                format!("https://{peer}/.well-known/scaiwave/server: {why}"),
-                "make it load over HTTPS with a certificate chain our system roots or tls.trust_roots accept",
-            ));
-            (None, None)
-        }
-    };
-    if let Some(d) = &descriptor {
-        match fed.verifier.refresh(peer).await {
-            Ok(()) => out.push(Finding::ok(
-                "peer descriptor",
-                format!(
-                    "{peer} publishes key {} ({} old keys)",
-                    d.key_id,
-                    d.old_keys.len()
-                ),
-            )),
-            Err(e) => out.push(Finding::fail(
-                "peer descriptor",
-                e.code,
-                e.message,
-                "the peer's admin fixes its descriptor (server_name, key ids) or generates a key",
-            )),
-        }
-        // 3. Protocol versions.
-        let common: Vec<&String> = d
-            .protocol_versions
-            .iter()
-            .filter(|v| ours.protocol_versions.contains(v))
-            .collect();
-        out.push(if common.is_empty() {
-            Finding::fail(
-                "protocol versions",
-                Code::ProtocolVersion,
-                format!(
-                    "{peer} speaks {:?}, we speak {:?}",
-                    d.protocol_versions, ours.protocol_versions
-                ),
-                "upgrade one side so both share a version",
-            )
-        } else {
-            Finding::ok("protocol versions", format!("shared: {common:?}"))
-        });
-    }
-    // 4. Clock skew, from the peer's Date header.
+    let mut out = vec![own_descriptor(fed, &ours)];
+    let date_secs = peer_descriptor(fed, peer, &ours, &mut out).await;
     if let Some(theirs) = date_secs {
-        let skew = theirs - fed.clock.now_secs();
-        let max = fed.config.max_clock_skew.as_secs() as i64;
-        out.push(if skew.abs() > max {
-            Finding::fail(
-                "clock skew",
-                Code::SignatureMismatch,
-                format!("{peer}'s clock is {skew:+} s from ours (allowed ±{max} s)"),
-                "sync NTP on both servers",
-            )
-        } else {
-            Finding::ok("clock skew", format!("{skew:+} s"))
-        });
+        out.push(clock_skew(fed, peer, theirs));
     }
     // 5. Our policy towards them.
     if let Err(e) = fed.policy().admit(peer) {
@@ -170,53 +97,154 @@ pub async fn check(fed: &Federation, peer: &ServerName) -> Vec<Finding> {
         "our policy",
         format!("we federate with {peer}"),
     ));
-    // 6. Their policy towards us: a signed probe.
-    let path = super::peer_api::profile_path(PROBE_LOCAL_ID);
-    match fed
-        .s2s(
-            http::Method::GET,
-            peer,
-            &path,
-            None,
-            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
-        )
-        .await
-    {
-        Err(e) => out.push(Finding::fail(
-            "their policy",
-            e.code,
-            e.message,
-            "generate our signing key first",
-        )),
-        Ok(Err(e)) => out.push(Finding::fail(
-            "their policy",
-            Code::PeerUnknown,
-            format!("no answer: {e}"),
-            "check that the peer is up and reachable",
-        )),
-        Ok(Ok(reply)) => {
-            let err = reply.error();
-            match err.as_ref().and_then(|e| Code::parse(&e.code)) {
-                Some(Code::ParticipantNotFound) => out.push(Finding::ok("their policy", format!("{peer} accepts our signed requests"))),
-                Some(code) => out.push(Finding::fail(
-                    "their policy",
-                    code,
-                    err.map(|e| e.message).unwrap_or_default(),
-                    match code {
-                        Code::PeerUnknown | Code::PolicyRejected => format!("{peer}'s admin adds {} to allowed_peers (or opens its policy)", fed.server_name),
-                        Code::SignatureMismatch => "the peer cannot verify us: check our descriptor, clocks, and its trust in our certificate".to_string(),
-                        _ => "see docs/errors.md for this code".to_string(),
-                    },
-                )),
-                None => out.push(Finding::fail("their policy", Code::PeerUnknown, format!("unexpected answer HTTP {}", reply.status), "the peer may not run ScaiWave federation at this name")),
-            }
-        }
-    }
+    out.push(their_policy(fed, peer).await);
     out.push(last_delivery(fed, peer));
     out
 }
 
-/// 7. What delivery last saw.
+/// Step 1: our own descriptor.
+fn own_descriptor(fed: &Federation, ours: &Descriptor) -> Finding {
+    if ours.public_key.is_empty() {
+        Finding::fail(
+            "own descriptor",
+            Code::NoKey,
+            "this server has no signing key (public_key is empty)",
+            "scaiwave admin federation key generate",
+        )
+    } else {
+        Finding::ok(
+            "own descriptor",
+            format!("{} publishes key {}", fed.server_name, ours.key_id),
+        )
+    }
+}
+
+/// Steps 2 and 3: the peer's descriptor over a verified TLS chain, and the
+/// protocol versions we share. Answers the peer's `Date`, as Unix seconds.
+async fn peer_descriptor(
+    fed: &Federation,
+    peer: &ServerName,
+    ours: &Descriptor,
+    out: &mut Vec<Finding>,
+) -> Option<i64> {
+    let (d, date_secs) = match fed.outbound.descriptor(peer, true).await {
+        Ok((d, _, date)) => (d, date),
+        Err(why) => {
+            out.push(Finding::fail(
+                "peer descriptor",
+                Code::SignatureMismatch,
+                format!("https://{peer}/.well-known/scaiwave/server: {why}"),
+                "make it load over HTTPS with a certificate chain our system roots or tls.trust_roots accept",
+            ));
+            return None;
+        }
+    };
+    match fed.verifier.refresh(peer).await {
+        Ok(()) => out.push(Finding::ok(
+            "peer descriptor",
+            format!(
+                "{peer} publishes key {} ({} old keys)",
+                d.key_id,
+                d.old_keys.len()
+            ),
+        )),
+        Err(e) => out.push(Finding::fail(
+            "peer descriptor",
+            e.code,
+            e.message,
+            "the peer's admin fixes its descriptor (server_name, key ids) or generates a key",
+        )),
+    }
+    let common: Vec<&String> = d
+        .protocol_versions
+        .iter()
+        .filter(|v| ours.protocol_versions.contains(v))
+        .collect();
+    out.push(if common.is_empty() {
+        Finding::fail(
+            "protocol versions",
+            Code::ProtocolVersion,
+            format!(
+                "{peer} speaks {:?}, we speak {:?}",
+                d.protocol_versions, ours.protocol_versions
+            ),
+            "upgrade one side so both share a version",
+        )
+    } else {
+        Finding::ok("protocol versions", format!("shared: {common:?}"))
+    });
+    date_secs
+}
+
+/// Step 4: clock skew, from the peer's Date header.
+fn clock_skew(fed: &Federation, peer: &ServerName, theirs: i64) -> Finding {
+    let skew = theirs - fed.clock.now_secs();
+    let max = fed.config.max_clock_skew.as_secs() as i64;
+    if skew.abs() > max {
+        Finding::fail(
+            "clock skew",
+            Code::SignatureMismatch,
+            format!("{peer}'s clock is {skew:+} s from ours (allowed ±{max} s)"),
+            "sync NTP on both servers",
+        )
+    } else {
+        Finding::ok("clock skew", format!("{skew:+} s"))
+    }
+}
+
+/// Step 6, their policy towards us: a signed probe for a participant
+/// nobody has, which a peer that lets us in answers "not found".
+async fn their_policy(fed: &Federation, peer: &ServerName) -> Finding {
+    let path = super::peer_api::profile_path(PROBE_LOCAL_ID);
+    let timeout = Duration::from_secs(SYNC_S2S_TIMEOUT_SECS);
+    let reply = match fed.s2s(http::Method::GET, peer, &path, None, timeout).await {
+        Err(e) => {
+            return Finding::fail(
+                "their policy",
+                e.code,
+                e.message,
+                "generate our signing key first",
+            )
+        }
+        Ok(Err(e)) => {
+            return Finding::fail(
+                "their policy",
+                Code::PeerUnknown,
+                format!("no answer: {e}"),
+                "check that the peer is up and reachable",
+            )
+        }
+        Ok(Ok(reply)) => reply,
+    };
+    let err = reply.error();
+    match err.as_ref().and_then(|e| Code::parse(&e.code)) {
+        Some(Code::ParticipantNotFound) => Finding::ok(
+            "their policy",
+            format!("{peer} accepts our signed requests"),
+        ),
+        Some(code) => Finding::fail(
+            "their policy",
+            code,
+            err.map(|e| e.message).unwrap_or_default(),
+            match code {
+                Code::PeerUnknown | Code::PolicyRejected => format!(
+                    "{peer}'s admin adds {} to allowed_peers (or opens its policy)",
+                    fed.server_name
+                ),
+                Code::SignatureMismatch => "the peer cannot verify us: check our descriptor, clocks, and its trust in our certificate".to_string(),
+                _ => "see docs/errors.md for this code".to_string(),
+            },
+        ),
+        None => Finding::fail(
+            "their policy",
+            Code::PeerUnknown,
+            format!("unexpected answer HTTP {}", reply.status),
+            "the peer may not run ScaiWave federation at this name",
+        ),
+    }
+}
+
+/// Step 7: what delivery last saw.
 fn last_delivery(fed: &Federation, peer: &ServerName) -> Finding {
     match fed.store.peer_record(peer) {
         Ok(rec) => match rec.last_error {

@@ -498,3 +498,49 @@ pub fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize>
     }
     Ok(updated)
 }
+
+/// What an admin's refresh of a foreign participant found (SPEC §9
+/// `federation/foreign/{fqid}/refresh`).
+#[derive(Debug, Serialize)]
+pub struct Refreshed {
+    pub fqid: String,
+    pub display_name: String,
+    /// As the peer sent it (presence is ephemeral; it is shown, not kept).
+    pub presence: Option<serde_json::Value>,
+    /// Rooms whose member row took the new display name.
+    pub rooms_updated: usize,
+}
+
+/// Fetch a foreign participant's server descriptor and profile again,
+/// and take their display name in every room they have joined. Both
+/// contact the peer, so neither goes to one our policy refuses.
+pub async fn refresh_foreign(rooms: &Rooms, fqid: &Fqid) -> Result<Refreshed> {
+    let server = fqid.server();
+    rooms.fed.admit(&server).map_err(Error::as_conflict)?;
+    rooms
+        .fed
+        .verifier
+        .refresh(&server)
+        .await
+        .map_err(Error::as_conflict)?;
+    let profile = fetch_profile(rooms, fqid).await?;
+    let rooms_updated = set_display_name(rooms, fqid, &profile.display_name)?;
+    Ok(Refreshed {
+        fqid: profile.fqid,
+        display_name: profile.display_name,
+        presence: profile.presence,
+        rooms_updated,
+    })
+}
+
+/// Turn federation of a room on or off (SPEC §9 `rooms/{room_id}/federate`),
+/// under the room's lock, durably.
+pub async fn set_federate(rooms: &Rooms, room_id: &RoomId, enabled: bool) -> Result<()> {
+    let _guard = rooms.locks.lock_all([room_id.clone()]).await;
+    let mut room = room_for_admin(rooms, room_id)?;
+    room.federate = enabled;
+    rooms
+        .store
+        .put(T::Rooms, room_id.as_str().as_bytes(), &room)?;
+    rooms.store.flush().await
+}

@@ -79,47 +79,10 @@ pub async fn accept_from_host(
             )?);
             continue;
         };
-        if !plan.room.federate {
-            outcomes.push(Outcome::Rejected(Error::new(
-                Code::RoomNotFederated,
-                format!(
-                    "room {} has federation turned off on {}",
-                    event.room_id, rooms.server_name
-                ),
-            )));
-            continue;
-        }
-        if let Err(e) = check_relayed_membership(host, plan, event) {
-            outcomes.push(Outcome::Rejected(e));
-            continue;
-        }
-        // While we track the room's history, a seq far past what we have
-        // seen would hold a gap open that no backfill can close. With no
-        // participant of ours joined, nothing is tracked and a new invite
-        // may come at any seq.
-        let ahead_max = plan.room.next_seq.saturating_add(SEQ_AHEAD_MAX);
-        if plan.room.joined_seq.is_some() && *seq > ahead_max {
-            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
-                "seq {seq} of {} is more than {SEQ_AHEAD_MAX} past the newest seq {} has seen ({}); a host numbers a room's events one after another",
-                event.room_id,
-                rooms.server_name,
-                plan.room.next_seq.saturating_sub(1)
-            ))));
-            continue;
-        }
-        let held = !taken.insert((event.room_id.clone(), *seq))
-            || (*seq < stored_below[&event.room_id]
-                && rooms
-                    .store
-                    .contains(T::Events, &keys::event(event.room_id.as_str(), *seq))?);
-        if held {
-            outcomes.push(Outcome::Rejected(Error::bad_event(format!(
-                "seq {seq} of {} already holds another event",
-                event.room_id
-            ))));
-            continue;
-        }
-        if let Err(e) = invite_cap.admit(rooms, event) {
+        let seq_stored_below = stored_below[&event.room_id];
+        if let Err(e) = admit_relayed(rooms, host, plan, event, *seq, seq_stored_below, &mut taken)?
+            .and_then(|()| invite_cap.admit(rooms, event))
+        {
             outcomes.push(Outcome::Rejected(e));
             continue;
         }
@@ -144,20 +107,7 @@ pub async fn accept_from_host(
         }
         outcomes.push(Outcome::Accepted(*seq));
     }
-    // Gaps (SPEC §6): seqs between the contiguous mark and the newest
-    // that neither this batch nor the store holds.
-    let mut gaps = Vec::new();
-    for (room_id, plan) in plans.iter_mut() {
-        let fresh: BTreeSet<u64> = batch
-            .iter()
-            .zip(&outcomes)
-            .filter(|((e, _), o)| e.room_id == *room_id && matches!(o, Outcome::Accepted(_)))
-            .map(|((_, seq), _)| *seq)
-            .collect();
-        if let Some(first_missing) = plan.advance_contiguous(rooms, &fresh)? {
-            gaps.push((room_id.clone(), first_missing, plan.room.next_seq));
-        }
-    }
+    let gaps = gaps_after(rooms, &mut plans, &batch, &outcomes)?;
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
@@ -172,10 +122,98 @@ pub async fn accept_from_host(
     let t1 = t0.elapsed();
     rooms.store.flush().await?;
     rooms.publish(live);
-    // Fill gaps shortly, if they are still there then; a gap that cannot
-    // be filled now is tried again with the next batch for the room.
-    // One fill per room at a time: batches arriving meanwhile would each
-    // pull the same history (up to a whole backfill answer each).
+    claim_gap_fills(rooms, gaps);
+    tracing::debug!(
+        commit_us = t1.as_micros() as u64,
+        flush_us = (t0.elapsed() - t1).as_micros() as u64,
+        "replica store timings"
+    );
+    Ok(outcomes)
+}
+
+/// Whether a host's event at `seq` may go into `plan`'s room, after dedup
+/// and before the invitation cap: the room federates, the membership rules
+/// hold, and the seq is neither far ahead nor taken (by this batch, in
+/// `taken`, or by a stored event below `stored_below`, the room's
+/// `next_seq` as loaded). The outer error is a storage failure.
+fn admit_relayed(
+    rooms: &Rooms,
+    host: &ServerName,
+    plan: &Plan,
+    event: &Event,
+    seq: u64,
+    stored_below: u64,
+    taken: &mut BTreeSet<(RoomId, u64)>,
+) -> Result<std::result::Result<(), Error>> {
+    if !plan.room.federate {
+        return Ok(Err(Error::new(
+            Code::RoomNotFederated,
+            format!(
+                "room {} has federation turned off on {}",
+                event.room_id, rooms.server_name
+            ),
+        )));
+    }
+    if let Err(e) = check_relayed_membership(host, plan, event) {
+        return Ok(Err(e));
+    }
+    // While we track the room's history, a seq far past what we have
+    // seen would hold a gap open that no backfill can close. With no
+    // participant of ours joined, nothing is tracked and a new invite
+    // may come at any seq.
+    let ahead_max = plan.room.next_seq.saturating_add(SEQ_AHEAD_MAX);
+    if plan.room.joined_seq.is_some() && seq > ahead_max {
+        return Ok(Err(Error::bad_event(format!(
+            "seq {seq} of {} is more than {SEQ_AHEAD_MAX} past the newest seq {} has seen ({}); a host numbers a room's events one after another",
+            event.room_id,
+            rooms.server_name,
+            plan.room.next_seq.saturating_sub(1)
+        ))));
+    }
+    let held = !taken.insert((event.room_id.clone(), seq))
+        || (seq < stored_below
+            && rooms
+                .store
+                .contains(T::Events, &keys::event(event.room_id.as_str(), seq))?);
+    if held {
+        return Ok(Err(Error::bad_event(format!(
+            "seq {seq} of {} already holds another event",
+            event.room_id
+        ))));
+    }
+    Ok(Ok(()))
+}
+
+/// Gaps (SPEC §6) left once the batch is planned: for each room, the first
+/// seq between the contiguous mark and the newest that neither this batch
+/// nor the store holds, and the room's next seq. Moves each plan's
+/// contiguous mark on.
+fn gaps_after(
+    rooms: &Rooms,
+    plans: &mut HashMap<RoomId, Plan>,
+    batch: &[(Event, u64)],
+    outcomes: &[Outcome],
+) -> Result<Vec<(RoomId, u64, u64)>> {
+    let mut gaps = Vec::new();
+    for (room_id, plan) in plans.iter_mut() {
+        let fresh: BTreeSet<u64> = batch
+            .iter()
+            .zip(outcomes)
+            .filter(|((e, _), o)| e.room_id == *room_id && matches!(o, Outcome::Accepted(_)))
+            .map(|((_, seq), _)| *seq)
+            .collect();
+        if let Some(first_missing) = plan.advance_contiguous(rooms, &fresh)? {
+            gaps.push((room_id.clone(), first_missing, plan.room.next_seq));
+        }
+    }
+    Ok(gaps)
+}
+
+/// Fill gaps shortly, if they are still there then; a gap that cannot be
+/// filled now is tried again with the next batch for the room. One fill
+/// per room at a time: batches arriving meanwhile would each pull the same
+/// history (up to a whole backfill answer each).
+fn claim_gap_fills(rooms: &Rooms, gaps: Vec<(RoomId, u64, u64)>) {
     for (room_id, from, to) in gaps {
         if !rooms.locks.begin_gap_fill(&room_id) {
             continue;
@@ -186,12 +224,6 @@ pub async fn accept_from_host(
             rooms.locks.end_gap_fill(&unsent.0.room_id);
         }
     }
-    tracing::debug!(
-        commit_us = t1.as_micros() as u64,
-        flush_us = (t0.elapsed() - t1).as_micros() as u64,
-        "replica store timings"
-    );
-    Ok(outcomes)
 }
 
 /// SPEC §6 "What the host accepts", applied again to what a host relays:

@@ -2,11 +2,13 @@
 //! origin: the envelope, each event parsed and verified on its own, routed
 //! to the host sequencer or the replica, EDUs, and the cached answer.
 
+use std::collections::HashMap;
+
 use serde_json::Value;
 
 use crate::error::{Code, Error, Result};
 use crate::federation::auth::event_keys;
-use crate::ids::ServerName;
+use crate::ids::{KeyId, ServerName};
 use crate::limits::{EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, TXN_CACHE_SECS};
 use crate::protocol::canonical;
 use crate::protocol::event::{Content, Event, Membership, PresenceEdu};
@@ -127,8 +129,47 @@ struct SendEnvelope<'a> {
 
 /// `POST /send` once §4 passed: 200 with one result per event, in order.
 pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<Vec<u8>> {
-    // The envelope is parsed leniently; each event strictly on its own, so
-    // one bad event is refused alone (SPEC §5) and keeps its exact bytes.
+    let envelope = parse_envelope(body)?;
+    let txn_id = envelope.txn_id.as_str();
+    let now = rooms.clock.now_ms();
+    if let Some(answer) = cached_answer(rooms, origin, txn_id, now)? {
+        return Ok(answer);
+    }
+    let t0 = std::time::Instant::now();
+    let mut results: Vec<Option<SendResult>> = vec![None; envelope.events.len()];
+    let parsed = parse_events(&envelope.events).await?;
+    let t_parsed = t0.elapsed();
+    let prepared = route(rooms, origin, parsed, &mut results).await;
+    let t_routed = t0.elapsed();
+    let (to_host, from_host) = verify(prepared, &mut results).await?;
+    let t_verified = t0.elapsed();
+    store(rooms, origin, to_host, from_host, &mut results).await?;
+    let t_stored = t0.elapsed();
+    receive_edus(rooms, origin, &envelope.edus)?;
+    let results: Vec<SendResult> = results
+        .into_iter()
+        .map(|r| r.expect("every event has a result"))
+        .collect();
+    let accepted = audit(rooms, origin, &results);
+    let answer = cache_answer(rooms, origin, txn_id, now, results)?;
+    tracing::debug!(
+        parse_us = t_parsed.as_micros() as u64,
+        route_us = (t_routed - t_parsed).as_micros() as u64,
+        verify_us = t_verified.as_micros() as u64,
+        store_us = (t_stored - t_verified).as_micros() as u64,
+        total_us = t0.elapsed().as_micros() as u64,
+        "send timings"
+    );
+    // No flush of its own: the events were flushed by their commit, and the
+    // cached answer only spares a re-sent transaction the dedup work.
+    rooms.fed.peer_success(origin, 0, accepted);
+    Ok(answer)
+}
+
+/// The envelope, parsed leniently; each event is parsed strictly on its
+/// own later, so one bad event is refused alone (SPEC §5) and keeps its
+/// exact bytes.
+fn parse_envelope(body: &[u8]) -> Result<SendEnvelope<'_>> {
     let envelope: SendEnvelope = serde_json::from_slice(body).map_err(|e| {
         Error::fed_bad_request(format!(
             "the body is not a valid {{\"txn_id\", \"events\", \"edus\"}} object: {e}"
@@ -146,19 +187,32 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             "at most {EVENTS_PER_TRANSACTION_MAX} events and {EDUS_PER_TRANSACTION_MAX} EDUs per transaction; split it"
         )));
     }
-    let txn_key = keys::txn(origin.as_str(), txn_id);
-    let now = rooms.clock.now_ms();
-    if let Some(cached) = rooms.store.get::<TxnRecord>(T::Txns, &txn_key)? {
-        if now - cached.at_ms < TXN_CACHE_SECS as i64 * 1000 {
-            return Ok(cached.answer);
-        }
-    }
+    Ok(envelope)
+}
 
-    let t0 = std::time::Instant::now();
-    let mut results: Vec<Option<SendResult>> = vec![None; events.len()];
-    // 1. Parse and validate every event (CPU, off the executor).
+/// The answer we gave this transaction before, if it is still cached.
+fn cached_answer(
+    rooms: &Rooms,
+    origin: &ServerName,
+    txn_id: &str,
+    now: i64,
+) -> Result<Option<Vec<u8>>> {
+    let txn_key = keys::txn(origin.as_str(), txn_id);
+    Ok(rooms
+        .store
+        .get::<TxnRecord>(T::Txns, &txn_key)?
+        .filter(|cached| now - cached.at_ms < TXN_CACHE_SECS as i64 * 1000)
+        .map(|cached| cached.answer))
+}
+
+/// Each event's id (for its answer) and the event with its seq, or why it
+/// is refused.
+type Parsed = (String, Result<(Event, Option<u64>)>);
+
+/// Parse and validate every event strictly (CPU, off the executor).
+async fn parse_events(events: &[&serde_json::value::RawValue]) -> Result<Vec<Parsed>> {
     let raws: Vec<String> = events.iter().map(|r| r.get().to_string()).collect();
-    let parsed = on_cores(raws, |raw| {
+    on_cores(raws, |raw| {
         let value = canonical::parse_strict(raw.as_bytes());
         let id = value
             .as_ref()
@@ -169,9 +223,27 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             .to_string();
         (id, value.and_then(Event::from_value))
     })
-    .await?;
-    let t_parsed = t0.elapsed();
-    // 2. Route, check against room state and policy, find keys (cheap, async).
+    .await
+}
+
+/// An event that passed routing: where it was in the transaction, its
+/// seq if a host sent it, and the keys its signatures name.
+type Prepared = (
+    usize,
+    Event,
+    Option<u64>,
+    HashMap<KeyId, ed25519_dalek::VerifyingKey>,
+);
+
+/// Route each parsed event (host or replica role), check it against room
+/// state and policy, and find its keys (cheap, async). Refusals go into
+/// `results`.
+async fn route(
+    rooms: &Rooms,
+    origin: &ServerName,
+    parsed: Vec<Parsed>,
+    results: &mut [Option<SendResult>],
+) -> Vec<Prepared> {
     let mut prepared = Vec::new();
     for (i, (id, event)) in parsed.into_iter().enumerate() {
         let routed = async {
@@ -202,15 +274,21 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             Err(e) => results[i] = Some(rejected(id, &e)),
         }
     }
-    let t_routed = t0.elapsed();
-    // 3. Verify every signature strictly (CPU, off the executor).
+    prepared
+}
+
+/// Events for us as host (with their place), and from a host (with seq).
+type Verified = (Vec<(usize, Event)>, Vec<(usize, Event, u64)>);
+
+/// Verify every signature strictly (CPU, off the executor); refusals go
+/// into `results`.
+async fn verify(prepared: Vec<Prepared>, results: &mut [Option<SendResult>]) -> Result<Verified> {
     let verified = on_cores(prepared, |(i, event, seq, keys)| {
         let ok = event.verify(|id| keys.get(id).copied());
         (i, event, seq, ok)
     })
     .await?;
-    let mut to_host: Vec<(usize, Event)> = Vec::new();
-    let mut from_host: Vec<(usize, Event, u64)> = Vec::new();
+    let (mut to_host, mut from_host) = (Vec::new(), Vec::new());
     for (i, event, seq, ok) in verified {
         if let Err(e) = ok {
             results[i] = Some(rejected(event.event_id.to_string(), &e));
@@ -221,8 +299,18 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             Some(seq) => from_host.push((i, event, seq)),
         }
     }
-    let t_verified = t0.elapsed();
-    // The events move into storage; answers need only where each was and its id.
+    Ok((to_host, from_host))
+}
+
+/// Hand the verified events to the host sequencer and the replica. The
+/// events move into storage; answers need only where each was and its id.
+async fn store(
+    rooms: &Rooms,
+    origin: &ServerName,
+    to_host: Vec<(usize, Event)>,
+    from_host: Vec<(usize, Event, u64)>,
+    results: &mut [Option<SendResult>],
+) -> Result<()> {
     if !to_host.is_empty() {
         let ids: Vec<(usize, String)> = to_host
             .iter()
@@ -248,9 +336,17 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             results[i] = Some(from_outcome(id, o));
         }
     }
-    let t_stored = t0.elapsed();
+    Ok(())
+}
+
+/// Presence EDUs. They are ephemeral: a malformed or foreign one is
+/// dropped, never an error.
+fn receive_edus(
+    rooms: &Rooms,
+    origin: &ServerName,
+    edus: &[&serde_json::value::RawValue],
+) -> Result<()> {
     for edu in edus {
-        // EDUs are ephemeral: a malformed or foreign one is dropped, never an error.
         let parsed = serde_json::from_str::<Value>(edu.get())
             .map_err(|e| Error::bad_event(e.to_string()))
             .and_then(|v| PresenceEdu::from_value(&v));
@@ -263,13 +359,15 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             Err(e) => tracing::debug!(peer = %origin, error = %e, "dropped a malformed EDU"),
         }
     }
-    let results: Vec<SendResult> = results
-        .into_iter()
-        .map(|r| r.expect("every event has a result"))
-        .collect();
+    Ok(())
+}
+
+/// One audit row per accepted or refused event, in one batch; answers how
+/// many were accepted.
+fn audit(rooms: &Rooms, origin: &ServerName, results: &[SendResult]) -> u64 {
     let mut accepted = 0;
-    let mut audit = Vec::new();
-    for r in &results {
+    let mut rows = Vec::new();
+    for r in results {
         let (action, code) = match (&r.status, &r.error) {
             (SendStatus::Rejected, Some(e)) => ("federation.event.rejected", Code::parse(&e.code)),
             (SendStatus::Accepted, _) => {
@@ -279,19 +377,26 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
             _ => continue,
         };
         let detail = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
-        audit.push(rooms.fed.audit_row(
-            action,
-            Some(origin),
-            Some(&r.event_id),
-            None,
-            code,
-            detail,
-        ));
+        rows.push(
+            rooms
+                .fed
+                .audit_row(action, Some(origin), Some(&r.event_id), None, code, detail),
+        );
     }
-    rooms.store.audit(audit);
-    // An answer holding a retryable refusal is not cached: the sender will
-    // re-send that event, possibly in a transaction with the same id, and
-    // must get a fresh look (the key may be fetchable by then).
+    rooms.store.audit(rows);
+    accepted
+}
+
+/// Encode the answer, and cache it unless it holds a retryable refusal:
+/// the sender will re-send that event, possibly in a transaction with the
+/// same id, and must get a fresh look (the key may be fetchable by then).
+fn cache_answer(
+    rooms: &Rooms,
+    origin: &ServerName,
+    txn_id: &str,
+    now: i64,
+    results: Vec<SendResult>,
+) -> Result<Vec<u8>> {
     let final_answer = !results
         .iter()
         .any(|r| r.error.as_ref().is_some_and(|e| e.retryable));
@@ -304,16 +409,5 @@ pub async fn receive(rooms: &Rooms, origin: &ServerName, body: &[u8]) -> Result<
         };
         rooms.store.put_txn(origin.as_str(), txn_id, &record)?;
     }
-    tracing::debug!(
-        parse_us = t_parsed.as_micros() as u64,
-        route_us = (t_routed - t_parsed).as_micros() as u64,
-        verify_us = t_verified.as_micros() as u64,
-        store_us = (t_stored - t_verified).as_micros() as u64,
-        total_us = t0.elapsed().as_micros() as u64,
-        "send timings"
-    );
-    // No flush of its own: the events were flushed by their commit, and the
-    // cached answer only spares a re-sent transaction the dedup work.
-    rooms.fed.peer_success(origin, 0, accepted);
     Ok(answer)
 }

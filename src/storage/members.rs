@@ -45,4 +45,9 @@ impl Store {
             })
             .collect())
     }
+
+    /// Whether `fqid` has joined `room_id` (its `user_rooms` row is there).
+    pub fn has_joined(&self, fqid: &Fqid, room_id: &str) -> Result<bool> {
+        self.contains(T::UserRooms, &keys::user_room(fqid.as_str(), room_id))
+    }
 }
