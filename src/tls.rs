@@ -52,7 +52,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 
 /// Where the certificate comes from: the configured pair, or a self-signed
 /// one kept in the data dir (created on first start).
-pub fn certificate_paths(
+pub(crate) fn certificate_paths(
     cert: Option<&Path>,
     key: Option<&Path>,
     data_dir: &Path,
@@ -79,7 +79,7 @@ pub fn certificate_paths(
 }
 
 /// Write a file only its owner can read (keys, tokens).
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -83,7 +83,7 @@ impl Request {
 }
 
 /// Path segments, each percent-decoded once (warp does not decode).
-pub fn segments(path: &str) -> Vec<String> {
+pub(crate) fn segments(path: &str) -> Vec<String> {
     path.trim_start_matches('/')
         .split('/')
         .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
@@ -92,12 +92,12 @@ pub fn segments(path: &str) -> Vec<String> {
 
 pub type Response = warp::reply::Response;
 
-pub fn json_reply<T: Serialize>(status: u16, value: &T) -> Response {
+pub(crate) fn json_reply<T: Serialize>(status: u16, value: &T) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_default();
     bytes_reply(status, body)
 }
 
-pub fn bytes_reply(status: u16, body: Vec<u8>) -> Response {
+pub(crate) fn bytes_reply(status: u16, body: Vec<u8>) -> Response {
     let mut r = http::Response::new(warp::hyper::body::Bytes::from(body));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     r.headers_mut().insert(
@@ -108,7 +108,7 @@ pub fn bytes_reply(status: u16, body: Vec<u8>) -> Response {
 }
 
 /// The §10 error answer, the one place errors become HTTP.
-pub fn error_reply(e: &Error) -> Response {
+pub(crate) fn error_reply(e: &Error) -> Response {
     let mut r = json_reply(e.status(), &e.to_body());
     if let Some(secs) = e.retry_after_secs {
         if let Ok(v) = http::HeaderValue::from_str(&secs.to_string()) {
@@ -133,7 +133,7 @@ fn caller(svc: &Services, req: &Request) -> Result<(Participant, [u8; 32])> {
 }
 
 /// The caller must hold an admin token.
-pub fn require_admin(p: &Participant) -> Result<()> {
+pub(crate) fn require_admin(p: &Participant) -> Result<()> {
     if p.power_level != PowerLevel::Admin {
         return Err(Error::forbidden(
             "this needs an admin token (power_level admin)",
@@ -403,7 +403,7 @@ impl From<Error> for Refusal {
     }
 }
 
-pub fn not_found_route(req: &Request) -> Error {
+pub(crate) fn not_found_route(req: &Request) -> Error {
     Error::not_found(format!(
         "no route {} {}; see docs/api.md",
         req.method, req.path

@@ -25,7 +25,7 @@ pub fn descriptor(svc: &Services, req: &Request) -> Result<Response> {
 }
 
 /// SPEC §4 on the request's head (the body is not read yet).
-pub async fn authenticate(svc: &Services, req: &Request) -> Result<ServerName> {
+pub(crate) async fn authenticate(svc: &Services, req: &Request) -> Result<ServerName> {
     let sig_input = req.header_joined("signature-input");
     let sig = req.header_joined("signature");
     let signed = SignedRequest {
@@ -58,7 +58,7 @@ pub fn has_body(method: &str) -> bool {
 }
 
 /// Step 4 of SPEC §4 on the body just read.
-pub fn check_digest(svc: &Services, req: &Request, origin: &ServerName) -> Result<()> {
+pub(crate) fn check_digest(svc: &Services, req: &Request, origin: &ServerName) -> Result<()> {
     auth::check_body_digest(
         &svc.rooms.fed,
         origin,

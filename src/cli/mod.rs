@@ -148,7 +148,7 @@ fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>)
 }
 
 /// Parse an argv received over the socket into an admin command.
-pub fn parse_admin_argv(argv: &[String]) -> std::result::Result<Admin, String> {
+pub(crate) fn parse_admin_argv(argv: &[String]) -> std::result::Result<Admin, String> {
     let cli =
         Cli::try_parse_from(std::iter::once("scaiwave".to_string()).chain(argv.iter().cloned()))
             .map_err(|e| e.to_string())?;
@@ -257,7 +257,7 @@ pub async fn serve(config: Config, clock: Clock) -> Result<crate::server::Runnin
 
 /// Serve the admin socket until shutdown. The socket file is created
 /// with mode 0600 inside the data dir: only the server's user may use it.
-pub async fn serve_socket(app: std::sync::Arc<App>) {
+pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let path = app.config.data_dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&path);

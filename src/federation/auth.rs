@@ -52,7 +52,7 @@ fn signature_failed(fed: &Federation, claimed: Option<&ServerName>, e: &Error) {
 /// and [`check_body_digest`] compares it with the body once it is read
 /// (the signature covers the Content-Digest header, so the request is
 /// authenticated before its body is read; docs/decisions.md).
-pub async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> Result<ServerName> {
+pub(crate) async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> Result<ServerName> {
     let has_body = has_body(req.method);
     // 1. headers present and well-formed.
     let parsed = httpsig::parse(req.signature_input, req.signature, has_body)
@@ -141,7 +141,7 @@ pub async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> Result<S
 }
 
 /// Step 4's comparison, once the body of an authenticated request is read.
-pub fn check_body_digest(
+pub(crate) fn check_body_digest(
     fed: &Federation,
     origin: &ServerName,
     content_digest: Option<&str>,
@@ -153,7 +153,10 @@ pub fn check_body_digest(
 
 /// The keys an event's signatures name, as far as we can get them: policy
 /// on the event's origin first, then our own ring or the verifier cache.
-pub async fn event_keys(fed: &Federation, event: &Event) -> Result<HashMap<KeyId, VerifyingKey>> {
+pub(crate) async fn event_keys(
+    fed: &Federation,
+    event: &Event,
+) -> Result<HashMap<KeyId, VerifyingKey>> {
     let mut keys = HashMap::new();
     if event.origin == fed.server_name {
         for (key_id, _) in event.origin_signatures() {
@@ -176,7 +179,7 @@ pub async fn event_keys(fed: &Federation, event: &Event) -> Result<HashMap<KeyId
 }
 
 /// Policy on the event's origin, then its key, then its signature.
-pub async fn verify_event(fed: &Federation, event: &Event) -> Result<()> {
+pub(crate) async fn verify_event(fed: &Federation, event: &Event) -> Result<()> {
     let keys = event_keys(fed, event).await?;
     event.verify(|id| keys.get(id).copied())
 }

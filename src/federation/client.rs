@@ -108,7 +108,7 @@ pub struct Outbound {
 }
 
 /// SPEC §12: addresses S2S never dials unless allowed.
-pub fn is_private(ip: IpAddr) -> bool {
+pub(crate) fn is_private(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();

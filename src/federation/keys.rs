@@ -43,7 +43,7 @@ pub struct Keys {
     ring: Arc<RwLock<KeyRing>>,
 }
 
-pub fn public_key_text(key: &[u8; 32]) -> String {
+pub(crate) fn public_key_text(key: &[u8; 32]) -> String {
     format!(
         "ed25519:{}",
         base64::engine::general_purpose::STANDARD.encode(key)
@@ -51,7 +51,7 @@ pub fn public_key_text(key: &[u8; 32]) -> String {
 }
 
 /// Parse `ed25519:<base64 of 32 bytes>`.
-pub fn parse_public_key(text: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_public_key(text: &str) -> Option<[u8; 32]> {
     let b64 = text.strip_prefix("ed25519:")?;
     let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
     raw.try_into().ok()
@@ -202,7 +202,7 @@ impl Keys {
     }
 }
 
-pub fn no_key() -> Error {
+pub(crate) fn no_key() -> Error {
     Error::new(
         Code::NoKey,
         "this server has no federation signing key; run `scaiwave admin federation key generate`",

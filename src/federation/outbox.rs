@@ -110,3 +110,61 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::WriteSet;
+
+    fn peer(n: &str) -> ServerName {
+        ServerName::parse(n).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_peer_reaches_the_worker_once_however_often_it_is_rung() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (outbox, mut new_peers) = Outbox::new(store, Clock::starting_at(0));
+        let b = peer("b.test:8448");
+        outbox.wake(&b);
+        outbox.wake(&b);
+        outbox.queue_edu(&b, "@x:a.test", serde_json::json!({}));
+        let (first, _) = new_peers.try_recv().expect("the first ring");
+        assert_eq!(first, b);
+        assert!(new_peers.try_recv().is_err(), "later rings only notify");
+        outbox.wake(&peer("c.test"));
+        assert_eq!(new_peers.try_recv().unwrap().0, peer("c.test"));
+    }
+
+    #[tokio::test]
+    async fn a_peer_heard_from_is_started_only_when_rows_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (outbox, mut new_peers) = Outbox::new(store.clone(), Clock::starting_at(0));
+        let b = peer("b.test");
+        // Anyone can make a peer "talk to us": with nothing queued for it,
+        // no entry and no task.
+        outbox.peer_is_back(&b);
+        assert!(new_peers.try_recv().is_err());
+        assert!(outbox.peers.lock().unwrap().is_empty());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let event = crate::protocol::event::Event::create(
+            crate::ids::RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap(),
+            crate::ids::Fqid::parse("@alice:a.test").unwrap(),
+            0,
+            crate::protocol::event::Content::Message {
+                body: "hi".into(),
+                thread_root: None,
+                reply_to: None,
+                mentions: vec![],
+            },
+            &crate::ids::KeyId::derive(key.verifying_key().as_bytes()),
+            &key,
+        );
+        let mut w = WriteSet::default();
+        store.queue_event(&mut w, &b, &event, vec![], 0).unwrap();
+        store.commit(&w).unwrap();
+        outbox.peer_is_back(&b);
+        assert_eq!(new_peers.try_recv().unwrap().0, b);
+    }
+}

@@ -35,11 +35,11 @@ pub fn encode_segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
-pub fn send_path() -> String {
+pub(crate) fn send_path() -> String {
     format!("{PREFIX}/send")
 }
 
-pub fn profile_path(local_id: &str) -> String {
+pub(crate) fn profile_path(local_id: &str) -> String {
     format!("{PREFIX}/profile/{}", encode_segment(local_id))
 }
 
@@ -50,7 +50,7 @@ pub fn members_path(room_id: &RoomId) -> String {
     )
 }
 
-pub fn backfill_path(room_id: &RoomId, before_seq: Option<u64>, limit: u64) -> String {
+pub(crate) fn backfill_path(room_id: &RoomId, before_seq: Option<u64>, limit: u64) -> String {
     let mut path = format!(
         "{PREFIX}/rooms/{}/backfill?limit={limit}",
         encode_segment(room_id.as_str())
@@ -77,7 +77,7 @@ pub enum Attempt {
 }
 
 /// Classify a transport result by SPEC §10's retry classes.
-pub fn classify(reply: std::result::Result<Reply, NetworkError>) -> Attempt {
+pub(crate) fn classify(reply: std::result::Result<Reply, NetworkError>) -> Attempt {
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
@@ -139,7 +139,11 @@ pub fn remote_error(server: &ServerName, reply: &Reply) -> Error {
 }
 
 /// `POST /send` of a prepared transaction body, as the delivery loop sends it.
-pub async fn send_transaction(fed: &Federation, peer: &ServerName, body: Vec<u8>) -> Attempt {
+pub(crate) async fn send_transaction(
+    fed: &Federation,
+    peer: &ServerName,
+    body: Vec<u8>,
+) -> Attempt {
     let timeout = Duration::from_secs(DELIVERY_TIMEOUT_SECS);
     match fed
         .s2s(http::Method::POST, peer, &send_path(), Some(body), timeout)
@@ -158,7 +162,7 @@ pub async fn send_transaction(fed: &Federation, peer: &ServerName, body: Vec<u8>
 /// Send one event straight to its room's host and wait (≤ 10 s): the
 /// host's `seq` for it, or its refusal. `None` means the host could not
 /// be reached (or asked us to come back later).
-pub async fn send_to_host(
+pub(crate) async fn send_to_host(
     fed: &Federation,
     event: &Event,
 ) -> Result<Option<std::result::Result<u64, Error>>> {

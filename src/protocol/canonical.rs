@@ -30,13 +30,6 @@ pub fn parse_strict(bytes: &[u8]) -> Result<Value> {
     Ok(value)
 }
 
-/// [`parse_strict`] for text already known to be UTF-8. Duplicate keys can
-/// only be seen while parsing, so callers holding text must use this rather
-/// than `serde_json::from_str` followed by [`check_value`].
-pub fn parse_strict_str(s: &str) -> Result<Value> {
-    parse_strict(s.as_bytes())
-}
-
 /// The number rules of [`parse_strict`] for a value that is already parsed
 /// (duplicate keys are gone by then and cannot be checked). Used as a second
 /// line of defence when a `Value` may not have come through [`parse_strict`].
@@ -53,7 +46,7 @@ pub fn canonical_bytes(v: &Value) -> Vec<u8> {
 
 /// RFC 8785 canonical bytes of the object `map` without its member `skip`,
 /// without copying the object (signing bytes leave out `signatures`).
-pub fn canonical_bytes_without(map: &Map<String, Value>, skip: &str) -> Vec<u8> {
+pub(crate) fn canonical_bytes_without(map: &Map<String, Value>, skip: &str) -> Vec<u8> {
     serde_jcs::to_vec(&Members {
         map,
         skip: Some(skip),
@@ -112,7 +105,7 @@ pub fn canonical_bytes_with_and_without(map: &Map<String, Value>, key: &str) -> 
 
 /// JSON (not canonical) of `map` with one more member, without copying it:
 /// how an event goes on the wire with its `unsigned` part.
-pub fn json_bytes_with(map: &Map<String, Value>, key: &str, value: &Value) -> Vec<u8> {
+pub(crate) fn json_bytes_with(map: &Map<String, Value>, key: &str, value: &Value) -> Vec<u8> {
     serde_json::to_vec(&Members {
         map,
         skip: None,
@@ -343,7 +336,7 @@ mod tests {
     jcs_vector!(jcs_weird, "weird.json");
 
     fn refused(input: &str) -> String {
-        let e = parse_strict_str(input).expect_err(input);
+        let e = parse_strict(input.as_bytes()).expect_err(input);
         assert_eq!(e.code, Code::BadEvent, "{input}");
         e.message
     }
@@ -366,7 +359,7 @@ mod tests {
         // The same key spelled with an escape is still the same key.
         assert!(refused(r#"{"a": 1, "\u0061": 2}"#).contains("duplicate key"));
         // Equal keys in sibling objects are fine.
-        assert!(parse_strict_str(r#"{"p": {"a": 1}, "q": {"a": 1}}"#).is_ok());
+        assert!(parse_strict(br#"{"p": {"a": 1}, "q": {"a": 1}}"#).is_ok());
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl ParsedSignature {
 
 /// Builds an RFC 9421 §2.5 signature base from (name, value) pairs in order
 /// and the serialized `@signature-params` value.
-pub fn signature_base_for(components: &[(String, String)], params_line: &str) -> String {
+pub(crate) fn signature_base_for(components: &[(String, String)], params_line: &str) -> String {
     let mut base = String::new();
     for (name, value) in components {
         base.push_str(&format!("\"{name}\": {value}\n"));
@@ -292,7 +292,7 @@ pub fn check_content_digest(header: Option<&str>, body: &[u8]) -> Result<()> {
 
 /// The `sha-256` digest a Content-Digest header claims: everything of step
 /// 4 that needs no body, so a request can be refused before it is read.
-pub fn content_digest_sha256(header: Option<&str>) -> Result<Vec<u8>> {
+pub(crate) fn content_digest_sha256(header: Option<&str>) -> Result<Vec<u8>> {
     let problem = match header.map(parse_dictionary) {
         None => "is missing".to_string(),
         Some(Err(why)) => format!("is not a valid RFC 8941 dictionary ({why})"),

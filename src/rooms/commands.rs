@@ -51,7 +51,7 @@ async fn commit_as(rooms: &Rooms, event: Event, source: Source) -> Result<Option
 
 /// A room of this server for an admin route (SPEC §9): any room, member or
 /// not; a type that never federates is refused before anything else.
-pub fn room_for_admin(rooms: &Rooms, room_id: &RoomId) -> Result<Room> {
+pub(crate) fn room_for_admin(rooms: &Rooms, room_id: &RoomId) -> Result<Room> {
     let room = load_room(rooms, room_id)?.ok_or_else(|| {
         Error::not_found(format!(
             "room {room_id} is not known on {}; check the id",
@@ -167,7 +167,7 @@ pub async fn post(
 
 /// Ask `fqid`'s server for its profile (signed GET). Any failure is the
 /// inviter's answer (SPEC §6 step 1).
-pub async fn fetch_profile(rooms: &Rooms, fqid: &Fqid) -> Result<ProfileAnswer> {
+pub(crate) async fn fetch_profile(rooms: &Rooms, fqid: &Fqid) -> Result<ProfileAnswer> {
     peer_api::profile(&rooms.fed, fqid).await
 }
 
@@ -185,7 +185,7 @@ pub async fn invite(
 /// `POST /v1/admin/rooms/{room_id}/federation/invite`: a server admin
 /// invites into any room this server hosts without being a member; in a
 /// room hosted elsewhere the host decides, so the admin must be joined.
-pub async fn admin_invite(
+pub(crate) async fn admin_invite(
     rooms: &Rooms,
     admin: &Participant,
     room_id: &RoomId,
@@ -306,7 +306,7 @@ fn my_invitation(rooms: &Rooms, p: &Participant, invite_id: &str) -> Result<Invi
 
 /// Send one event straight to its room's host and wait (≤ 10 s). `None`
 /// means the host could not be reached.
-pub async fn send_to_host(rooms: &Rooms, event: &Event) -> Result<Option<Outcome>> {
+pub(crate) async fn send_to_host(rooms: &Rooms, event: &Event) -> Result<Option<Outcome>> {
     Ok(peer_api::send_to_host(&rooms.fed, event)
         .await?
         .map(|answer| match answer {
@@ -452,7 +452,7 @@ pub async fn kick(
 
 /// `POST /v1/me/federated-dms`: the DM room between the caller and `fqid`,
 /// created (and the invitation sent) the first time, the same room after.
-pub async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Result<Room> {
+pub(crate) async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Result<Room> {
     let me = fqid_of(rooms, p);
     if rooms.is_local(other) {
         return Err(Error::bad_request(format!(
@@ -484,7 +484,7 @@ pub async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -> Resul
 
 /// Record a foreign participant's display name in every room they have
 /// joined, found through their `user_rooms` rows (never a members scan).
-pub fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize> {
+pub(crate) fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
     for room_id in rooms.store.rooms_of(fqid)? {
         let k = keys::member(room_id.as_str(), fqid.as_str());
@@ -514,7 +514,7 @@ pub struct Refreshed {
 /// Fetch a foreign participant's server descriptor and profile again,
 /// and take their display name in every room they have joined. Both
 /// contact the peer, so neither goes to one our policy refuses.
-pub async fn refresh_foreign(rooms: &Rooms, fqid: &Fqid) -> Result<Refreshed> {
+pub(crate) async fn refresh_foreign(rooms: &Rooms, fqid: &Fqid) -> Result<Refreshed> {
     let server = fqid.server();
     rooms.fed.admit(&server).map_err(Error::as_conflict)?;
     rooms
@@ -535,7 +535,7 @@ pub async fn refresh_foreign(rooms: &Rooms, fqid: &Fqid) -> Result<Refreshed> {
 
 /// Turn federation of a room on or off (SPEC §9 `rooms/{room_id}/federate`),
 /// under the room's lock, durably.
-pub async fn set_federate(rooms: &Rooms, room_id: &RoomId, enabled: bool) -> Result<()> {
+pub(crate) async fn set_federate(rooms: &Rooms, room_id: &RoomId, enabled: bool) -> Result<()> {
     let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let mut room = room_for_admin(rooms, room_id)?;
     room.federate = enabled;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::rooms::{GapFill, GapFills};
 
 /// After our join at `join_seq`: the member list, and history before it.
-pub async fn sync_after_join(rooms: &Rooms, room_id: &RoomId, join_seq: u64) -> Result<()> {
+pub(crate) async fn sync_after_join(rooms: &Rooms, room_id: &RoomId, join_seq: u64) -> Result<()> {
     if let Some(answer) = peer_api::members(&rooms.fed, room_id).await? {
         store_members(rooms, room_id, &answer).await?;
     }
@@ -171,7 +171,7 @@ pub async fn backfill(
 
 /// Fill the seqs in `[lo, hi)` of `room_id` that are still missing after a
 /// short wait, from the host's backfill endpoint (SPEC §6).
-pub async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
+pub(crate) async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Result<u64> {
     tokio::time::sleep(std::time::Duration::from_millis(GAP_FILL_DELAY_MS)).await;
     let hi = hi.min(lo.saturating_add(BACKFILL_EVENTS_MAX));
     let mut missing = Vec::new();
@@ -200,7 +200,7 @@ pub async fn fill_gap(rooms: &Rooms, room_id: &RoomId, lo: u64, hi: u64) -> Resu
 /// Run every claimed gap fill, each in its own task on `tasks`, until
 /// `shutdown`. A fill runs again when a batch saw a gap of its own while
 /// it ran, and releases its room's claim when it is done.
-pub async fn fill_gaps(
+pub(crate) async fn fill_gaps(
     rooms: Arc<Rooms>,
     mut fills: GapFills,
     tasks: tokio_util::task::TaskTracker,

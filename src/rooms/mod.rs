@@ -285,7 +285,7 @@ pub fn fqid_of(rooms: &Rooms, p: &Participant) -> Fqid {
 }
 
 /// The room, if `who` is a joined member of it.
-pub fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result<Room> {
+pub(crate) fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result<Room> {
     let not_found = || {
         Error::not_found(format!(
             "room {room_id} not found among your rooms; check the id or ask to be invited"
@@ -309,16 +309,16 @@ pub enum Outcome {
     Rejected(Error),
 }
 
-pub fn load_room(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Room>> {
+pub(crate) fn load_room(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Room>> {
     rooms.store.room(room_id)
 }
 
-pub fn load_members(rooms: &Rooms, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
+pub(crate) fn load_members(rooms: &Rooms, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
     rooms.store.members(room_id)
 }
 
 /// Servers other than us with at least one joined participant.
-pub fn participating_servers(
+pub(crate) fn participating_servers(
     rooms: &Rooms,
     members: &BTreeMap<String, Member>,
 ) -> BTreeSet<ServerName> {
@@ -333,7 +333,11 @@ pub fn participating_servers(
 
 /// Foreign participants a room holds against its limit: joined ones, and
 /// (unless `joined_only`) those with an open invitation.
-pub fn foreign_count(rooms: &Rooms, members: &BTreeMap<String, Member>, joined_only: bool) -> u64 {
+pub(crate) fn foreign_count(
+    rooms: &Rooms,
+    members: &BTreeMap<String, Member>,
+    joined_only: bool,
+) -> u64 {
     let now = rooms.clock.now_ms();
     members
         .values()
@@ -348,7 +352,7 @@ pub fn foreign_count(rooms: &Rooms, members: &BTreeMap<String, Member>, joined_o
         .count() as u64
 }
 
-pub fn is_joined(members: &BTreeMap<String, Member>, fqid: &str) -> bool {
+pub(crate) fn is_joined(members: &BTreeMap<String, Member>, fqid: &str) -> bool {
     members
         .get(fqid)
         .is_some_and(|m| m.membership == Membership::Join)
@@ -512,7 +516,7 @@ impl Plan {
 /// Keep `user_rooms` in step with one member row: a row while `joined`,
 /// none otherwise. A peer's participant joined nowhere any more loses its
 /// presence row too (presence is kept only for joined members).
-pub fn set_user_room(
+pub(crate) fn set_user_room(
     rooms: &Rooms,
     target: &crate::ids::Fqid,
     room_id: &str,
@@ -539,7 +543,7 @@ pub fn set_user_room(
 
 /// Pending invitations of `target` to `room_id` are settled by any later
 /// membership change (a prefix of the target's own rows).
-pub fn remove_invitations_for(
+pub(crate) fn remove_invitations_for(
     rooms: &Rooms,
     room_id: &str,
     target: &str,
@@ -616,7 +620,7 @@ pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) ->
 
 /// [`write_event`] without the search postings, for a caller that writes
 /// them itself (see [`replica::accept_from_host`]).
-pub fn write_event_unindexed(
+pub(crate) fn write_event_unindexed(
     w: &mut WriteSet,
     event: &Event,
     seq: u64,

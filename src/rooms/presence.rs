@@ -14,7 +14,7 @@ use crate::rooms::{fqid_of, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
 
 /// Other servers with a joined participant in a room `fqid` has joined.
-pub fn servers_sharing_a_room(rooms: &Rooms, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
+pub(crate) fn servers_sharing_a_room(rooms: &Rooms, fqid: &Fqid) -> Result<BTreeSet<ServerName>> {
     let mut servers = BTreeSet::new();
     for room in rooms.store.rooms_of(fqid)? {
         servers.extend(crate::rooms::participating_servers(
@@ -107,7 +107,7 @@ pub fn of(rooms: &Rooms, fqid: &Fqid) -> Result<Option<Presence>> {
 }
 
 /// Does `server` share a joined room with our participant `fqid`?
-pub fn shares_room(rooms: &Rooms, fqid: &Fqid, server: &ServerName) -> Result<bool> {
+pub(crate) fn shares_room(rooms: &Rooms, fqid: &Fqid, server: &ServerName) -> Result<bool> {
     for room in rooms.store.rooms_of(fqid)? {
         let members = load_members(rooms, &room)?;
         let shared = members.values().any(|m| {

@@ -493,3 +493,37 @@ pub async fn fail(rooms: &Rooms, room_id: &RoomId, event_id: &str) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::Config;
+    use crate::federation::Federation;
+    use crate::storage::Store;
+
+    #[tokio::test]
+    async fn a_gap_claimed_with_no_runner_is_released_and_one_runner_gets_each_claim() {
+        crate::tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let config = Config::default_embedded();
+        let (fed, _new_peers) = Federation::open(&config, store, Clock::starting_at(0)).unwrap();
+        let (rooms, mut fills) = Rooms::new(Arc::new(fed));
+        let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
+        claim_gap_fills(&rooms, vec![(room.clone(), 3, 9)]);
+        claim_gap_fills(&rooms, vec![(room.clone(), 3, 10)]);
+        assert_eq!(gap_fills_running(&rooms), 1, "one fill per room");
+        let claim = fills.try_recv().expect("the runner gets the first claim");
+        assert_eq!((claim.room_id, claim.from, claim.to), (room.clone(), 3, 9));
+        assert!(fills.try_recv().is_err(), "the second one only asks it to look again");
+        // The runner is gone (shutdown): a new claim is released at once,
+        // so the next batch with a gap can claim it again.
+        drop(fills);
+        let other = RoomId::parse("!OtherRoomOnPeer00000:b.test").unwrap();
+        claim_gap_fills(&rooms, vec![(other, 0, 5)]);
+        assert_eq!(gap_fills_running(&rooms), 1, "only the first room's fill");
+    }
+}

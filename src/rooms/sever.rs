@@ -11,7 +11,11 @@ use crate::rooms::Rooms;
 use crate::rooms::{commands, fqid_of, load_members, Plan, RoomLocks};
 use crate::storage::{self, keys, Participant, Room, WriteSet, T};
 
-pub async fn remove_peer(rooms: &Rooms, admin: &Participant, peer: &ServerName) -> Result<Value> {
+pub(crate) async fn remove_peer(
+    rooms: &Rooms,
+    admin: &Participant,
+    peer: &ServerName,
+) -> Result<Value> {
     let shared: Vec<Room> = rooms
         .store
         .scan::<Room>(T::Rooms, b"")?

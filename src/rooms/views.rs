@@ -25,7 +25,7 @@ pub struct MessageView {
     pub reactions: std::collections::BTreeMap<String, Vec<String>>,
 }
 
-pub fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
+pub(crate) fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<MessageView> {
     let (event, _) = Event::parse(&stored.json).ok()?;
     let Content::Message {
         body,

@@ -9,11 +9,11 @@ fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     bincode::serde::encode_to_vec(value, config()).map_err(|e| Error::internal("encode", e))
 }
 
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     bincode::serde::decode_from_slice(bytes, config())
         .map(|(v, _)| v)
         .map_err(|e| Error::internal("decode", e))

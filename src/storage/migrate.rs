@@ -28,7 +28,7 @@ pub struct AuditRowV1 {
 /// leaves version 1 marked, and a rerun reads rows already upgraded as the
 /// new format (see [`upgrade_audit_row`]; an invitation key with a zero
 /// byte is already re-keyed, since event ids never hold one).
-pub fn v1_to_v2(store: &Store) -> Result<()> {
+pub(crate) fn v1_to_v2(store: &Store) -> Result<()> {
     let audit = store.tree(T::Audit);
     for item in audit.iter() {
         let (k, v) = item.map_err(sled_err)?;

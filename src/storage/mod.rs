@@ -55,7 +55,7 @@ use crate::limits::DB_LOCK_WAIT;
 /// directories, 0600 for files, whatever the umask was when they were made
 /// (SPEC §12: the signing key and all history live here). `main` also sets
 /// the umask to 0077, so files made later start private too.
-pub fn make_private(dir: &Path) -> Result<()> {
+pub(crate) fn make_private(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let set = |path: &Path, mode: u32| {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| {

@@ -9,7 +9,7 @@ use crate::ids::LocalId;
 use super::{Participant, Store, WriteSet, T};
 
 /// A fresh random bearer token (256 bits, hex) and the hash we store.
-pub fn new_token() -> (String, [u8; 32]) {
+pub(crate) fn new_token() -> (String, [u8; 32]) {
     use rand::RngCore;
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
@@ -18,7 +18,7 @@ pub fn new_token() -> (String, [u8; 32]) {
     (token, hash)
 }
 
-pub fn token_hash(token: &str) -> [u8; 32] {
+pub(crate) fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
