@@ -246,30 +246,9 @@ impl Federation {
         code: Option<Code>,
         detail: &str,
     ) {
-        self.store.audit(vec![
-            self.audit_row(action, peer, event_id, room_id, code, detail)
-        ]);
-    }
-
-    /// A row stamped now, for a caller that writes several in one batch.
-    pub fn audit_row(
-        &self,
-        action: &str,
-        peer: Option<&ServerName>,
-        event_id: Option<&str>,
-        room_id: Option<&str>,
-        code: Option<Code>,
-        detail: &str,
-    ) -> AuditRow {
-        AuditRow::new(
-            self.clock.now_ms(),
-            action,
-            peer,
-            event_id,
-            room_id,
-            code,
-            detail,
-        )
+        let now = self.clock.now_ms();
+        let row = AuditRow::new(now, action, peer, event_id, room_id, code, detail);
+        self.store.audit(vec![row]);
     }
 
     /// Audit a request whose origin is only claimed (its signature was not,
@@ -302,7 +281,7 @@ impl Federation {
             0 => detail.to_string(),
             n => format!("{detail} ({n} more unverified rows were not written before this one)"),
         };
-        let mut row = self.audit_row(action, claimed, None, None, Some(code), &detail);
+        let mut row = AuditRow::new(now, action, claimed, None, None, Some(code), &detail);
         row.unverified = true;
         self.store.audit(vec![row]);
     }

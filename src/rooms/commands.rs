@@ -15,7 +15,7 @@ use crate::rooms::host::{self, Source};
 use crate::rooms::Rooms;
 use crate::rooms::{fqid_of, history, joined_room};
 use crate::rooms::{load_members, load_room, replica, Outcome};
-use crate::storage::{self, keys, Invitation, Member, Participant, Room, RoomType, T};
+use crate::storage::{self, Invitation, Participant, Room, RoomType, T};
 
 /// Sign a new event from one of our participants.
 pub fn sign(rooms: &Rooms, room_id: &RoomId, sender: &Fqid, content: Content) -> Result<Event> {
@@ -273,10 +273,9 @@ async fn invite_into(
     }
     commit_as(rooms, event, source).await?;
     if let Some(name) = display_name {
-        let k = keys::member(room_id.as_str(), target.as_str());
-        if let Some(mut m) = rooms.store.get::<Member>(T::Members, &k)? {
+        if let Some(mut m) = rooms.store.member(room_id.as_str(), target.as_str())? {
             m.display_name = Some(name);
-            rooms.store.put(T::Members, &k, &m)?;
+            rooms.store.put_member(room_id.as_str(), &m)?;
         }
     }
     Ok(invite_id)
@@ -487,11 +486,10 @@ pub(crate) async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -
 pub(crate) fn set_display_name(rooms: &Rooms, fqid: &Fqid, name: &str) -> Result<usize> {
     let mut updated = 0;
     for room_id in rooms.store.rooms_of(fqid)? {
-        let k = keys::member(room_id.as_str(), fqid.as_str());
-        if let Some(mut m) = rooms.store.get::<Member>(T::Members, &k)? {
+        if let Some(mut m) = rooms.store.member(room_id.as_str(), fqid.as_str())? {
             if m.display_name.as_deref() != Some(name) {
                 m.display_name = Some(name.to_string());
-                rooms.store.put(T::Members, &k, &m)?;
+                rooms.store.put_member(room_id.as_str(), &m)?;
                 updated += 1;
             }
         }

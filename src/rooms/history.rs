@@ -47,7 +47,7 @@ async fn store_members(rooms: &Rooms, room_id: &RoomId, answer: &MembersAnswer) 
             continue;
         }
         let k = keys::member(room_id.as_str(), f.as_str());
-        let prev: Option<Member> = rooms.store.get(T::Members, &k)?;
+        let prev = rooms.store.member(room_id.as_str(), f.as_str())?;
         let mut member = prev.unwrap_or(Member {
             fqid: f.to_string(),
             membership,

@@ -292,9 +292,7 @@ pub(crate) fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result
         ))
     };
     let room = load_room(rooms, room_id)?.ok_or_else(not_found)?;
-    let m: Option<Member> = rooms
-        .store
-        .get(T::Members, &keys::member(room_id.as_str(), who.as_str()))?;
+    let m = rooms.store.member(room_id.as_str(), who.as_str())?;
     if !m.is_some_and(|m| m.membership == Membership::Join) {
         return Err(not_found());
     }

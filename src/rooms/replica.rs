@@ -518,7 +518,10 @@ mod tests {
         assert_eq!(gap_fills_running(&rooms), 1, "one fill per room");
         let claim = fills.try_recv().expect("the runner gets the first claim");
         assert_eq!((claim.room_id, claim.from, claim.to), (room.clone(), 3, 9));
-        assert!(fills.try_recv().is_err(), "the second one only asks it to look again");
+        assert!(
+            fills.try_recv().is_err(),
+            "the second one only asks it to look again"
+        );
         // The runner is gone (shutdown): a new claim is released at once,
         // so the next batch with a gap can claim it again.
         drop(fills);

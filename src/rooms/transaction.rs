@@ -13,7 +13,7 @@ use crate::limits::{EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, TXN_CA
 use crate::protocol::canonical;
 use crate::protocol::event::{Content, Event, Membership, PresenceEdu};
 use crate::protocol::wire::{SendAnswer, SendResult, SendStatus};
-use crate::storage::{keys, TxnRecord, T};
+use crate::storage::{keys, AuditRow, TxnRecord, T};
 
 use super::host::{self, Source};
 use super::{replica, Outcome, Rooms};
@@ -365,6 +365,7 @@ fn receive_edus(
 /// One audit row per accepted or refused event, in one batch; answers how
 /// many were accepted.
 fn audit(rooms: &Rooms, origin: &ServerName, results: &[SendResult]) -> u64 {
+    let now = rooms.clock.now_ms();
     let mut accepted = 0;
     let mut rows = Vec::new();
     for r in results {
@@ -377,11 +378,15 @@ fn audit(rooms: &Rooms, origin: &ServerName, results: &[SendResult]) -> u64 {
             _ => continue,
         };
         let detail = r.error.as_ref().map(|e| e.message.as_str()).unwrap_or("");
-        rows.push(
-            rooms
-                .fed
-                .audit_row(action, Some(origin), Some(&r.event_id), None, code, detail),
-        );
+        rows.push(AuditRow::new(
+            now,
+            action,
+            Some(origin),
+            Some(&r.event_id),
+            None,
+            code,
+            detail,
+        ));
     }
     rooms.store.audit(rows);
     accepted
