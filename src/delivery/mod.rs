@@ -378,54 +378,106 @@ async fn send_round(
             }
             in_flight.push(launch(rows, Vec::new()));
         }
-        let Some((part, attempt, started)) = in_flight.next().await else {
+        let Some(sent) = in_flight.next().await else {
             return round;
         };
-        match attempt {
-            Attempt::Answered(answer) => {
-                signals
-                    .edus
-                    .lock()
-                    .expect("edu lock")
-                    .retain(|_, (at, _)| *at > now);
-                match apply_answer(delivery, peer, &part, &answer).await {
-                    Ok((delivered, left_queue)) => {
-                        // Nothing left the queue (only retryable refusals, or
-                        // an answer without our events): back off, never spin.
-                        round.stuck |= left_queue == 0 && !part.is_empty();
-                        if delivered > 0 {
-                            let total_ms = started.elapsed().as_secs_f64() * 1000.0;
-                            tracing::info!(name: "federation.send.success", peer = %peer, events = delivered, total_ms, "federation.send.success");
-                            delivery.rooms.fed.peer_success(peer, delivered, 0);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, peer = %peer, "could not record a delivery");
-                        round.retry = Some(("internal".into(), e.message, None));
+        settle_attempt(delivery, peer, signals, now, sent, &mut round).await;
+    }
+}
+
+/// Take what one transaction came to into the round: delivered rows leave
+/// the queue, refused ones are given up, a retryable failure ends the
+/// window. EDUs queued before the round went with it once the peer
+/// answered (or refused for good).
+async fn settle_attempt(
+    delivery: &Delivery,
+    peer: &ServerName,
+    signals: &PeerSignals,
+    now: i64,
+    (part, attempt, started): (Rows, Attempt, tokio::time::Instant),
+    round: &mut Round,
+) {
+    let edus_sent = || {
+        signals
+            .edus
+            .lock()
+            .expect("edu lock")
+            .retain(|_, (at, _)| *at > now)
+    };
+    match attempt {
+        Attempt::Answered(answer) => {
+            edus_sent();
+            match apply_answer(delivery, peer, &part, &answer).await {
+                Ok((delivered, left_queue)) => {
+                    // Nothing left the queue (only retryable refusals, or
+                    // an answer without our events): back off, never spin.
+                    round.stuck |= left_queue == 0 && !part.is_empty();
+                    if delivered > 0 {
+                        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+                        tracing::info!(name: "federation.send.success", peer = %peer, events = delivered, total_ms, "federation.send.success");
+                        delivery.rooms.fed.peer_success(peer, delivered, 0);
                     }
                 }
-            }
-            Attempt::Retry {
-                code,
-                message,
-                retry_after_secs,
-            } => {
-                delivery.rooms.fed.peer_failure(peer, &code, &message);
-                round.retry = Some((code, message, retry_after_secs));
-            }
-            Attempt::Refused { code, message } => {
-                delivery.rooms.fed.peer_failure(peer, &code, &message);
-                signals
-                    .edus
-                    .lock()
-                    .expect("edu lock")
-                    .retain(|_, (at, _)| *at > now);
-                for (k, it) in &part {
-                    give_up(delivery, peer, k, it, &code, &message).await;
+                Err(e) => {
+                    tracing::error!(error = %e, peer = %peer, "could not record a delivery");
+                    round.retry = Some(("internal".into(), e.message, None));
                 }
             }
         }
+        Attempt::Retry {
+            code,
+            message,
+            retry_after_secs,
+        } => {
+            delivery.rooms.fed.peer_failure(peer, &code, &message);
+            round.retry = Some((code, message, retry_after_secs));
+        }
+        Attempt::Refused { code, message } => {
+            delivery.rooms.fed.peer_failure(peer, &code, &message);
+            edus_sent();
+            for (k, it) in &part {
+                give_up(delivery, peer, k, it, &code, &message).await;
+            }
+        }
     }
+}
+
+/// The first transaction's worth of `peer`'s queue (none if it cannot be
+/// read: logged, and tried again on the next wake).
+fn queue_head(delivery: &Delivery, peer: &ServerName) -> Rows {
+    let scan = delivery.rooms.store.scan_limit(
+        T::Outbox,
+        &storage::prefix(peer.as_str()),
+        EVENTS_PER_TRANSACTION_MAX,
+    );
+    scan.unwrap_or_else(|e| {
+        tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
+        Vec::new()
+    })
+}
+
+/// The presence EDUs waiting for the peer, once those past
+/// [`EDU_TTL_MS`] are dropped.
+fn fresh_edus(signals: &PeerSignals, now: i64) -> Vec<serde_json::Value> {
+    let mut map = signals.edus.lock().expect("edu lock");
+    map.retain(|_, (at, _)| now - *at < EDU_TTL_MS);
+    map.values().map(|(_, v)| v.clone()).collect()
+}
+
+/// How long to wait after the `failures`-th failure in a row: the jittered
+/// backoff, or the peer's `Retry-After` if that is longer (both capped).
+fn retry_delay(
+    fed: &crate::config::FederationConfig,
+    failures: u32,
+    retry_after_secs: Option<u64>,
+) -> Duration {
+    let d = backoff(
+        fed.retry_initial,
+        fed.retry_max_interval,
+        failures,
+        rand::rng().random(),
+    );
+    d.max(retry_after(retry_after_secs, fed.retry_max_interval))
 }
 
 /// The per-peer loop. Exits on shutdown; queued rows stay for the next run.
@@ -437,21 +489,9 @@ async fn run_peer(delivery: Arc<Delivery>, peer: ServerName, signals: Arc<PeerSi
         if delivery.shutdown.is_cancelled() {
             return;
         }
-        let scan = delivery.rooms.store.scan_limit(
-            T::Outbox,
-            &storage::prefix(peer.as_str()),
-            EVENTS_PER_TRANSACTION_MAX,
-        );
-        let items: Vec<(Vec<u8>, OutboxItem)> = scan.unwrap_or_else(|e| {
-            tracing::error!(error = %e, peer = %peer, "cannot read the outbox");
-            Vec::new()
-        });
+        let items = queue_head(&delivery, &peer);
         let now = delivery.rooms.clock.now_ms();
-        let edus: Vec<serde_json::Value> = {
-            let mut map = signals.edus.lock().expect("edu lock");
-            map.retain(|_, (at, _)| now - *at < EDU_TTL_MS);
-            map.values().map(|(_, v)| v.clone()).collect()
-        };
+        let edus = fresh_edus(&signals, now);
         if items.is_empty() && edus.is_empty() {
             signals.next_retry_at_ms.store(0, Ordering::Relaxed);
             tokio::select! {
@@ -494,19 +534,11 @@ async fn run_peer(delivery: Arc<Delivery>, peer: ServerName, signals: Arc<PeerSi
             (retry, _) => {
                 // A retryable failure, or only retryable refusals left: back off.
                 failures = failures.saturating_add(1);
-                let d = backoff(
-                    fed.retry_initial,
-                    fed.retry_max_interval,
-                    failures,
-                    rand::rng().random(),
-                );
                 if let Some((code, message, _)) = retry {
                     tracing::warn!(peer = %peer, code = %code, attempt = failures, "delivery failed, will retry: {message}");
                 }
-                d.max(retry_after(
-                    retry.as_ref().and_then(|r| r.2),
-                    fed.retry_max_interval,
-                ))
+                let retry_after_secs = retry.as_ref().and_then(|r| r.2);
+                retry_delay(&fed, failures, retry_after_secs)
             }
         };
         // Wake at the retry time, or when the oldest row reaches its

@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Code, Error, Result};
+use crate::federation::policy::Policy;
 use crate::ids::{Fqid, RoomId, ServerName};
 use crate::protocol::event::{Content, Event, Membership};
 use crate::rooms::Rooms;
@@ -40,124 +41,153 @@ fn not_member(sender: &Fqid, room: &str) -> Error {
 /// checked by the local API; both kinds pass the membership rules that
 /// keep room state consistent.
 fn check(rooms: &Rooms, plan: &Plan, event: &Event, source: &Source, now_ms: i64) -> Result<()> {
-    let room = &plan.room;
     if let Source::Peer(peer) = source {
-        if !room.room_type.federable() {
-            return Err(Error::new(
-                Code::RoomTypeForbidden,
-                format!("{} rooms never federate", room.room_type.as_str()),
-            ));
-        }
-        if !room.federate {
-            return Err(Error::new(
-                Code::RoomNotFederated,
-                format!("room {} has federation turned off on {}; its admin can enable it with PUT /v1/admin/rooms/{{room_id}}/federate", room.room_id, rooms.server_name),
-            ));
-        }
-        if event.origin != *peer {
-            return Err(Error::bad_event(format!(
-                "event origin {} differs from the sending server {peer}; a replica sends only its own participants' events",
-                event.origin
-            )));
-        }
+        check_from_peer(rooms, plan, event, peer)?;
     }
-    let sender = event.sender.as_str();
     match &event.content {
         Content::Member {
             membership, target, ..
-        } => {
-            match membership {
-                Membership::Join => {
-                    if target != &event.sender {
-                        return Err(Error::bad_event("a join's target must be its sender"));
-                    }
-                    match plan.members.get(sender) {
-                    Some(m) if m.membership == Membership::Join => {
-                        return Err(Error::bad_event(format!("{sender} has already joined")));
-                    }
-                    Some(m) if m.membership == Membership::Invite => {
-                        if m.invite_expires_at_ms.is_some_and(|e| now_ms >= e) {
-                            return Err(Error::new(
-                                Code::InviteExpired,
-                                format!("the invitation of {sender} to {} expired; ask a member for a new one", room.room_id),
-                            ));
-                        }
-                        if !rooms.is_local(&event.sender) && foreign_count(rooms, &plan.members, true) >= rooms.fed.policy().max_foreign_participants_per_room {
-                            return Err(foreign_limit());
-                        }
-                    }
-                    _ => {
-                        return Err(Error::new(
-                            Code::NotMember,
-                            format!("{sender} has no pending invitation to {}; ask a member to invite them", room.room_id),
-                        ))
-                    }
-                }
-                }
-                Membership::Decline => {
-                    if target != &event.sender {
-                        return Err(Error::bad_event("a decline's target must be its sender"));
-                    }
-                    if !plan
-                        .members
-                        .get(sender)
-                        .is_some_and(|m| m.membership == Membership::Invite)
-                    {
-                        return Err(Error::new(
-                            Code::NotMember,
-                            format!("{sender} has no pending invitation to decline"),
-                        ));
-                    }
-                }
-                Membership::Leave => {
-                    if target != &event.sender {
-                        return Err(Error::bad_event(
-                            "a leave's target must be its sender; use kick to remove someone else",
-                        ));
-                    }
-                    if !is_joined(&plan.members, sender) {
-                        return Err(not_member(&event.sender, &room.room_id));
-                    }
-                }
-                Membership::Invite => {
-                    if !matches!(source, Source::LocalAdmin) && !is_joined(&plan.members, sender) {
-                        return Err(not_member(&event.sender, &room.room_id));
-                    }
-                    if is_joined(&plan.members, target.as_str()) {
-                        return Err(Error::bad_event(format!("{target} has already joined")));
-                    }
-                    if !rooms.is_local(target)
-                        && foreign_count(rooms, &plan.members, false)
-                            >= rooms.fed.policy().max_foreign_participants_per_room
-                    {
-                        return Err(foreign_limit());
-                    }
-                }
-                Membership::Kick => {
-                    if matches!(source, Source::Peer(_)) {
-                        return Err(Error::new(
-                            Code::NotMember,
-                            "kicks come only from the host's own room admins",
-                        ));
-                    }
-                    if !is_joined(&plan.members, target.as_str())
-                        && !plan
-                            .members
-                            .get(target.as_str())
-                            .is_some_and(|m| m.membership == Membership::Invite)
-                    {
-                        return Err(Error::bad_event(format!("{target} is not in the room")));
-                    }
-                }
-            }
-        }
+        } => check_membership(rooms, plan, event, source, now_ms, *membership, target),
         Content::Message { .. } | Content::Reaction { .. } => {
+            if !is_joined(&plan.members, event.sender.as_str()) {
+                return Err(not_member(&event.sender, &plan.room.room_id));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What a replica's event must be before its content is looked at: for a
+/// room that federates, and from the server that sent it.
+fn check_from_peer(rooms: &Rooms, plan: &Plan, event: &Event, peer: &ServerName) -> Result<()> {
+    let room = &plan.room;
+    if !room.room_type.federable() {
+        return Err(Error::new(
+            Code::RoomTypeForbidden,
+            format!("{} rooms never federate", room.room_type.as_str()),
+        ));
+    }
+    if !room.federate {
+        return Err(Error::new(
+            Code::RoomNotFederated,
+            format!("room {} has federation turned off on {}; its admin can enable it with PUT /v1/admin/rooms/{{room_id}}/federate", room.room_id, rooms.server_name),
+        ));
+    }
+    if event.origin != *peer {
+        return Err(Error::bad_event(format!(
+            "event origin {} differs from the sending server {peer}; a replica sends only its own participants' events",
+            event.origin
+        )));
+    }
+    Ok(())
+}
+
+/// The membership rules: who may join, decline, leave, invite or kick.
+fn check_membership(
+    rooms: &Rooms,
+    plan: &Plan,
+    event: &Event,
+    source: &Source,
+    now_ms: i64,
+    membership: Membership,
+    target: &Fqid,
+) -> Result<()> {
+    let room = &plan.room;
+    let sender = event.sender.as_str();
+    let invited = |who: &str| {
+        plan.members
+            .get(who)
+            .is_some_and(|m| m.membership == Membership::Invite)
+    };
+    match membership {
+        Membership::Join => {
+            if target != &event.sender {
+                return Err(Error::bad_event("a join's target must be its sender"));
+            }
+            check_join(rooms, plan, event, now_ms)
+        }
+        Membership::Decline => {
+            if target != &event.sender {
+                return Err(Error::bad_event("a decline's target must be its sender"));
+            }
+            if !invited(sender) {
+                return Err(Error::new(
+                    Code::NotMember,
+                    format!("{sender} has no pending invitation to decline"),
+                ));
+            }
+            Ok(())
+        }
+        Membership::Leave => {
+            if target != &event.sender {
+                return Err(Error::bad_event(
+                    "a leave's target must be its sender; use kick to remove someone else",
+                ));
+            }
             if !is_joined(&plan.members, sender) {
                 return Err(not_member(&event.sender, &room.room_id));
             }
+            Ok(())
+        }
+        Membership::Invite => {
+            if !matches!(source, Source::LocalAdmin) && !is_joined(&plan.members, sender) {
+                return Err(not_member(&event.sender, &room.room_id));
+            }
+            if is_joined(&plan.members, target.as_str()) {
+                return Err(Error::bad_event(format!("{target} has already joined")));
+            }
+            if !rooms.is_local(target)
+                && foreign_count(rooms, &plan.members, false)
+                    >= rooms.fed.policy().max_foreign_participants_per_room
+            {
+                return Err(foreign_limit());
+            }
+            Ok(())
+        }
+        Membership::Kick => {
+            if matches!(source, Source::Peer(_)) {
+                return Err(Error::new(
+                    Code::NotMember,
+                    "kicks come only from the host's own room admins",
+                ));
+            }
+            if !is_joined(&plan.members, target.as_str()) && !invited(target.as_str()) {
+                return Err(Error::bad_event(format!("{target} is not in the room")));
+            }
+            Ok(())
         }
     }
-    Ok(())
+}
+
+/// A join needs a pending, unexpired invitation, and room under the
+/// foreign participant limit for a peer's participant.
+fn check_join(rooms: &Rooms, plan: &Plan, event: &Event, now_ms: i64) -> Result<()> {
+    let sender = event.sender.as_str();
+    let room_id = &plan.room.room_id;
+    match plan.members.get(sender) {
+        Some(m) if m.membership == Membership::Join => {
+            Err(Error::bad_event(format!("{sender} has already joined")))
+        }
+        Some(m) if m.membership == Membership::Invite => {
+            if m.invite_expires_at_ms.is_some_and(|e| now_ms >= e) {
+                return Err(Error::new(
+                    Code::InviteExpired,
+                    format!("the invitation of {sender} to {room_id} expired; ask a member for a new one"),
+                ));
+            }
+            if !rooms.is_local(&event.sender)
+                && foreign_count(rooms, &plan.members, true)
+                    >= rooms.fed.policy().max_foreign_participants_per_room
+            {
+                return Err(foreign_limit());
+            }
+            Ok(())
+        }
+        _ => Err(Error::new(
+            Code::NotMember,
+            format!("{sender} has no pending invitation to {room_id}; ask a member to invite them"),
+        )),
+    }
 }
 
 /// Check, sequence, store and fan out a batch. The answer has one outcome
@@ -185,17 +215,15 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
     for (event, source) in &batch {
         let hash = event.content_hash();
         let id_key = (event.origin.clone(), event.event_id.to_string());
-        if let Some(prev) = seen.get(&id_key) {
-            outcomes.push(if *prev == hash {
-                Outcome::Duplicate(None)
-            } else {
-                Outcome::Rejected(Error::bad_event(
-                    "the same event_id twice with different content",
-                ))
-            });
-            continue;
-        }
-        if let Some(o) = dedup(rooms, event, &hash)? {
+        // Seen earlier in this batch, or stored before.
+        let known = match seen.get(&id_key) {
+            Some(prev) if *prev == hash => Some(Outcome::Duplicate(None)),
+            Some(_) => Some(Outcome::Rejected(Error::bad_event(
+                "the same event_id twice with different content",
+            ))),
+            None => dedup(rooms, event, &hash)?,
+        };
+        if let Some(o) = known {
             outcomes.push(o);
             continue;
         }
@@ -227,21 +255,7 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
         plan.room.next_seq = next_seq;
         write_event(&mut w, event, seq, hash)?;
 
-        // Fan out to servers participating before this event (so a kicked or
-        // leaving server learns it), plus an invitee's server, minus the
-        // event's origin (never echoed) and us.
-        let mut targets = participating_servers(rooms, &plan.members);
-        if let Content::Member {
-            target,
-            membership: Membership::Invite | Membership::Kick | Membership::Leave,
-            ..
-        } = &event.content
-        {
-            if !rooms.is_local(target) {
-                targets.insert(target.server());
-            }
-        }
-        targets.remove(&event.origin);
+        let targets = fan_out_targets(rooms, plan, event);
         let expires = match &event.content {
             Content::Member {
                 membership: Membership::Invite,
@@ -251,23 +265,8 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
         };
         plan.apply_membership(rooms, event, &mut w, expires)?;
         let wire = event.to_wire_bytes(Some(seq));
-        for peer in targets {
-            if let Err(e) = policy.admit(&peer) {
-                rooms.fed.audit(
-                    "federation.policy_rejected",
-                    Some(&peer),
-                    Some(&event.event_id.to_string()),
-                    Some(event.room_id.as_str()),
-                    Some(e.code),
-                    "not sent: our policy refuses this peer",
-                );
-                continue;
-            }
-            rooms
-                .store
-                .queue_event(&mut w, &peer, event, wire.clone(), now_ms)?;
-            woken.insert(peer);
-        }
+        let queued = queue_for(rooms, &policy, &mut w, event, &wire, targets, now_ms)?;
+        woken.extend(queued);
         live.push((event.room_id.to_string(), seq, wire));
         outcomes.push(Outcome::Accepted(seq));
     }
@@ -284,4 +283,55 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
         rooms.fed.outbox.wake(&peer);
     }
     Ok(outcomes)
+}
+
+/// Where an event goes: the servers participating before it (so a kicked
+/// or leaving server learns it), plus an invitee's server, minus the
+/// event's origin (never echoed) and us.
+fn fan_out_targets(rooms: &Rooms, plan: &Plan, event: &Event) -> BTreeSet<ServerName> {
+    let mut targets = participating_servers(rooms, &plan.members);
+    if let Content::Member {
+        target,
+        membership: Membership::Invite | Membership::Kick | Membership::Leave,
+        ..
+    } = &event.content
+    {
+        if !rooms.is_local(target) {
+            targets.insert(target.server());
+        }
+    }
+    targets.remove(&event.origin);
+    targets
+}
+
+/// Queue `wire` for each of `targets` our policy admits, in `w`; a refused
+/// one is audited and skipped. Answers the peers queued for.
+fn queue_for(
+    rooms: &Rooms,
+    policy: &Policy,
+    w: &mut WriteSet,
+    event: &Event,
+    wire: &[u8],
+    targets: BTreeSet<ServerName>,
+    now_ms: i64,
+) -> Result<Vec<ServerName>> {
+    let mut queued = Vec::new();
+    for peer in targets {
+        if let Err(e) = policy.admit(&peer) {
+            rooms.fed.audit(
+                "federation.policy_rejected",
+                Some(&peer),
+                Some(&event.event_id.to_string()),
+                Some(event.room_id.as_str()),
+                Some(e.code),
+                "not sent: our policy refuses this peer",
+            );
+            continue;
+        }
+        rooms
+            .store
+            .queue_event(w, &peer, event, wire.to_vec(), now_ms)?;
+        queued.push(peer);
+    }
+    Ok(queued)
 }
