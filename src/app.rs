@@ -64,7 +64,7 @@ impl App {
         crate::storage::make_private(&config.data_dir)?;
         let (fed, new_peers) = Federation::open(&config, store.clone(), clock.clone())?;
         let fed = Arc::new(fed);
-        let (rooms, gap_fills) = Rooms::new(fed.clone());
+        let (rooms, gap_fills) = Rooms::new(fed.clone(), config.livekit.clone());
         let rooms = Arc::new(rooms);
         let shutdown = CancellationToken::new();
         let services = Arc::new(Services {

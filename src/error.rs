@@ -32,6 +32,8 @@ pub enum Code {
     InviteExpired,
     ParticipantNotFound,
     BackfillRefused,
+    /// Calls need `[livekit]` on the room's host (SPEC §14).
+    CallsUnavailable,
     // Local (admin and client) API codes (SPEC §9).
     BadRequest,
     Unauthenticated,
@@ -43,7 +45,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 27] = [
         Code::PeerUnknown,
         Code::PolicyRejected,
         Code::SignatureMismatch,
@@ -64,6 +66,7 @@ impl Code {
         Code::InviteExpired,
         Code::ParticipantNotFound,
         Code::BackfillRefused,
+        Code::CallsUnavailable,
         Code::BadRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -94,6 +97,7 @@ impl Code {
             Code::InviteExpired => "SW_FED_INVITE_EXPIRED",
             Code::ParticipantNotFound => "SW_FED_PARTICIPANT_NOT_FOUND",
             Code::BackfillRefused => "SW_FED_BACKFILL_REFUSED",
+            Code::CallsUnavailable => "SW_CALLS_UNAVAILABLE",
             Code::BadRequest => "SW_BAD_REQUEST",
             Code::Unauthenticated => "SW_UNAUTHENTICATED",
             Code::Forbidden => "SW_FORBIDDEN",
@@ -129,7 +133,7 @@ impl Code {
             Code::WrongDestination => 421,
             Code::RateLimited => 429,
             Code::Internal => 500,
-            Code::NoKey => 503,
+            Code::NoKey | Code::CallsUnavailable => 503,
         }
     }
 

@@ -168,3 +168,6 @@ pub const RETENTION_INTERVAL_SECS: u64 = 3600;
 /// A presence update older than this is not worth delivering any more
 /// (presence EDUs wait in memory only, latest per sender).
 pub const EDU_TTL_MS: i64 = 5 * 60 * 1000;
+/// How long a call token (a LiveKit access token, SPEC §14) is valid: a
+/// participant asks for a new one to join again later.
+pub const CALL_TOKEN_SECS: i64 = 3600;

@@ -11,7 +11,7 @@ use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::MESSAGES_PAGE_MAX;
 use crate::protocol::event::{Content, Membership, ReactionAction};
 use crate::rooms::load_members;
-use crate::rooms::{commands, fqid_of, joined_room, views};
+use crate::rooms::{calls, commands, fqid_of, joined_room, views};
 use crate::storage::{Participant, Room};
 
 fn room_view(svc: &Services, room: &Room) -> Value {
@@ -157,6 +157,10 @@ pub async fn route(
             let content = message_content(&req.json()?)?;
             let posted = commands::post(&svc.rooms, &me, &RoomId::parse(room)?, content).await?;
             Ok(json_reply(200, &posted))
+        }
+        ("POST", ["rooms", room, "call"]) => {
+            let token = calls::call(&svc.rooms, &me, &RoomId::parse(room)?).await?;
+            Ok(json_reply(200, &token))
         }
         ("GET", ["rooms", room, "messages"]) => messages(svc, req, &me, &RoomId::parse(room)?),
         ("POST", ["rooms", room, "reactions"]) => {

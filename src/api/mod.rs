@@ -1,4 +1,5 @@
-//! HTTP: the only module that knows warp and HTTP. [`Front::handle`] takes
+//! HTTP: the only module that knows warp, serves requests or chooses a
+//! status (layer 6; it takes [`Services`], never `App`). [`Front::handle`] takes
 //! a request's head, routes and authenticates it, applies the rate limits,
 //! and only then reads the body (bounded in size, time and, across all
 //! requests, memory) into a [`Request`] for the S2S, admin or client

@@ -50,6 +50,7 @@ pub fn known(method: &str, rest: &[&str]) -> bool {
         ("POST", ["send"])
             | ("GET", ["profile", _])
             | ("GET", ["rooms", _, "members" | "backfill"])
+            | ("POST", ["rooms", _, "call-token"])
     )
 }
 
@@ -80,6 +81,7 @@ pub async fn route(
             transaction::receive(&svc.rooms, origin, &req.body).await?,
         )),
         ["profile", local] => profile(svc, origin, local),
+        ["rooms", room, "call-token"] => call_token(svc, req, origin, room),
         ["rooms", room, what] => {
             let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
             let members = hosted_room_for(svc, origin, &room_id)?;
@@ -139,6 +141,30 @@ fn profile(svc: &Services, origin: &ServerName, local: &str) -> Result<Response>
 }
 
 /// Only the host serves room state, and only to participating servers.
+/// `POST rooms/{room_id}/call-token` `{"fqid"}` (SPEC §14): a call token
+/// for a joined member of the requesting server, in a room we host.
+fn call_token(svc: &Services, req: &Request, origin: &ServerName, room: &str) -> Result<Response> {
+    let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
+    let body = req.json().map_err(|e| Error::fed_bad_request(e.message))?;
+    let fqid = body
+        .get("fqid")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| Error::fed_bad_request("send {\"fqid\": \"@local:server\"}"))
+        .and_then(|f| Fqid::parse(f).map_err(|e| Error::fed_bad_request(e.message)))?;
+    if fqid.server() != *origin {
+        return Err(Error::new(
+            Code::NotMember,
+            format!("{origin} asks for {fqid}, who is not its participant; a server asks only for its own"),
+        ));
+    }
+    hosted_room_for(svc, origin, &room_id)?;
+    let room = load_room(&svc.rooms, &room_id)?.expect("checked above");
+    Ok(json_reply(
+        200,
+        &crate::rooms::calls::mint(&svc.rooms, &room, &fqid)?,
+    ))
+}
+
 fn hosted_room_for(
     svc: &Services,
     origin: &ServerName,

@@ -1,6 +1,7 @@
 //! The `scaiwave` command line (SPEC §12): one closed [`Command`] enum.
-//! Admin commands open the database directly and call the same functions
-//! the HTTP admin API and the timers call.
+//! Admin commands go through the running server's admin socket (started by
+//! [`serve`]), or open the database directly when none runs; either way
+//! they call the same functions the HTTP admin API and the timers call.
 
 use std::path::PathBuf;
 

@@ -2,7 +2,8 @@
 //!
 //! Signing and verification are pure functions elsewhere; this is the only
 //! stateful part on our side. The rotation timer and the CLI's `key rotate`
-//! call the same [`Keys::rotate`].
+//! call the same [`Keys::rotate`] (through `Federation::rotate`, which
+//! audits it).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;

@@ -14,7 +14,7 @@ use crate::limits::{
 };
 use crate::protocol::event::Event;
 use crate::protocol::wire::{
-    BackfillAnswer, MembersAnswer, ProfileAnswer, SendAnswer, SendBody, SendStatus,
+    BackfillAnswer, CallToken, MembersAnswer, ProfileAnswer, SendAnswer, SendBody, SendStatus,
 };
 
 use super::client::{NetworkError, Reply};
@@ -59,6 +59,13 @@ pub(crate) fn backfill_path(room_id: &RoomId, before_seq: Option<u64>, limit: u6
         path.push_str(&format!("&before_seq={b}"));
     }
     path
+}
+
+pub fn call_token_path(room_id: &RoomId) -> String {
+    format!(
+        "{PREFIX}/rooms/{}/call-token",
+        encode_segment(room_id.as_str())
+    )
 }
 
 /// What one attempt to send a transaction came to.
@@ -279,6 +286,28 @@ pub async fn backfill(
             None,
             Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
             backfill_reply_bytes_max(limit),
+        )
+        .await?
+        .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;
+    if !reply.ok() {
+        return Err(remote_error(&host, &reply));
+    }
+    reply.json().map_err(|e| Error::new(Code::Internal, e))
+}
+
+/// A call token for our participant `fqid` from the host of `room_id`
+/// (SPEC §14); the host's refusal comes back with its code and status.
+pub async fn call_token(fed: &Federation, room_id: &RoomId, fqid: &Fqid) -> Result<CallToken> {
+    let host = room_id.host();
+    let body = serde_json::to_vec(&serde_json::json!({ "fqid": fqid.as_str() }))
+        .map_err(|e| Error::internal("encode", e))?;
+    let reply = fed
+        .s2s(
+            http::Method::POST,
+            &host,
+            &call_token_path(room_id),
+            Some(body),
+            Duration::from_secs(SYNC_S2S_TIMEOUT_SECS),
         )
         .await?
         .map_err(|e| Error::new(Code::Internal, format!("cannot reach {host}: {e}")))?;

@@ -103,3 +103,12 @@ pub struct BackfillAnswer {
     pub events: Vec<Value>,
     pub next_before_seq: Option<u64>,
 }
+
+/// A call token (SPEC §14): the LiveKit URL and the access token for it.
+/// The answer of `POST /v1/rooms/{room_id}/call` and of the S2S
+/// `call-token` request alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallToken {
+    pub url: String,
+    pub token: String,
+}

@@ -20,6 +20,7 @@
 //! `federation::peer_api`, and work for later (delivery, gap fills) is
 //! handed over through channels that the layers above drain.
 
+pub mod calls;
 pub mod commands;
 pub mod history;
 pub mod host;
@@ -37,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{broadcast, mpsc, OwnedMutexGuard};
 
 use crate::clock::Clock;
+use crate::config::LivekitConfig;
 use crate::error::{Code, Error, Result};
 use crate::federation::Federation;
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
@@ -57,6 +59,8 @@ pub struct Rooms {
     /// New room events, for `GET /v1/events` streams (lagging readers
     /// lose the oldest; the stream is a hint, history is the truth).
     live: broadcast::Sender<LiveEvent>,
+    /// The LiveKit this server mints call tokens for, if any (`[livekit]`).
+    pub livekit: Option<LivekitConfig>,
     /// Rooms whose gap fill was claimed, for the fill runner
     /// ([`history::fill_gaps`]); at most one message per claim.
     gap_fills: mpsc::UnboundedSender<GapFill>,
@@ -73,7 +77,7 @@ pub struct LiveEvent {
 impl Rooms {
     /// The rooms of `fed`'s server, and the receiver of their gap fills
     /// for [`history::fill_gaps`].
-    pub fn new(fed: Arc<Federation>) -> (Rooms, GapFills) {
+    pub fn new(fed: Arc<Federation>, livekit: Option<LivekitConfig>) -> (Rooms, GapFills) {
         let (gap_fills, fills) = mpsc::unbounded_channel();
         let rooms = Rooms {
             server_name: fed.server_name.clone(),
@@ -81,6 +85,7 @@ impl Rooms {
             clock: fed.clock.clone(),
             fed,
             locks: RoomLocks::default(),
+            livekit,
             live: broadcast::channel(LIVE_EVENTS_BUFFERED).0,
             gap_fills,
         };

@@ -511,7 +511,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let config = Config::default_embedded();
         let (fed, _new_peers) = Federation::open(&config, store, Clock::starting_at(0)).unwrap();
-        let (rooms, mut fills) = Rooms::new(Arc::new(fed));
+        let (rooms, mut fills) = Rooms::new(Arc::new(fed), None);
         let room = RoomId::parse("!RoomHostedOnPeer0000:b.test").unwrap();
         claim_gap_fills(&rooms, vec![(room.clone(), 3, 9)]);
         claim_gap_fills(&rooms, vec![(room.clone(), 3, 10)]);

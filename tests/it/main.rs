@@ -1,6 +1,7 @@
 //! The one integration-test binary: real servers over loopback HTTPS.
 
 mod admin;
+mod calls;
 mod check;
 mod crash;
 mod delivery;
