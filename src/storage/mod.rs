@@ -25,6 +25,10 @@
 //! - `search`: token ‖ 0 ‖ room_id ‖ 0 ‖ seq → () (the inverted index of
 //!   message bodies, written with the event).
 //!
+//! These are the first tenant's trees; another tenant of the instance has
+//! the same ones under `tenant/<server_name>/`, and `tenants` lists them
+//! (see [`tenants`]).
+//!
 //! **Invariant:** everything one request changes is planned into one
 //! [`WriteSet`], applied by [`Store::commit`] as one transaction, then
 //! [`Store::flush`]ed before the answer.
@@ -37,6 +41,7 @@ pub mod outbox;
 pub mod participants;
 pub mod peers;
 pub mod records;
+pub mod tenants;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
