@@ -32,6 +32,23 @@ async fn call(net: &TestNet, u: &User, room: &str) -> (u16, Value) {
     net.as_user(u, Method::POST, &path, None).await
 }
 
+/// `POST …/rooms/{room}/call-token` `{"fqid"}`, signed by b.test to a.test.
+async fn call_token_from_b(net: &TestNet, room: &str, fqid: &str) -> (u16, Value) {
+    let path = format!("/_scaiwave/federation/v1/rooms/{}/call-token", enc(room));
+    let body = Some(json!({ "fqid": fqid }));
+    net.s2s("b.test", "a.test", http::Method::POST, &path, body)
+        .await
+}
+
+/// The answer is the refusal `status` with error `code`.
+fn assert_refused((s, v): &(u16, Value), status: u16, code: &str) {
+    assert_eq!(
+        (*s, v["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{v}"
+    );
+}
+
 /// The token's claims, once its HS256 signature with our secret, its
 /// `nbf` and its `exp` check out.
 fn claims(answer: &Value) -> Value {
@@ -92,53 +109,17 @@ async fn call_tokens_are_refused_to_non_members_and_to_peers_in_incognito_rooms(
     let bob = net.user("b.test", "bob").await;
     let room = net.create_room(&alice, json!({"name": "standup"})).await;
     net.invite_and_join(&alice, &room, &bob).await;
-    let path = format!("/_scaiwave/federation/v1/rooms/{}/call-token", enc(&room));
-
     // A participant of ours who has not joined.
-    let (s, v) = call(&net, &carol, &room).await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("SW_FED_NOT_MEMBER")),
-        "{v}"
-    );
+    assert_refused(&call(&net, &carol, &room).await, 403, "SW_FED_NOT_MEMBER");
     // A peer asking for one of its participants who has not joined...
     let dave = net.fqid("dave", "b.test");
-    let (s, v) = net
-        .s2s(
-            "b.test",
-            "a.test",
-            http::Method::POST,
-            &path,
-            Some(json!({"fqid": dave})),
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("SW_FED_NOT_MEMBER")),
-        "{v}"
-    );
+    let r = call_token_from_b(&net, &room, &dave).await;
+    assert_refused(&r, 403, "SW_FED_NOT_MEMBER");
     // ...or for someone else's participant, even a joined one.
-    let (s, v) = net
-        .s2s(
-            "b.test",
-            "a.test",
-            http::Method::POST,
-            &path,
-            Some(json!({"fqid": alice.fqid})),
-        )
-        .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (403, Some("SW_FED_NOT_MEMBER")),
-        "{v}"
-    );
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("only for its own"),
-        "{v}"
-    );
+    let r = call_token_from_b(&net, &room, &alice.fqid).await;
+    assert_refused(&r, 403, "SW_FED_NOT_MEMBER");
+    let message = r.1["error"]["message"].as_str().unwrap();
+    assert!(message.contains("only for its own"), "{}", r.1);
 
     // An incognito room never federates: its call is for the host's own
     // participants only.
@@ -147,16 +128,7 @@ async fn call_tokens_are_refused_to_non_members_and_to_peers_in_incognito_rooms(
         .await;
     let (s, v) = call(&net, &alice, &secret).await;
     assert_eq!(s, 200, "{v}");
-    let secret_path = format!("/_scaiwave/federation/v1/rooms/{}/call-token", enc(&secret));
-    let (s, v) = net
-        .s2s(
-            "b.test",
-            "a.test",
-            http::Method::POST,
-            &secret_path,
-            Some(json!({"fqid": bob.fqid})),
-        )
-        .await;
+    let (s, v) = call_token_from_b(&net, &secret, &bob.fqid).await;
     assert_eq!(s, 403, "{v}");
     assert!(v.get("token").is_none(), "{v}");
     net.stop_all().await;
@@ -170,19 +142,10 @@ async fn a_host_without_livekit_answers_calls_unavailable_to_its_members_and_rep
     let room = net.create_room(&bob, json!({"name": "on b"})).await;
     net.invite_and_join(&bob, &room, &alice).await;
     for u in [&bob, &alice] {
-        let (s, v) = call(&net, u, &room).await;
-        assert_eq!(
-            (s, v["error"]["code"].as_str()),
-            (503, Some("SW_CALLS_UNAVAILABLE")),
-            "{v}"
-        );
-        assert!(
-            v["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("[livekit]"),
-            "{v}"
-        );
+        let r = call(&net, u, &room).await;
+        assert_refused(&r, 503, "SW_CALLS_UNAVAILABLE");
+        let message = r.1["error"]["message"].as_str().unwrap();
+        assert!(message.contains("[livekit]"), "{}", r.1);
     }
     net.stop_all().await;
 }
