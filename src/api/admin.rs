@@ -154,19 +154,18 @@ pub fn identity(svc: &Services) -> Value {
 /// Every peer we have a row or a queue for, with SPEC §9's fields.
 pub fn peers(svc: &Services) -> Result<Vec<Value>> {
     let now = svc.rooms.clock.now_ms();
-    let mut names: Vec<ServerName> = svc
+    let mut rows: Vec<(ServerName, storage::PeerRecord)> = svc
         .rooms
         .store
         .scan::<storage::PeerRecord>(T::Peers, b"")?
         .into_iter()
-        .filter_map(|(k, _)| ServerName::parse(&String::from_utf8_lossy(&k)).ok())
+        .filter_map(|(k, rec)| Some((ServerName::parse(&String::from_utf8_lossy(&k)).ok()?, rec)))
         .collect();
-    names.sort();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
-    for name in names {
-        let rec = svc.rooms.store.peer_record(&name)?;
+    for (name, rec) in rows {
         let prefix = storage::prefix(name.as_str());
-        let depth = svc.rooms.store.count_prefix(T::Outbox, &prefix);
+        let depth = svc.rooms.store.outbox_depth(&name);
         let oldest: Option<(Vec<u8>, OutboxItem)> = svc.rooms.store.first(T::Outbox, &prefix)?;
         let status = match &oldest {
             None => "ok",

@@ -10,21 +10,20 @@ use crate::error::{Error, Result};
 use crate::ids::{EventId, Fqid, RoomId};
 use crate::limits::MESSAGES_PAGE_MAX;
 use crate::protocol::event::{Content, Membership, ReactionAction};
-use crate::rooms::load_members;
 use crate::rooms::{calls, commands, fqid_of, joined_room, views};
 use crate::storage::{Participant, Room};
 
 fn room_view(svc: &Services, room: &Room) -> Value {
     let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
-        || load_members(
-            &svc.rooms,
-            &RoomId::parse(&room.room_id).expect("stored ids are valid"),
-        )
-        .map(|m| {
-            m.keys()
-                .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
-        })
-        .unwrap_or(false);
+        || svc
+            .rooms
+            .store
+            .members(&RoomId::parse(&room.room_id).expect("stored ids are valid"))
+            .map(|m| {
+                m.keys()
+                    .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
+            })
+            .unwrap_or(false);
     json!({
         "room_id": room.room_id,
         "name": room.name,
@@ -236,7 +235,10 @@ fn my_rooms(svc: &Services, me: &Participant) -> Result<Response> {
 fn members(svc: &Services, me: &Participant, room_id: &RoomId) -> Result<Response> {
     joined_room(&svc.rooms, room_id, &fqid_of(&svc.rooms, me))?;
     let now = svc.rooms.clock.now_ms();
-    let members: Vec<Value> = load_members(&svc.rooms, room_id)?
+    let members: Vec<Value> = svc
+        .rooms
+        .store
+        .members(room_id)?
         .values()
         .filter(|m| m.is_present(now))
         .map(|m| {

@@ -1,15 +1,17 @@
 //! S2S routes (SPEC §3, §8). Every route but the descriptor is signed and
 //! authenticated by `federation::auth::authenticate` before anything else.
 
+use std::collections::BTreeMap;
+
 use crate::api::{bytes_reply, json_reply, not_found_route, Request, Response, Services};
 use crate::error::{Code, Error, Result};
 use crate::federation::auth::{self, SignedRequest};
 use crate::ids::{Fqid, LocalId, RoomId, ServerName};
 use crate::protocol::event::Membership;
 use crate::protocol::wire::{BackfillAnswer, MemberEntry, MembersAnswer, ProfileAnswer};
+use crate::rooms::is_joined;
 use crate::rooms::transaction;
-use crate::rooms::{is_joined, load_members, load_room};
-use crate::storage::{keys, StoredEvent, T};
+use crate::storage::{keys, Member, Room, StoredEvent, T};
 
 /// `GET /.well-known/scaiwave/server` (no auth, cacheable for 5 min).
 pub fn descriptor(svc: &Services, req: &Request) -> Result<Response> {
@@ -84,9 +86,8 @@ pub async fn route(
         ["rooms", room, "call-token"] => call_token(svc, req, origin, room),
         ["rooms", room, what] => {
             let room_id = RoomId::parse(room).map_err(|e| Error::fed_bad_request(e.message))?;
-            let members = hosted_room_for(svc, origin, &room_id)?;
+            let (room, members) = hosted_room_for(svc, origin, &room_id)?;
             if *what == "members" {
-                let room = load_room(&svc.rooms, &room_id)?.expect("checked above");
                 Ok(json_reply(
                     200,
                     &MembersAnswer {
@@ -157,19 +158,20 @@ fn call_token(svc: &Services, req: &Request, origin: &ServerName, room: &str) ->
             format!("{origin} asks for {fqid}, who is not its participant; a server asks only for its own"),
         ));
     }
-    hosted_room_for(svc, origin, &room_id)?;
-    let room = load_room(&svc.rooms, &room_id)?.expect("checked above");
+    let (room, _) = hosted_room_for(svc, origin, &room_id)?;
     Ok(json_reply(
         200,
         &crate::rooms::calls::mint(&svc.rooms, &room, &fqid)?,
     ))
 }
 
+/// A room we host, federating, with a joined participant of `origin`: the
+/// room and its members, or the refusal that says which of those fails.
 fn hosted_room_for(
     svc: &Services,
     origin: &ServerName,
     room_id: &RoomId,
-) -> Result<std::collections::BTreeMap<String, crate::storage::Member>> {
+) -> Result<(Room, BTreeMap<String, Member>)> {
     if room_id.host() != svc.rooms.server_name {
         return Err(Error::new(
             Code::NotRoomHost,
@@ -180,15 +182,17 @@ fn hosted_room_for(
             ),
         ));
     }
-    let room = load_room(&svc.rooms, room_id)?
-        .ok_or_else(|| Error::new(Code::RoomNotFound, format!("room {room_id} does not exist")))?;
+    let room =
+        svc.rooms.store.room(room_id)?.ok_or_else(|| {
+            Error::new(Code::RoomNotFound, format!("room {room_id} does not exist"))
+        })?;
     if !room.federate || !room.room_type.federable() {
         return Err(Error::new(
             Code::RoomNotFederated,
             format!("room {room_id} does not federate"),
         ));
     }
-    let members = load_members(&svc.rooms, room_id)?;
+    let members = svc.rooms.store.members(room_id)?;
     let participating = members.values().any(|m| {
         m.membership == Membership::Join
             && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *origin)
@@ -200,7 +204,7 @@ fn hosted_room_for(
         ));
     }
     debug_assert!(members.keys().any(|k| is_joined(&members, k)));
-    Ok(members)
+    Ok((room, members))
 }
 
 fn backfill(svc: &Services, req: &Request, room_id: &RoomId) -> Result<Response> {

@@ -14,7 +14,7 @@ use crate::protocol::wire::ProfileAnswer;
 use crate::rooms::host::{self, Source};
 use crate::rooms::Rooms;
 use crate::rooms::{fqid_of, history, joined_room};
-use crate::rooms::{load_members, load_room, replica, Outcome};
+use crate::rooms::{replica, Outcome};
 use crate::storage::{self, Invitation, Participant, Room, RoomType, T};
 
 /// Sign a new event from one of our participants.
@@ -52,7 +52,7 @@ async fn commit_as(rooms: &Rooms, event: Event, source: Source) -> Result<Option
 /// A room of this server for an admin route (SPEC §9): any room, member or
 /// not; a type that never federates is refused before anything else.
 pub(crate) fn room_for_admin(rooms: &Rooms, room_id: &RoomId) -> Result<Room> {
-    let room = load_room(rooms, room_id)?.ok_or_else(|| {
+    let room = rooms.store.room(room_id)?.ok_or_else(|| {
         Error::not_found(format!(
             "room {room_id} is not known on {}; check the id",
             rooms.server_name
@@ -248,7 +248,7 @@ async fn invite_into(
         }
         let server = target.server();
         rooms.fed.admit(&server).map_err(Error::as_conflict)?;
-        let foreign = crate::rooms::foreign_count(rooms, &load_members(rooms, room_id)?, false);
+        let foreign = crate::rooms::foreign_count(rooms, &rooms.store.members(room_id)?, false);
         if hosted_here && foreign >= rooms.fed.policy().max_foreign_participants_per_room {
             return Err(Error::new(Code::ForeignLimit, "this room has reached max_foreign_participants_per_room; raise it in the federation policy").as_conflict());
         }
@@ -392,7 +392,7 @@ pub async fn answer_invitation(
             Ok(state(done))
         }
         Some(Outcome::Rejected(e)) => {
-            if accept && load_members(rooms, &room_id)?.is_empty() {
+            if accept && rooms.store.members(&room_id)?.is_empty() {
                 rooms.store.remove(T::Rooms, room_id.as_str().as_bytes())?;
             }
             if matches!(e.code, Code::InviteExpired | Code::NotMember) {
@@ -468,7 +468,7 @@ pub(crate) async fn federated_dm(rooms: &Rooms, p: &Participant, other: &Fqid) -
     let lock_id = RoomId::parse(&format!("!dm{lock_name}:{}", rooms.server_name))?;
     let _guard = rooms.locks.lock_all([lock_id]).await;
     for room in rooms.store.rooms_of(&me)? {
-        if let Some(r) = load_room(rooms, &room)? {
+        if let Some(r) = rooms.store.room(&room)? {
             if r.dm_pair.as_ref() == Some(&pair) {
                 return Ok(r);
             }

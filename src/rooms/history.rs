@@ -245,7 +245,7 @@ pub(crate) async fn fill_gaps(
 /// The seqs `[from, to)` between a replica room's contiguous mark and the
 /// newest it has seen, if any are missing there.
 fn current_gap(rooms: &Rooms, room_id: &RoomId) -> Option<(u64, u64)> {
-    let room = crate::rooms::load_room(rooms, room_id).ok()??;
+    let room = rooms.store.room(room_id).ok()??;
     let mark = room.contiguous_seq?;
     let from = mark.checked_add(1)?;
     (from < room.next_seq).then_some((from, room.next_seq))

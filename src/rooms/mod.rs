@@ -296,7 +296,7 @@ pub(crate) fn joined_room(rooms: &Rooms, room_id: &RoomId, who: &Fqid) -> Result
             "room {room_id} not found among your rooms; check the id or ask to be invited"
         ))
     };
-    let room = load_room(rooms, room_id)?.ok_or_else(not_found)?;
+    let room = rooms.store.room(room_id)?.ok_or_else(not_found)?;
     let m = rooms.store.member(room_id.as_str(), who.as_str())?;
     if !m.is_some_and(|m| m.membership == Membership::Join) {
         return Err(not_found());
@@ -310,14 +310,6 @@ pub enum Outcome {
     Accepted(u64),
     Duplicate(Option<u64>),
     Rejected(Error),
-}
-
-pub(crate) fn load_room(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Room>> {
-    rooms.store.room(room_id)
-}
-
-pub(crate) fn load_members(rooms: &Rooms, room_id: &RoomId) -> Result<BTreeMap<String, Member>> {
-    rooms.store.members(room_id)
 }
 
 /// Servers other than us with at least one joined participant.
@@ -371,11 +363,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn load(rooms: &Rooms, room_id: &RoomId) -> Result<Option<Plan>> {
-        let Some(room) = load_room(rooms, room_id)? else {
+        let Some(room) = rooms.store.room(room_id)? else {
             return Ok(None);
         };
         Ok(Some(Plan {
-            members: load_members(rooms, room_id)?,
+            members: rooms.store.members(room_id)?,
             room,
             changed_members: BTreeSet::new(),
         }))

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::ids::{Fqid, ServerName};
 use crate::limits::SHORT_TEXT_BYTES_MAX;
 use crate::protocol::event::{Membership, Presence, PresenceEdu};
+use crate::rooms::fqid_of;
 use crate::rooms::Rooms;
-use crate::rooms::{fqid_of, load_members};
 use crate::storage::{self, ForeignPresence, Participant, T};
 
 /// Other servers with a joined participant in a room `fqid` has joined.
@@ -19,7 +19,7 @@ pub(crate) fn servers_sharing_a_room(rooms: &Rooms, fqid: &Fqid) -> Result<BTree
     for room in rooms.store.rooms_of(fqid)? {
         servers.extend(crate::rooms::participating_servers(
             rooms,
-            &load_members(rooms, &room)?,
+            &rooms.store.members(&room)?,
         ));
     }
     Ok(servers)
@@ -109,7 +109,7 @@ pub fn of(rooms: &Rooms, fqid: &Fqid) -> Result<Option<Presence>> {
 /// Does `server` share a joined room with our participant `fqid`?
 pub(crate) fn shares_room(rooms: &Rooms, fqid: &Fqid, server: &ServerName) -> Result<bool> {
     for room in rooms.store.rooms_of(fqid)? {
-        let members = load_members(rooms, &room)?;
+        let members = rooms.store.members(&room)?;
         let shared = members.values().any(|m| {
             m.membership == Membership::Join
                 && Fqid::parse(&m.fqid).is_ok_and(|f| f.server() == *server)

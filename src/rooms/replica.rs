@@ -355,7 +355,7 @@ pub fn ensure_room(
     name: &str,
     room_type: storage::RoomType,
 ) -> Result<()> {
-    if crate::rooms::load_room(rooms, room_id)?.is_some() {
+    if rooms.store.room(room_id)?.is_some() {
         return Ok(());
     }
     let room = Room {

@@ -8,7 +8,7 @@ use crate::ids::{Fqid, RoomId, ServerName};
 use crate::protocol::event::{Content, Membership};
 use crate::rooms::host::{self, Source};
 use crate::rooms::Rooms;
-use crate::rooms::{commands, fqid_of, load_members, Plan, RoomLocks};
+use crate::rooms::{commands, fqid_of, Plan, RoomLocks};
 use crate::storage::{self, keys, Participant, Room, WriteSet, T};
 
 pub(crate) async fn remove_peer(
@@ -33,7 +33,9 @@ pub(crate) async fn remove_peer(
         .filter(|r| RoomId::parse(&r.room_id).is_ok_and(|id| id.host() == *peer))
     {
         let room_id = RoomId::parse(&room.room_id)?;
-        let ours: Vec<Fqid> = load_members(rooms, &room_id)?
+        let ours: Vec<Fqid> = rooms
+            .store
+            .members(&room_id)?
             .values()
             .filter(|m| m.membership == Membership::Join)
             .filter_map(|m| Fqid::parse(&m.fqid).ok())
@@ -74,7 +76,9 @@ pub(crate) async fn remove_peer(
         .filter(|r| RoomId::parse(&r.room_id).is_ok_and(|id| id.host() == rooms.server_name))
     {
         let room_id = RoomId::parse(&room.room_id)?;
-        let targets: Vec<Fqid> = load_members(rooms, &room_id)?
+        let targets: Vec<Fqid> = rooms
+            .store
+            .members(&room_id)?
             .values()
             .filter(|m| {
                 matches!(m.membership, Membership::Join | Membership::Invite) && of_peer(&m.fqid)

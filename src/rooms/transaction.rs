@@ -101,8 +101,10 @@ fn check_for_host(rooms: &Rooms, origin: &ServerName, event: &Event) -> Result<(
 /// (and its key only fetched) for a sender the room knows.
 fn check_from_host(rooms: &Rooms, event: &Event) -> Result<()> {
     if event.origin != event.room_id.host() && !rooms.is_local(&event.sender) {
-        let known =
-            crate::rooms::load_members(rooms, &event.room_id)?.contains_key(event.sender.as_str());
+        let known = rooms
+            .store
+            .members(&event.room_id)?
+            .contains_key(event.sender.as_str());
         let joining = matches!(&event.content, Content::Member { membership: Membership::Join, target, .. } if *target == event.sender);
         // An invite of one of ours for a room we do not know yet: the host
         // checked that its sender is a member.
