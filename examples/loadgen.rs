@@ -296,31 +296,40 @@ async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
 async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<RoomId>, Fqid)> {
     let owner_id = LocalId::parse("owner")?;
     target
+        .first
         .rooms
         .create_participant(&owner_id, "Load owner", PowerLevel::Member)?;
     let owner = target
+        .first
         .store
         .participant(&owner_id)?
         .context("the owner participant was just created")?;
     let load_id = LocalId::parse("load")?;
-    peer.rooms
+    peer.first
+        .rooms
         .create_participant(&load_id, "Load", PowerLevel::Member)?;
     let load = peer
+        .first
         .store
         .participant(&load_id)?
         .context("the load participant was just created")?;
-    let load_fqid = fqid_of(&peer.rooms, &load);
+    let load_fqid = fqid_of(&peer.first.rooms, &load);
 
     let mut ids = Vec::with_capacity(rooms);
     for r in 0..rooms {
-        let room =
-            commands::create_room(&target.rooms, &owner, &format!("load {r}"), "standard").await?;
+        let room = commands::create_room(
+            &target.first.rooms,
+            &owner,
+            &format!("load {r}"),
+            "standard",
+        )
+        .await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let invite_id = commands::invite(&target.rooms, &owner, &room_id, &load_fqid).await?;
+        let invite_id = commands::invite(&target.first.rooms, &owner, &room_id, &load_fqid).await?;
         // The invite reaches the peer through the target's delivery loop.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         loop {
-            let arrived = views::invitations(&peer.rooms, &load)?
+            let arrived = views::invitations(&peer.first.rooms, &load)?
                 .iter()
                 .any(|i| i.invite_id == invite_id);
             if arrived {
@@ -331,7 +340,8 @@ async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<Room
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let answered = commands::answer_invitation(&peer.rooms, &load, &invite_id, true).await?;
+        let answered =
+            commands::answer_invitation(&peer.first.rooms, &load, &invite_id, true).await?;
         if answered.state != commands::AnswerState::Joined {
             bail!("joining {room_id} answered {answered:?}; expected an immediate join");
         }
@@ -408,18 +418,19 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     let (rooms, _) = setup_rooms(&target, &peer, 1).await?;
     let room = rooms[0].clone();
     let peer_name = ServerName::parse(PEER_NAME)?;
-    peer.fed.set_policy(Policy {
+    peer.first.fed.set_policy(Policy {
         default_mode: scaiwave::federation::policy::Mode::InviteOnly,
         ..Policy::default()
     })?;
 
     let owner_id = LocalId::parse("owner")?;
     let owner = target
+        .first
         .store
         .participant(&owner_id)?
         .context("owner exists")?;
-    let sender = fqid_of(&target.rooms, &owner);
-    let key = target.fed.keys.current()?;
+    let sender = fqid_of(&target.first.rooms, &owner);
+    let key = target.first.fed.keys.current()?;
     let mut built = 0;
     while built < args.events {
         let n = (args.events - built).min(BATCH_MAX);
@@ -436,29 +447,32 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 (e, Source::Local)
             })
             .collect();
-        host::commit(&target.rooms, batch).await?;
+        host::commit(&target.first.rooms, batch).await?;
         built += n;
     }
-    let queued = target.store.count_prefix(
+    let queued = target.first.store.count_prefix(
         scaiwave::storage::T::Outbox,
         &scaiwave::storage::prefix(PEER_NAME),
     );
     eprintln!("loadgen: {queued} events queued for {PEER_NAME}; opening the peer");
-    peer.fed.set_policy(Policy::default())?;
+    peer.first.fed.set_policy(Policy::default())?;
 
     let start = Instant::now();
     let cpu_start = process_cpu_seconds();
-    target.fed.outbox.peer_is_back(&peer_name);
+    target.first.fed.outbox.peer_is_back(&peer_name);
     let deadline = start + Duration::from_secs(600);
     let outbox = scaiwave::storage::prefix(PEER_NAME);
     loop {
         // Only look at the head: counting the whole queue would cost more
         // than the delivery being measured.
-        let head = target.store.scan_limit::<scaiwave::storage::OutboxItem>(
-            scaiwave::storage::T::Outbox,
-            &outbox,
-            1,
-        )?;
+        let head = target
+            .first
+            .store
+            .scan_limit::<scaiwave::storage::OutboxItem>(
+                scaiwave::storage::T::Outbox,
+                &outbox,
+                1,
+            )?;
         if head.is_empty() {
             break;
         }
@@ -469,7 +483,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds().zip(cpu_start).map(|(b, a)| b - a);
-    let stored = peer.store.count_prefix(
+    let stored = peer.first.store.count_prefix(
         scaiwave::storage::T::Events,
         &scaiwave::storage::prefix(room.as_str()),
     );
@@ -507,7 +521,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     );
 
     // Pre-build every signed event and every transaction body.
-    let key = peer.fed.keys.current()?;
+    let key = peer.first.fed.keys.current()?;
     let now = peer.clock.now_ms();
     let events: Vec<Value> =
         signed_messages(args.events, &rooms, &sender, now, &key.key_id, &key.signing)
@@ -549,7 +563,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 let Some((count, body)) = next else {
                     break;
                 };
-                let signer = match peer.fed.signer() {
+                let signer = match peer.first.fed.signer() {
                     Ok(s) => s,
                     Err(e) => {
                         tally.failed_requests += 1;
@@ -560,6 +574,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                 };
                 let t0 = Instant::now();
                 let reply = peer
+                    .first
                     .fed
                     .outbound
                     .signed(

@@ -57,12 +57,13 @@ fn main() -> anyhow::Result<()> {
         let app = App::open(config, Clock::system())?;
         app.first_start()?;
         let local = LocalId::parse("reader")?;
-        app.rooms
+        app.first
+            .rooms
             .create_participant(&local, "Reader", PowerLevel::Member)?;
-        let me = app.store.participant(&local)?.expect("just created");
-        let room = commands::create_room(&app.rooms, &me, "bench", "standard").await?;
+        let me = app.first.store.participant(&local)?.expect("just created");
+        let room = commands::create_room(&app.first.rooms, &me, "bench", "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let sender = fqid_of(&app.rooms, &me);
+        let sender = fqid_of(&app.first.rooms, &me);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         let mut done = 0;
@@ -79,13 +80,13 @@ fn main() -> anyhow::Result<()> {
                         mentions: vec![],
                     };
                     (
-                        commands::sign(&app.rooms, &room_id, &sender, content)
+                        commands::sign(&app.first.rooms, &room_id, &sender, content)
                             .expect("a valid message"),
                         Source::Local,
                     )
                 })
                 .collect();
-            host::commit(&app.rooms, batch).await?;
+            host::commit(&app.first.rooms, batch).await?;
             done += n;
         }
         eprintln!(
@@ -103,7 +104,7 @@ fn main() -> anyhow::Result<()> {
                 format!("{} {}", word(&mut rng), word(&mut rng))
             };
             let t = Instant::now();
-            results += search::search(&app.rooms, &sender, &q)?.len();
+            results += search::search(&app.first.rooms, &sender, &q)?.len();
             times.push(t.elapsed());
         }
         times.sort();

@@ -1,48 +1,217 @@
-//! The composition root: opens one server's state and builds its layers
-//! (federation, rooms, delivery, the HTTP services) once, bottom up. Each
-//! layer gets the handles it needs and nothing above it; only this module
-//! and [`crate::server`] (which starts the tasks) see them all.
+//! The composition root: opens the instance's database and builds, for
+//! each tenant (SPEC §14), its layers (federation, rooms, delivery, the
+//! HTTP services) once, bottom up. Each layer gets the handles it needs
+//! and nothing above it; only this module and [`crate::server`] (which
+//! starts the listener) see them all.
+//!
+//! **Invariant:** a [`Tenant`]'s handles are built over its own view of
+//! the store ([`Store::tenant`]), so nothing one tenant does can read or
+//! change another's rows; tenants meet only through signed S2S requests,
+//! over HTTPS like any two servers.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::Services;
+use crate::api::{Directory, Services};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::{Delivery, HttpsTransport, Transport};
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::federation::outbox::NewPeers;
 use crate::federation::Federation;
-use crate::ids::{LocalId, ServerName};
+use crate::ids::{Fqid, LocalId, ServerName};
 use crate::rooms::GapFills;
 use crate::rooms::Rooms;
+use crate::storage::tenants::TenantRecord;
 use crate::storage::{PowerLevel, Store};
+use crate::tls::Certificates;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// Under the data dir: one directory per tenant besides the first, named
+/// by its server_name (its admin token and issued certificate).
+pub const TENANTS_DIR: &str = "tenants";
 
-/// One server, composed.
-pub struct App {
-    pub config: Config,
+/// One tenant, composed.
+pub struct Tenant {
     pub server_name: ServerName,
+    /// The instance's configuration with this tenant's server_name.
+    pub config: Config,
     pub store: Store,
-    pub clock: Clock,
     pub fed: Arc<Federation>,
     pub rooms: Arc<Rooms>,
     pub services: Arc<Services>,
     pub delivery: Arc<Delivery>,
-    pub shutdown: CancellationToken,
-    pub tasks: TaskTracker,
-    /// The receivers the background tasks drain, until [`App::start_tasks`]
-    /// hands them over. A std mutex: taken once, never across `.await`.
+    /// Where its files live: the data dir for the first tenant,
+    /// `tenants/<server_name>/` under it for the others.
+    pub dir: PathBuf,
+    /// Its certificate pair when given (`tls.cert`/`tls.key`, or
+    /// `tenant create --cert/--key`); `None` means the local CA issues one.
+    cert: Option<(PathBuf, PathBuf)>,
+    /// The receivers its background tasks drain, until
+    /// [`Tenant::start_delivery`] hands them over. A std mutex: taken
+    /// once, never across `.await`.
     pending: Mutex<Option<(NewPeers, GapFills)>>,
 }
 
+/// What `tenant create` prints, once (SPEC §14).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CreatedTenant {
+    pub server_name: String,
+    pub admin_fqid: String,
+    pub admin_token: String,
+}
+
+/// One instance: its tenants, and what they share (configuration, clock,
+/// database, shutdown, tasks, the listener's routing and certificates).
+pub struct App {
+    pub config: Config,
+    pub clock: Clock,
+    /// The first tenant: the configuration's `server_name`.
+    pub first: Arc<Tenant>,
+    /// Every tenant, the first included. A std lock: written when a
+    /// tenant is created, never held across `.await`.
+    tenants: RwLock<BTreeMap<ServerName, Arc<Tenant>>>,
+    /// The listener's routing by Host / `:authority`.
+    pub directory: Arc<Directory>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+    db: Store,
+    transport: Arc<dyn Transport>,
+    /// The listener's certificates by SNI, once it is started.
+    certificates: Mutex<Option<Arc<Certificates>>>,
+    /// Whether the background tasks run (a tenant created later starts
+    /// its own at once).
+    running: AtomicBool,
+    /// Held while a tenant is created, so two creations of one name
+    /// cannot both pass the check.
+    creating: Mutex<()>,
+}
+
+/// What every tenant of an instance is built with.
+struct Shared<'a> {
+    config: &'a Config,
+    clock: &'a Clock,
+    transport: &'a Arc<dyn Transport>,
+    shutdown: &'a CancellationToken,
+}
+
+impl Tenant {
+    fn open(
+        shared: &Shared<'_>,
+        server_name: ServerName,
+        store: Store,
+        dir: PathBuf,
+        cert: Option<(PathBuf, PathBuf)>,
+    ) -> Result<Arc<Tenant>> {
+        let &Shared {
+            config: instance,
+            clock,
+            transport,
+            shutdown,
+        } = shared;
+        let mut config = (*instance).clone();
+        config.server_name = server_name.clone();
+        let (fed, new_peers) = Federation::open(&config, store.clone(), clock.clone())?;
+        let fed = Arc::new(fed);
+        let (rooms, gap_fills) = Rooms::new(fed.clone(), config.livekit.clone());
+        let rooms = Arc::new(rooms);
+        let services = Arc::new(Services {
+            rooms: rooms.clone(),
+            limits: config.limits.clone(),
+            shutdown: shutdown.clone(),
+        });
+        let delivery = Delivery::new(rooms.clone(), transport.clone(), shutdown.clone());
+        Ok(Arc::new(Tenant {
+            server_name,
+            config,
+            store,
+            fed,
+            rooms,
+            services,
+            delivery,
+            dir,
+            cert,
+            pending: Mutex::new(Some((new_peers, gap_fills))),
+        }))
+    }
+
+    /// First-start behaviour of SPEC §12: a signing key (unless disabled)
+    /// and the first admin, whose token goes to `<dir>/admin-token`.
+    /// Returns the admin's token when it was made now.
+    fn first_start(&self) -> Result<Option<String>> {
+        if self.config.federation.generate_key_on_start && !self.fed.keys.has_key() {
+            let rec = self.fed.keys.generate(self.rooms.clock.now_ms())?;
+            tracing::info!(tenant = %self.server_name, key_id = %rec.key_id, "generated the federation signing key");
+        }
+        let admin = LocalId::parse("admin")?;
+        if self.store.participant(&admin)?.is_some() {
+            return Ok(None);
+        }
+        let token = self
+            .rooms
+            .create_participant(&admin, "Admin", PowerLevel::Admin)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::internal("tenant dir", e))?;
+        let path = self.admin_token_path();
+        crate::tls::write_private(&path, format!("{token}\n").as_bytes())?;
+        tracing::info!(tenant = %self.server_name, path = %path.display(), "wrote the first admin token (mode 0600)");
+        Ok(Some(token))
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.dir.join(ADMIN_TOKEN_FILE)
+    }
+
+    pub fn admin_fqid(&self) -> Fqid {
+        self.fed
+            .fqid(&LocalId::parse("admin").expect("a valid local id"))
+    }
+
+    /// Its certificate: the given pair, or the one the local CA issued.
+    fn certificate(&self, data_dir: &Path) -> Result<Arc<rustls::sign::CertifiedKey>> {
+        let given = self.cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let (cert, key) =
+            crate::tls::certificate_paths(given, data_dir, &self.dir, &self.server_name)?;
+        crate::tls::certified_key(&cert, &key)
+    }
+
+    /// Start the delivery worker (with a task per peer that has queued
+    /// rows) and the gap fill runner. Once; a second call does nothing.
+    fn start_delivery(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        let Some((new_peers, gap_fills)) = self.pending.lock().expect("pending lock").take() else {
+            return;
+        };
+        tasks.spawn(self.delivery.clone().run(new_peers, tasks.clone()));
+        tasks.spawn(crate::rooms::history::fill_gaps(
+            self.rooms.clone(),
+            gap_fills,
+            tasks.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    /// Everything a running tenant does in the background: delivery and
+    /// gap fills, key rotation, retention.
+    fn start_tasks(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        self.start_delivery(tasks, shutdown);
+        let fed = self.fed.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { fed.rotation_timer(stop).await });
+        tasks.spawn(retention(
+            self.rooms.clone(),
+            self.config.audit.retention,
+            shutdown.clone(),
+        ));
+    }
+}
+
 impl App {
-    /// Open the data dir and load state. `first_start` work (key, admin
-    /// token) is done by [`App::first_start`].
+    /// Open the data dir and load every tenant. `first_start` work (key,
+    /// admin token) is done by [`App::first_start`].
     pub fn open(config: Config, clock: Clock) -> Result<Arc<App>> {
         App::open_with(config, clock, Arc::new(HttpsTransport))
     }
@@ -60,87 +229,218 @@ impl App {
                 config.data_dir.display()
             ))
         })?;
-        let store = Store::open(&config.data_dir.join("db"))?;
+        let db = Store::open(&config.data_dir.join("db"))?;
         crate::storage::make_private(&config.data_dir)?;
-        let (fed, new_peers) = Federation::open(&config, store.clone(), clock.clone())?;
-        let fed = Arc::new(fed);
-        let (rooms, gap_fills) = Rooms::new(fed.clone(), config.livekit.clone());
-        let rooms = Arc::new(rooms);
         let shutdown = CancellationToken::new();
-        let services = Arc::new(Services {
-            rooms: rooms.clone(),
-            limits: config.limits.clone(),
-            shutdown: shutdown.clone(),
-        });
-        let delivery = Delivery::new(rooms.clone(), transport, shutdown.clone());
+        let configured = config.tls.cert.clone().zip(config.tls.key.clone());
+        let shared = Shared {
+            config: &config,
+            clock: &clock,
+            transport: &transport,
+            shutdown: &shutdown,
+        };
+        let first = Tenant::open(
+            &shared,
+            config.server_name.clone(),
+            db.clone(),
+            config.data_dir.clone(),
+            configured,
+        )?;
+        let directory = Directory::new(first.services.clone());
+        let mut tenants = BTreeMap::from([(first.server_name.clone(), first.clone())]);
+        for (name, rec) in db.tenants()? {
+            let tenant = Tenant::open(
+                &shared,
+                name.clone(),
+                db.tenant(&name)?,
+                tenant_dir(&config, &name),
+                rec.cert.zip(rec.key),
+            )?;
+            directory.add(tenant.services.clone());
+            tenants.insert(name, tenant);
+        }
         Ok(Arc::new(App {
-            server_name: config.server_name.clone(),
             config,
-            store,
             clock,
-            fed,
-            rooms,
-            services,
-            delivery,
+            first,
+            tenants: RwLock::new(tenants),
+            directory,
             shutdown,
             tasks: TaskTracker::new(),
-            pending: Mutex::new(Some((new_peers, gap_fills))),
+            db,
+            transport,
+            certificates: Mutex::new(None),
+            running: AtomicBool::new(false),
+            creating: Mutex::new(()),
         }))
     }
 
-    /// First-start behaviour of SPEC §12: a signing key (unless disabled)
-    /// and the first admin, whose token goes to `<data_dir>/admin-token`.
+    /// The tenant `server_name` names (the first one when `None`).
+    pub fn tenant(&self, server_name: Option<&str>) -> Result<Arc<Tenant>> {
+        let Some(name) = server_name else {
+            return Ok(self.first.clone());
+        };
+        let name = ServerName::parse(name)?;
+        self.tenants
+            .read()
+            .expect("tenants lock")
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "this instance has no tenant {name}; `scaiwave admin tenant list` shows them"
+                ))
+            })
+    }
+
+    /// Every tenant: the first, then the others by server_name.
+    pub fn tenants(&self) -> Vec<Arc<Tenant>> {
+        let map = self.tenants.read().expect("tenants lock");
+        let others = map
+            .values()
+            .filter(|t| t.server_name != self.first.server_name);
+        std::iter::once(self.first.clone())
+            .chain(others.cloned())
+            .collect()
+    }
+
+    /// First-start behaviour of SPEC §12 for every tenant that still
+    /// needs it (a tenant's own first start happens when it is created).
     pub fn first_start(&self) -> Result<()> {
-        if self.config.federation.generate_key_on_start && !self.fed.keys.has_key() {
-            let rec = self.fed.keys.generate(self.clock.now_ms())?;
-            tracing::info!(key_id = %rec.key_id, "generated the federation signing key");
-        }
-        let admin = LocalId::parse("admin")?;
-        if self.store.participant(&admin)?.is_none() {
-            let token = self
-                .rooms
-                .create_participant(&admin, "Admin", PowerLevel::Admin)?;
-            let path = self.admin_token_path();
-            crate::tls::write_private(&path, format!("{token}\n").as_bytes())?;
-            tracing::info!(path = %path.display(), "wrote the first admin token (mode 0600)");
+        for tenant in self.tenants() {
+            tenant.first_start()?;
         }
         Ok(())
     }
 
-    /// Start the background work every running server has: the delivery
-    /// worker and gap fills ([`App::start_delivery`]), key rotation and
-    /// retention.
+    /// The listener's certificates, one per tenant by SNI (issuing those
+    /// the local CA owes). Kept, so a tenant created later is served at once.
+    pub fn certificates(&self) -> Result<Arc<Certificates>> {
+        let mut slot = self.certificates.lock().expect("certificates lock");
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let certs = Certificates::new(
+            self.first.server_name.host(),
+            self.first.certificate(&self.config.data_dir)?,
+        );
+        for tenant in self.tenants() {
+            let ck = tenant.certificate(&self.config.data_dir)?;
+            certs.add(tenant.server_name.host(), ck);
+        }
+        *slot = Some(certs.clone());
+        Ok(certs)
+    }
+
+    /// Start the background work of every tenant ([`Tenant::start_tasks`]).
     pub fn start_tasks(&self) {
-        self.start_delivery();
-        let fed = self.fed.clone();
-        let shutdown = self.shutdown.clone();
-        self.tasks
-            .spawn(async move { fed.rotation_timer(shutdown).await });
-        self.tasks.spawn(retention(
-            self.rooms.clone(),
-            self.config.audit.retention,
-            self.shutdown.clone(),
-        ));
+        self.running.store(true, Ordering::SeqCst);
+        for tenant in self.tenants() {
+            tenant.start_tasks(&self.tasks, &self.shutdown);
+        }
     }
 
-    /// Start the delivery worker (with a task per peer that has queued
-    /// rows) and the gap fill runner. Once; a second call does nothing.
+    /// Start only the delivery workers and gap fill runners (tests that
+    /// drive the other timers themselves).
     pub fn start_delivery(&self) {
-        let Some((new_peers, gap_fills)) = self.pending.lock().expect("pending lock").take() else {
-            return;
-        };
-        self.tasks
-            .spawn(self.delivery.clone().run(new_peers, self.tasks.clone()));
-        self.tasks.spawn(crate::rooms::history::fill_gaps(
-            self.rooms.clone(),
-            gap_fills,
-            self.tasks.clone(),
-            self.shutdown.clone(),
-        ));
+        for tenant in self.tenants() {
+            tenant.start_delivery(&self.tasks, &self.shutdown);
+        }
     }
 
-    pub fn admin_token_path(&self) -> PathBuf {
-        self.config.data_dir.join(ADMIN_TOKEN_FILE)
+    /// `admin tenant create` (SPEC §14): register the tenant durably, give
+    /// it a key, a first admin and a certificate (the given pair, or one
+    /// from the local CA in self-signed mode), and serve it at once.
+    pub fn create_tenant(
+        &self,
+        server_name: &ServerName,
+        cert: Option<(PathBuf, PathBuf)>,
+    ) -> Result<CreatedTenant> {
+        let _one_at_a_time = self.creating.lock().expect("creating lock");
+        if self.tenant(Some(server_name.as_str())).is_ok() {
+            return Err(Error::new(
+                Code::Conflict,
+                format!(
+                    "tenant {server_name} exists already; `scaiwave admin tenant list` shows them"
+                ),
+            ));
+        }
+        let cert = match cert {
+            Some((c, k)) => Some((absolute(&c)?, absolute(&k)?)),
+            None if self.config.tls.cert.is_some() => {
+                return Err(Error::bad_request(format!(
+                    "this instance serves configured certificates (tls.cert), not the local CA's: \
+                     give {server_name} its own with --cert <PEM> --key <PEM>"
+                )))
+            }
+            None => None,
+        };
+        let dir = tenant_dir(&self.config, server_name);
+        let shared = Shared {
+            config: &self.config,
+            clock: &self.clock,
+            transport: &self.transport,
+            shutdown: &self.shutdown,
+        };
+        let tenant = Tenant::open(
+            &shared,
+            server_name.clone(),
+            self.db.tenant(server_name)?,
+            dir,
+            cert.clone(),
+        )?;
+        // Checked (and issued) before anything is stored: a bad pair
+        // leaves no tenant behind.
+        let ck = tenant.certificate(&self.config.data_dir)?;
+        let (cert, key) = cert.unzip();
+        self.db.add_tenant(
+            server_name,
+            &TenantRecord {
+                created_at_ms: self.clock.now_ms(),
+                cert,
+                key,
+            },
+        )?;
+        let admin_token = tenant.first_start()?.ok_or_else(|| {
+            Error::new(
+                Code::Conflict,
+                format!(
+                    "tenant {server_name} already had an admin; its token is in {}",
+                    tenant.admin_token_path().display()
+                ),
+            )
+        })?;
+        crate::storage::make_private(&self.config.data_dir)?;
+        tenant.fed.audit(
+            "federation.tenant.created",
+            None,
+            None,
+            None,
+            None,
+            &format!("tenant {server_name} created"),
+        );
+        self.directory.add(tenant.services.clone());
+        if let Some(certs) = self
+            .certificates
+            .lock()
+            .expect("certificates lock")
+            .as_ref()
+        {
+            certs.add(server_name.host(), ck);
+        }
+        self.tenants
+            .write()
+            .expect("tenants lock")
+            .insert(server_name.clone(), tenant.clone());
+        if self.running.load(Ordering::SeqCst) {
+            tenant.start_tasks(&self.tasks, &self.shutdown);
+        }
+        tracing::info!(tenant = %server_name, "created a tenant");
+        Ok(CreatedTenant {
+            server_name: server_name.to_string(),
+            admin_fqid: tenant.admin_fqid().to_string(),
+            admin_token,
+        })
     }
 
     /// Stop: cancel every task, wait for them, and flush.
@@ -148,10 +448,21 @@ impl App {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
-        if let Err(e) = self.store.flush().await {
+        if let Err(e) = self.db.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
     }
+}
+
+fn tenant_dir(config: &Config, server_name: &ServerName) -> PathBuf {
+    config.data_dir.join(TENANTS_DIR).join(server_name.as_str())
+}
+
+/// A path as the server will read it on every later start, whatever its
+/// working directory then.
+fn absolute(path: &Path) -> Result<PathBuf> {
+    std::path::absolute(path)
+        .map_err(|e| Error::bad_request(format!("cannot resolve {}: {e}", path.display())))
 }
 
 /// Keep what ages out within its retention: audit rows (`audit.retention`,
@@ -166,8 +477,12 @@ async fn retention(
     loop {
         match crate::rooms::retention::run_pass(&rooms, audit_retention) {
             Ok(p) if p == Default::default() => {}
-            Ok(p) => tracing::info!(pruned = ?p, "retention pass pruned rows past their retention"),
-            Err(e) => tracing::error!(error = %e, "retention pass failed"),
+            Ok(p) => {
+                tracing::info!(tenant = %rooms.server_name, pruned = ?p, "retention pass pruned rows past their retention")
+            }
+            Err(e) => {
+                tracing::error!(tenant = %rooms.server_name, error = %e, "retention pass failed")
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(crate::limits::RETENTION_INTERVAL_SECS)) => {}

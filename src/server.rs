@@ -66,16 +66,11 @@ pub async fn start_on_with(
 ) -> Result<Running> {
     let app = App::open(config, clock)?;
     app.first_start()?;
-    let (cert, key) = crate::tls::certificate_paths(
-        app.config.tls.cert.as_deref(),
-        app.config.tls.key.as_deref(),
-        &app.config.data_dir,
-        &app.server_name,
-    )?;
-    // First-start files (key ring, admin token, self-signed certificate)
-    // are private whatever the umask.
+    let certificates = app.certificates()?;
+    // First-start files (key ring, admin token, issued certificates) are
+    // private whatever the umask.
     crate::storage::make_private(&app.config.data_dir)?;
-    let mut tls = crate::tls::server_config(&cert, &key)?;
+    let mut tls = crate::tls::server_config(certificates)?;
     if http == HttpVersions::Http1Only {
         Arc::make_mut(&mut tls).alpn_protocols = vec![b"http/1.1".to_vec()];
     }
@@ -91,11 +86,11 @@ pub async fn start_on_with(
     app.tasks.spawn(crate::api::serve::serve(
         listener,
         tls,
-        app.services.clone(),
+        app.directory.clone(),
         connections.clone(),
     ));
     app.start_tasks();
-    tracing::info!(server_name = %app.server_name, %addr, "scaiwave is serving HTTPS");
+    tracing::info!(server_name = %app.first.server_name, tenants = app.tenants().len(), %addr, "scaiwave is serving HTTPS");
     Ok(Running {
         addr,
         app,

@@ -14,7 +14,9 @@ use crate::rooms::{calls, commands, fqid_of, joined_room, views};
 use crate::storage::{Participant, Room};
 
 fn room_view(svc: &Services, room: &Room) -> Value {
-    let federated = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
+    // A tenant with federation off shows none of its rooms as federated
+    // (SPEC §14); they are again once it is on.
+    let shared = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
         || svc
             .rooms
             .store
@@ -24,6 +26,7 @@ fn room_view(svc: &Services, room: &Room) -> Value {
                     .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
             })
             .unwrap_or(false);
+    let federated = shared && svc.rooms.fed.enabled();
     json!({
         "room_id": room.room_id,
         "name": room.name,

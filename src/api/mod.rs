@@ -151,10 +151,52 @@ pub struct Services {
     pub shutdown: tokio_util::sync::CancellationToken,
 }
 
-/// What the listener holds for every request: the services, the limits,
-/// and the rate limiters (HTTP concerns, so they live here).
+/// The tenants one listener answers for (SPEC §14), by server_name. A
+/// request goes to the tenant its Host / `:authority` names; any other
+/// name gets the first tenant, whose own checks then refuse what must
+/// name it exactly (§4 step 2 answers such S2S requests 421).
+pub struct Directory {
+    first: Arc<Services>,
+    /// server_name → services. A std lock: written when a tenant is
+    /// created, never held across `.await`.
+    by_name: std::sync::RwLock<std::collections::HashMap<String, Arc<Services>>>,
+}
+
+impl Directory {
+    pub fn new(first: Arc<Services>) -> Arc<Directory> {
+        let dir = Arc::new(Directory {
+            first: first.clone(),
+            by_name: Default::default(),
+        });
+        dir.add(first);
+        dir
+    }
+
+    pub fn add(&self, svc: Arc<Services>) {
+        let name = svc.rooms.server_name.as_str().to_string();
+        self.by_name
+            .write()
+            .expect("directory lock")
+            .insert(name, svc);
+    }
+
+    fn route(&self, authority: Option<&str>) -> Arc<Services> {
+        let named = authority.and_then(|a| {
+            self.by_name
+                .read()
+                .expect("directory lock")
+                .get(&a.to_ascii_lowercase())
+                .cloned()
+        });
+        named.unwrap_or_else(|| self.first.clone())
+    }
+}
+
+/// What the listener holds for every request: the tenants, the limits,
+/// and the rate limiters (HTTP concerns, so they live here; shared by
+/// all tenants, as the connections are).
 pub struct Front {
-    pub svc: Arc<Services>,
+    tenants: Arc<Directory>,
     limits: LimitsConfig,
     per_origin: Limiter<ServerName>,
     per_token: Limiter<[u8; 32]>,
@@ -224,14 +266,14 @@ impl std::fmt::Display for CloseConnection {
 impl std::error::Error for CloseConnection {}
 
 impl Front {
-    pub fn new(svc: Arc<Services>) -> Front {
-        let limits = svc.limits.clone();
+    pub fn new(tenants: Arc<Directory>) -> Front {
+        let limits = tenants.first.limits.clone();
         Front {
             per_origin: limiter(limits.rate_per_origin),
             per_token: limiter(limits.rate_per_token),
             body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUFFER_BYTES_MAX)),
             limits,
-            svc,
+            tenants,
         }
     }
 
@@ -317,17 +359,17 @@ impl Front {
         };
         let segs = segments(&req.path);
         let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
-        let svc = &self.svc;
+        let svc = self.tenants.route(req.authority.as_deref());
         let answer = match seg_refs.as_slice() {
             [".well-known", "scaiwave", "server"] => {
-                s2s::descriptor(svc, &req).map_err(Refusal::from)
+                s2s::descriptor(&svc, &req).map_err(Refusal::from)
             }
             ["_scaiwave", "federation", "v1", rest @ ..]
                 if s2s::known(req.method.as_str(), rest) =>
             {
-                self.s2s(&mut req, body, rest).await
+                self.s2s(&svc, &mut req, body, rest).await
             }
-            ["v1", rest @ ..] => self.local(&mut req, body, rest).await,
+            ["v1", rest @ ..] => self.local(&svc, &mut req, body, rest).await,
             _ => Err(not_found_route(&req).into()),
         };
         match answer {
@@ -339,11 +381,11 @@ impl Front {
 
     async fn s2s(
         &self,
+        svc: &Services,
         req: &mut Request,
         body: hyper::body::Incoming,
         rest: &[&str],
     ) -> std::result::Result<Response, Refusal> {
-        let svc = &self.svc;
         // A declared length over the limit is refused before anything else
         // (SPEC §10: 413 before the body is buffered).
         if declared_length(&req.headers).is_some_and(|n| n > BODY_BYTES_MAX) {
@@ -367,11 +409,11 @@ impl Front {
 
     async fn local(
         &self,
+        svc: &Arc<Services>,
         req: &mut Request,
         body: hyper::body::Incoming,
         rest: &[&str],
     ) -> std::result::Result<Response, Refusal> {
-        let svc = &self.svc;
         let (me, token) = caller(svc, req)?;
         if let Err(not_until) = self.per_token.check_key(&token) {
             return Err(rate_limited("token", &self.per_token, not_until).into());

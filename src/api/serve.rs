@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use crate::api::{ConnInfo, Front, Services};
+use crate::api::{ConnInfo, Directory, Front};
 use crate::config::LimitsConfig;
 use crate::limits::RATE_STATE_SWEEP_SECS;
 use crate::limits::{
@@ -90,11 +90,12 @@ fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr, limits: &LimitsConfig) -> Op
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    svc: Arc<Services>,
+    tenants: Arc<Directory>,
     counts: Arc<ConnectionCounts>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let front = Arc::new(Front::new(svc.clone()));
+    let svc = tenants.first.clone();
+    let front = Arc::new(Front::new(tenants));
     let limits = svc.limits.clone();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

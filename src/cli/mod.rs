@@ -35,9 +35,29 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve,
-    /// Administration.
+    /// Administration (through the running server, or on the stopped
+    /// server's data dir).
+    Admin(AdminArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The tenant to act on (default: the first tenant, the
+    /// configuration's server_name).
+    #[arg(long, global = true)]
+    pub tenant: Option<String>,
     #[command(subcommand)]
-    Admin(Admin),
+    pub command: Admin,
+}
+
+impl From<Admin> for AdminArgs {
+    /// The command for the first tenant.
+    fn from(command: Admin) -> AdminArgs {
+        AdminArgs {
+            tenant: None,
+            command,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,6 +66,37 @@ pub enum Admin {
     Federation(Federation),
     #[command(subcommand)]
     Participant(ParticipantCmd),
+    /// The tenants of this instance (SPEC §14).
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCmd {
+    /// Add a tenant; prints its first admin's token once, as JSON.
+    Create {
+        server_name: String,
+        /// Its certificate (PEM); without it, in self-signed mode, the
+        /// local CA issues one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+    },
+    /// Every tenant, with its federation switch.
+    List,
+    /// Turn a tenant's federation on or off (queued traffic is held).
+    #[command(subcommand)]
+    Federation(TenantSwitch),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantSwitch {
+    /// Federate again, and send what was held.
+    Enable { server_name: String },
+    /// Refuse S2S (403 SW_FED_TENANT_DISABLED) and send nothing.
+    Disable { server_name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +156,10 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct SocketRequest {
     pub argv: Vec<String>,
+    /// The caller's working directory: relative paths in the command are
+    /// its, not the server's.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -115,7 +170,7 @@ pub struct SocketAnswer {
 
 /// Run an admin command: through the running server's socket if there is
 /// one, else against the database directly. Either way [`execute`] runs it.
-pub fn run_admin(config: Config, argv: Vec<String>, cmd: Admin) -> Result<String> {
+pub fn run_admin(config: Config, argv: Vec<String>, cmd: AdminArgs) -> Result<String> {
     let socket = config.data_dir.join(ADMIN_SOCKET);
     if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
         return through_socket(stream, argv);
@@ -124,7 +179,7 @@ pub fn run_admin(config: Config, argv: Vec<String>, cmd: Admin) -> Result<String
     runtime.block_on(async {
         let app = App::open(config, Clock::system())?;
         let out = execute(&app, cmd).await;
-        app.store.flush_blocking()?;
+        app.first.store.flush_blocking()?;
         out
     })
 }
@@ -132,8 +187,11 @@ pub fn run_admin(config: Config, argv: Vec<String>, cmd: Admin) -> Result<String
 fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>) -> Result<String> {
     use std::io::{BufRead, Write};
     let io = |e: std::io::Error| Error::internal("admin socket", e);
-    let mut line =
-        serde_json::to_vec(&SocketRequest { argv }).map_err(|e| Error::internal("encode", e))?;
+    let request = SocketRequest {
+        argv,
+        cwd: std::env::current_dir().ok(),
+    };
+    let mut line = serde_json::to_vec(&request).map_err(|e| Error::internal("encode", e))?;
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     let mut reader = std::io::BufReader::new(stream);
@@ -148,48 +206,62 @@ fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>)
     }
 }
 
-/// Parse an argv received over the socket into an admin command.
-pub(crate) fn parse_admin_argv(argv: &[String]) -> std::result::Result<Admin, String> {
-    let cli =
-        Cli::try_parse_from(std::iter::once("scaiwave".to_string()).chain(argv.iter().cloned()))
-            .map_err(|e| e.to_string())?;
-    match cli.command {
-        Command::Admin(a) => Ok(a),
-        Command::Serve => Err("only admin commands go through the admin socket".into()),
+/// Parse a request received over the socket into an admin command, its
+/// relative paths taken from the caller's working directory.
+pub(crate) fn parse_admin_request(req: &SocketRequest) -> std::result::Result<AdminArgs, String> {
+    let argv = req.argv.iter().cloned();
+    let cli = Cli::try_parse_from(std::iter::once("scaiwave".to_string()).chain(argv))
+        .map_err(|e| e.to_string())?;
+    let Command::Admin(mut args) = cli.command else {
+        return Err("only admin commands go through the admin socket".into());
+    };
+    if let (Some(cwd), Admin::Tenant(TenantCmd::Create { cert, key, .. })) =
+        (&req.cwd, &mut args.command)
+    {
+        for path in [cert, key].into_iter().flatten() {
+            *path = cwd.join(&*path);
+        }
     }
+    Ok(args)
 }
 
-/// Execute one admin command against a running (or just opened) app.
-pub async fn execute(app: &App, cmd: Admin) -> Result<String> {
-    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).unwrap_or_default();
-    Ok(match cmd {
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// Execute one admin command against a running (or just opened) app, on
+/// the tenant it names.
+pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
+    let tenant = app.tenant(args.tenant.as_deref())?;
+    Ok(match args.command {
+        Admin::Tenant(cmd) => tenant_command(app, cmd)?,
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
-            let rec = app.fed.keys.generate(app.clock.now_ms())?;
+            let rec = tenant.fed.keys.generate(app.clock.now_ms())?;
             format!("generated key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Rotate(a))) => {
-            let rec = app.fed.rotate(a.revoke_previous)?;
+            let rec = tenant.fed.rotate(a.revoke_previous)?;
             format!("rotated; new key {}", rec.key_id)
         }
         Admin::Federation(Federation::Key(KeyCmd::Show)) => {
-            pretty(&crate::api::admin::identity(&app.services))
+            pretty(&crate::api::admin::identity(&tenant.services))
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Show)) => {
-            pretty(&serde_json::to_value(app.fed.policy()).unwrap_or_default())
+            pretty(&serde_json::to_value(tenant.fed.policy()).unwrap_or_default())
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Set { json })) => {
             let patch: serde_json::Value = serde_json::from_str(&json)
                 .map_err(|e| Error::bad_request(format!("the policy update is not JSON: {e}")))?;
-            let next = app.fed.policy().patched(&patch)?;
-            app.fed.set_policy(next.clone())?;
+            let next = tenant.fed.policy().patched(&patch)?;
+            tenant.fed.set_policy(next.clone())?;
             pretty(&serde_json::to_value(next).unwrap_or_default())
         }
         Admin::Federation(Federation::Peers) => {
-            peers_table(&crate::api::admin::peers(&app.services)?)
+            peers_table(&crate::api::admin::peers(&tenant.services)?)
         }
         Admin::Federation(Federation::Check { server_name }) => {
             let peer = ServerName::parse(&server_name)?;
-            let findings = crate::federation::check::check(&app.fed, &peer).await;
+            let findings = crate::federation::check::check(&tenant.fed, &peer).await;
             let failed = findings.iter().filter(|f| !f.ok).count();
             let mut text: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
             text.push(if failed == 0 {
@@ -210,12 +282,54 @@ pub async fn execute(app: &App, cmd: Admin) -> Result<String> {
             } else {
                 PowerLevel::Member
             };
-            let token = app.rooms.create_participant(
+            let token = tenant.rooms.create_participant(
                 &local,
                 display_name.as_deref().unwrap_or(&local_id),
                 power,
             )?;
-            format!("{}\n{token}", app.rooms.fqid(&local))
+            format!("{}\n{token}", tenant.rooms.fqid(&local))
+        }
+    })
+}
+
+/// `admin tenant …`: these name their tenant themselves.
+fn tenant_command(app: &App, cmd: TenantCmd) -> Result<String> {
+    Ok(match cmd {
+        TenantCmd::Create {
+            server_name,
+            cert,
+            key,
+        } => {
+            let name = ServerName::parse(&server_name)?;
+            let created = app.create_tenant(&name, cert.zip(key))?;
+            serde_json::to_string(&created).map_err(|e| Error::internal("encode", e))?
+        }
+        TenantCmd::List => {
+            let rows: Vec<serde_json::Value> = app
+                .tenants()
+                .iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "server_name": t.server_name.as_str(),
+                        "first": t.server_name == app.first.server_name,
+                        "federation_enabled": t.fed.enabled(),
+                    })
+                })
+                .collect();
+            pretty(&serde_json::json!({ "tenants": rows }))
+        }
+        TenantCmd::Federation(switch) => {
+            let (server_name, on) = match switch {
+                TenantSwitch::Enable { server_name } => (server_name, true),
+                TenantSwitch::Disable { server_name } => (server_name, false),
+            };
+            let tenant = app.tenant(Some(&server_name))?;
+            tenant.fed.set_enabled(on)?;
+            format!(
+                "federation of {} is {}",
+                tenant.server_name,
+                if on { "on" } else { "off" }
+            )
         }
     })
 }
@@ -291,7 +405,7 @@ pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
                     ok: false,
                     output: format!("bad admin request: {e}"),
                 },
-                Ok(req) => match parse_admin_argv(&req.argv) {
+                Ok(req) => match parse_admin_request(&req) {
                     Err(e) => SocketAnswer {
                         ok: false,
                         output: e,

@@ -489,6 +489,16 @@ async fn run_peer(delivery: Arc<Delivery>, peer: ServerName, signals: Arc<PeerSi
         if delivery.shutdown.is_cancelled() {
             return;
         }
+        // A tenant with federation off sends nothing (SPEC §14): its rows
+        // stay queued, and neither age out nor count as failures, until
+        // it is on again.
+        if !delivery.rooms.fed.enabled() {
+            signals.next_retry_at_ms.store(0, Ordering::Relaxed);
+            tokio::select! {
+                _ = delivery.rooms.fed.enabled_again() => continue,
+                _ = delivery.shutdown.cancelled() => return,
+            }
+        }
         let items = queue_head(&delivery, &peer);
         let now = delivery.rooms.clock.now_ms();
         let edus = fresh_edus(&signals, now);

@@ -89,11 +89,8 @@ pub(crate) async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> R
     if !fed.keys.has_key() {
         return Err(super::keys::no_key());
     }
-    if !fed.config.enabled {
-        return Err(Error::new(
-            Code::TenantDisabled,
-            format!("federation is disabled on {}", fed.server_name),
-        ));
+    if !fed.enabled() {
+        return Err(fed.disabled_error());
     }
     // 3. clock skew.
     let skew = fed.config.max_clock_skew.as_secs() as i64;

@@ -26,7 +26,7 @@ use std::sync::{Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::config::{Config, FederationConfig};
-use crate::error::{Code, Result};
+use crate::error::{Code, Error, Result};
 use crate::ids::{Fqid, LocalId, ServerName};
 use crate::limits::{AUDIT_UNVERIFIED_PER_SEC_MAX, S2S_REPLY_BYTES_MAX};
 use crate::storage::{AuditRow, KeyRecord, PeerError, Store, T};
@@ -38,6 +38,8 @@ use policy::Policy;
 use verifier::Verifier;
 
 const POLICY: &[u8] = b"policy";
+/// The tenant's own federation switch (SPEC §14); absent means on.
+const FEDERATION_ENABLED: &[u8] = b"federation_enabled";
 
 /// This server as a party to federation: what every layer above needs to
 /// sign, admit, audit and reach a peer. One per server_name.
@@ -54,6 +56,9 @@ pub struct Federation {
     /// Read on every request, written by an admin: std lock, never held
     /// across `.await`.
     policy: RwLock<Policy>,
+    /// `admin tenant federation enable|disable`, as stored; the delivery
+    /// tasks watch it and hold their queues while it is off.
+    switch: tokio::sync::watch::Sender<bool>,
     /// How many audit rows of unverified requests were written this second
     /// (and how many were not): anyone can send those, so their rows are
     /// rated. A std mutex: held for a counter update, never across `.await`.
@@ -73,6 +78,9 @@ impl Federation {
     pub fn open(config: &Config, store: Store, clock: Clock) -> Result<(Federation, NewPeers)> {
         let keys = Keys::load(&store)?;
         let policy = store.get::<Policy>(T::Meta, POLICY)?.unwrap_or_default();
+        let switch = store
+            .get::<bool>(T::Meta, FEDERATION_ENABLED)?
+            .unwrap_or(true);
         let outbound = Outbound::new(config)?;
         let verifier = Verifier::new(outbound.clone(), clock.clone());
         let (outbox, new_peers) = Outbox::new(store.clone(), clock.clone());
@@ -87,6 +95,7 @@ impl Federation {
                 verifier,
                 outbox,
                 policy: RwLock::new(policy),
+                switch: tokio::sync::watch::channel(switch).0,
                 unverified_audit: Mutex::default(),
             },
             new_peers,
@@ -129,6 +138,72 @@ impl Federation {
             tracing::warn!(name: "federation.policy_rejected", peer = %claimed, code = %e.code, "federation.policy_rejected (unverified origin)");
             self.audit_unverified("federation.policy_rejected", Some(claimed), e.code, &e.message);
         })
+    }
+
+    // --- the tenant's federation switch ---
+
+    /// Whether this tenant federates: `federation.enabled` in the
+    /// configuration, and its own switch.
+    pub fn enabled(&self) -> bool {
+        self.config.enabled && *self.switch.borrow()
+    }
+
+    /// Returns once federation is enabled (never while the configuration
+    /// disables it).
+    pub async fn enabled_again(&self) {
+        if !self.config.enabled {
+            return std::future::pending().await;
+        }
+        let mut rx = self.switch.subscribe();
+        let _ = rx.wait_for(|on| *on).await;
+    }
+
+    /// The refusal of anything that would federate while it is off.
+    pub fn disabled_error(&self) -> Error {
+        let fix = if self.config.enabled {
+            format!(
+                "`scaiwave admin tenant federation enable {}` turns it on",
+                self.server_name
+            )
+        } else {
+            "set federation.enabled = true in the configuration to federate".to_string()
+        };
+        Error::new(
+            Code::TenantDisabled,
+            format!("federation is disabled on {}; {fix}", self.server_name),
+        )
+    }
+
+    /// Turn the switch, durably and audited. Queued traffic is kept while
+    /// it is off, and sent once it is on again.
+    pub fn set_enabled(&self, on: bool) -> Result<()> {
+        if on && !self.config.enabled {
+            return Err(Error::bad_request(
+                "federation.enabled = false in the configuration; set it to true and restart",
+            ));
+        }
+        self.store.put(T::Meta, FEDERATION_ENABLED, &on)?;
+        self.store.flush_blocking()?;
+        self.switch.send_replace(on);
+        let action = if on {
+            "federation.tenant.enabled"
+        } else {
+            "federation.tenant.disabled"
+        };
+        self.audit(
+            action,
+            None,
+            None,
+            None,
+            None,
+            &format!(
+                "federation of {} turned {}",
+                self.server_name,
+                if on { "on" } else { "off" }
+            ),
+        );
+        tracing::info!(name: "federation.tenant.switch", tenant = %self.server_name, enabled = on, "{action}");
+        Ok(())
     }
 
     // --- signing and sending ---
@@ -176,6 +251,10 @@ impl Federation {
         timeout: std::time::Duration,
         reply_bytes_max: usize,
     ) -> Result<std::result::Result<Reply, NetworkError>> {
+        if !self.enabled() {
+            // What we were asked to do cannot federate now (SPEC §6: 409).
+            return Err(self.disabled_error().as_conflict());
+        }
         self.admit(dest)?;
         let signer = self.signer()?;
         Ok(self

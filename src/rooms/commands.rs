@@ -233,15 +233,8 @@ async fn invite_into(
             )
             .as_conflict());
         }
-        if !rooms.fed.config.enabled {
-            return Err(Error::new(
-                Code::TenantDisabled,
-                format!(
-                    "federation is disabled on {}; set federation.enabled = true to federate",
-                    rooms.server_name
-                ),
-            )
-            .as_conflict());
+        if !rooms.fed.enabled() {
+            return Err(rooms.fed.disabled_error().as_conflict());
         }
         if !room.federate {
             return Err(Error::new(Code::RoomNotFederated, "federation is off for this room; an admin can enable it with PUT /v1/admin/rooms/{room_id}/federate").as_conflict());

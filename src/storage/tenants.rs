@@ -16,12 +16,16 @@ use super::{codec, sled_err, Store, TREE_NAMES};
 /// The registry tree: server_name → [`TenantRecord`].
 const REGISTRY: &str = "tenants";
 
-/// One tenant besides the first, as the registry keeps it.
+/// One tenant besides the first, as the registry keeps it. (Its
+/// federation switch is in its own `meta`, as the first tenant's is.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
     pub created_at_ms: i64,
-    /// `admin tenant federation enable|disable` (SPEC §14).
-    pub federation_enabled: bool,
+    /// Its certificate pair, `tenant create --cert/--key` (absolute
+    /// paths, read on every start so a renewed file is picked up); none
+    /// means the local CA issued one.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -105,7 +109,8 @@ mod tests {
         let y = ServerName::parse("y.test:8448").unwrap();
         let rec = TenantRecord {
             created_at_ms: 5,
-            federation_enabled: true,
+            cert: Some("/etc/scaiwave/y.pem".into()),
+            key: None,
         };
         {
             let store = Store::open(dir.path()).unwrap();

@@ -12,7 +12,7 @@ async fn check(net: &testnet::TestNet, from: &str, peer: &str) -> String {
     let cmd = Admin::Federation(Federation::Check {
         server_name: net.name(peer),
     });
-    execute(net.server(from).app(), cmd).await.unwrap()
+    execute(net.server(from).app(), cmd.into()).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

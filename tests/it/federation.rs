@@ -186,9 +186,9 @@ async fn key_rotation_is_seen_from_the_other_side() {
     eventually("first message reaches b", count(1)).await;
 
     let a = net.server("a.test").app().clone();
-    let old = a.fed.keys.current().unwrap().key_id;
-    a.fed.rotate(false).unwrap();
-    assert_ne!(a.fed.keys.current().unwrap().key_id, old);
+    let old = a.first.fed.keys.current().unwrap().key_id;
+    a.first.fed.rotate(false).unwrap();
+    assert_ne!(a.first.fed.keys.current().unwrap().key_id, old);
     net.post(&alice, &room, json!({"body": "after rotation"}))
         .await;
     eventually(

@@ -96,6 +96,7 @@ fn message_at(net: &TestNet, host: &str, room: &str, sender: &str, body: &str, s
 fn postings(net: &TestNet, server: &str, token: &str) -> usize {
     net.server(server)
         .app()
+        .first
         .store
         .count_prefix(T::Search, &storage::prefix(token))
 }
@@ -175,6 +176,7 @@ fn membership_at(
 fn member_row(net: &TestNet, server: &str, room: &str, fqid: &str) -> Option<Member> {
     net.server(server)
         .app()
+        .first
         .store
         .get(T::Members, &keys::member(room, fqid))
         .unwrap()
@@ -250,7 +252,7 @@ async fn a_hosts_member_list_does_not_decide_our_participants_membership() {
         .await;
     // The host's list claims carol joined, and a name far over the bound.
     let dave = format!("@dave:{}", net.server("a.test").name);
-    let host_store = &net.server("a.test").app().store;
+    let host_store = &net.server("a.test").app().first.store;
     let listed = |fqid: &str, display_name: String| Member {
         fqid: fqid.to_string(),
         membership: Membership::Join,
@@ -317,7 +319,7 @@ async fn a_host_seq_at_u64_max_does_not_wrap() {
     );
     let b = net.server("b.test").app().clone();
     let host = net.server("a.test").name.clone();
-    let out = replica::accept_from_host(&b.rooms, &host, vec![(event, u64::MAX)])
+    let out = replica::accept_from_host(&b.first.rooms, &host, vec![(event, u64::MAX)])
         .await
         .unwrap();
     assert_eq!(out.len(), 1);
@@ -336,6 +338,7 @@ async fn settle_never_overwrites_a_stored_event() {
     let b = net.server("b.test").app().clone();
     let first_seq = net.messages(&bob, &room).await[0]["seq"].as_u64().unwrap();
     let stored_before: StoredEvent = b
+        .first
         .store
         .get(T::Events, &keys::event(&room, first_seq))
         .unwrap()
@@ -347,20 +350,24 @@ async fn settle_never_overwrites_a_stored_event() {
     assert_eq!(s, 200, "{v}");
     let event_id = v["event_id"].as_str().unwrap();
     let pending: StoredEvent = b
+        .first
         .store
         .get(T::Pending, &keys::pending(&room, event_id))
         .unwrap()
         .unwrap();
     let (event, _) = Event::parse(&pending.json).unwrap();
-    replica::settle(&b.rooms, &event, first_seq).await.unwrap();
+    replica::settle(&b.first.rooms, &event, first_seq)
+        .await
+        .unwrap();
     let stored_after: Option<StoredEvent> = b
+        .first
         .store
         .get(T::Events, &keys::event(&room, first_seq))
         .unwrap();
     assert_eq!(stored_after, Some(stored_before));
     let roomid = RoomId::parse(&room).unwrap();
     assert_eq!(
-        scaiwave::rooms::views::pending_state(&b.rooms, &roomid, event_id).unwrap(),
+        scaiwave::rooms::views::pending_state(&b.first.rooms, &roomid, event_id).unwrap(),
         Some(scaiwave::storage::DeliveryState::Failed)
     );
     assert_eq!(
@@ -377,6 +384,7 @@ async fn settle_never_overwrites_a_stored_event() {
 fn next_seq(net: &TestNet, server: &str, room: &str) -> u64 {
     net.server(server)
         .app()
+        .first
         .store
         .get::<scaiwave::storage::Room>(T::Rooms, room.as_bytes())
         .unwrap()
@@ -398,7 +406,7 @@ async fn a_seq_far_ahead_is_refused_and_opens_no_gap() {
     assert_refused(r, "SW_FED_BAD_EVENT", "past the newest seq");
     assert_eq!(next_seq(&net, "b.test", &room), before);
     assert_eq!(
-        replica::gap_fills_running(&net.server("b.test").app().rooms),
+        replica::gap_fills_running(&net.server("b.test").app().first.rooms),
         0
     );
     net.stop_all().await;
@@ -429,7 +437,7 @@ async fn batches_with_a_gap_share_one_fill() {
     }
     // Well within the fill's first wait.
     assert_eq!(
-        replica::gap_fills_running(&net.server("b.test").app().rooms),
+        replica::gap_fills_running(&net.server("b.test").app().first.rooms),
         1
     );
     net.stop_all().await;
@@ -473,14 +481,16 @@ async fn cached_send_answers_go_after_a_day() {
     net.send_events("a.test", "b.test", "t-kept-a-day", vec![e])
         .await;
     let b = net.server("b.test").app().clone();
-    assert_eq!(b.store.count_prefix(T::Txns, b""), 1);
-    let pass = scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
+    assert_eq!(b.first.store.count_prefix(T::Txns, b""), 1);
+    let pass =
+        scaiwave::rooms::retention::run_pass(&b.first.rooms, b.config.audit.retention).unwrap();
     assert_eq!(pass.txn_answers, 0, "still fresh");
     b.clock.advance(Duration::from_secs(25 * 3600));
-    let pass = scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
+    let pass =
+        scaiwave::rooms::retention::run_pass(&b.first.rooms, b.config.audit.retention).unwrap();
     assert_eq!(pass.txn_answers, 1);
-    assert_eq!(b.store.count_prefix(T::Txns, b""), 0);
-    assert_eq!(b.store.count_prefix(T::TxnTimes, b""), 0);
+    assert_eq!(b.first.store.count_prefix(T::Txns, b""), 0);
+    assert_eq!(b.first.store.count_prefix(T::TxnTimes, b""), 0);
     net.stop_all().await;
 }
 
@@ -488,6 +498,7 @@ async fn cached_send_answers_go_after_a_day() {
 fn invitation_rows(net: &TestNet, server: &str) -> usize {
     net.server(server)
         .app()
+        .first
         .store
         .count_prefix(T::Invitations, b"")
 }
@@ -511,11 +522,11 @@ async fn expired_invitations_are_deleted_by_the_retention_pass() {
     assert_eq!(s, 200, "{v}");
     assert!(results(&v).iter().all(|r| r["status"] == "accepted"), "{v}");
     assert_eq!(invitation_rows(&net, "b.test"), 3);
-    scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
+    scaiwave::rooms::retention::run_pass(&b.first.rooms, b.config.audit.retention).unwrap();
     assert_eq!(invitation_rows(&net, "b.test"), 3, "not expired yet");
     assert_eq!(net.invitations(&bob).await.len(), 3);
     b.clock.advance(Duration::from_secs(120));
-    scaiwave::rooms::retention::run_pass(&b.rooms, b.config.audit.retention).unwrap();
+    scaiwave::rooms::retention::run_pass(&b.first.rooms, b.config.audit.retention).unwrap();
     assert_eq!(invitation_rows(&net, "b.test"), 0);
     assert!(net.invitations(&bob).await.is_empty());
     net.stop_all().await;
@@ -585,7 +596,7 @@ async fn presence_is_kept_only_for_a_peers_joined_members() {
         .await;
     assert_eq!(s, 200, "{v}");
     let a = net.server("a.test").app();
-    assert_eq!(a.store.count_prefix(T::Presence, b""), 1);
+    assert_eq!(a.first.store.count_prefix(T::Presence, b""), 1);
     let members = net.members(&alice, &room).await;
     let listed = members["members"]
         .as_array()

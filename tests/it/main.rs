@@ -12,5 +12,6 @@ mod interop;
 mod process;
 mod refusals;
 mod rooms;
+mod tenants;
 mod testnet;
 mod tidy;

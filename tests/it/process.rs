@@ -143,9 +143,10 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
         "the token's path is logged"
     );
 
-    // The descriptor over HTTPS with the self-signed certificate.
+    // The descriptor over HTTPS, with the certificate the data dir's local
+    // CA issued: the CA is what a client (or a peer) trusts.
     scaiwave::tls::install_crypto_provider();
-    let cert = std::fs::read(data.join("tls-cert.pem")).unwrap();
+    let cert = std::fs::read(data.join("tls-ca.pem")).unwrap();
     let http = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(&cert).unwrap()])
         .resolve("localhost", addr)

@@ -26,7 +26,7 @@ struct Raw {
 impl Raw {
     fn from_server(net: &TestNet, from: &str, body: &Value) -> Raw {
         let app = net.server(from).app();
-        let k = app.fed.keys.current().unwrap();
+        let k = app.first.fed.keys.current().unwrap();
         Raw {
             origin: net.name(from),
             key_id: k.key_id,
@@ -423,7 +423,13 @@ async fn no_key_state_answers_no_key() {
         "{v}"
     );
     // Generating the key (same function as the CLI) makes it federate.
-    net.server("b.test").app().fed.keys.generate(0).unwrap();
+    net.server("b.test")
+        .app()
+        .first
+        .fed
+        .keys
+        .generate(0)
+        .unwrap();
     let (s, _) = net.send_events("a.test", "b.test", "k2", vec![]).await;
     assert_eq!(s, 200);
     net.stop_all().await;

@@ -54,7 +54,7 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     let room_id = scaiwave::ids::RoomId::parse(&room).unwrap();
     eventually("the host sequenced bob's last reaction", || async {
         let id = last.as_str().unwrap();
-        scaiwave::rooms::views::pending_state(&b_app.rooms, &room_id, id).unwrap()
+        scaiwave::rooms::views::pending_state(&b_app.first.rooms, &room_id, id).unwrap()
             != Some(scaiwave::storage::DeliveryState::Pending)
     })
     .await;
@@ -100,7 +100,10 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
     // against c.test's own key (it fetched c.test's descriptor to do so).
     let b = net.server("b.test").app().clone();
     assert_eq!(
-        b.fed.verifier.protocol_versions(&net.server("c.test").name),
+        b.first
+            .fed
+            .verifier
+            .protocol_versions(&net.server("c.test").name),
         ["v1"]
     );
 
@@ -113,8 +116,8 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
         &carol.fqid,
         message("forged by a"),
         // a.test signs, but the signature claims to be c.test's key.
-        &c.fed.keys.current().unwrap().key_id,
-        &a.fed.keys.current().unwrap().signing,
+        &c.first.fed.keys.current().unwrap().key_id,
+        &a.first.fed.keys.current().unwrap().signing,
     )
     .to_wire_value(Some(900));
     let (s, v) = net
@@ -364,7 +367,7 @@ async fn federated_dm_search_and_live_events() {
     // A posting whose commit never happened (a crash between the two) is
     // no hit: the message itself must hold the word.
     let seq = v["results"][0]["seq"].as_u64().expect("a sequenced hit");
-    let store = &net.server("a.test").app().store;
+    let store = &net.server("a.test").app().first.store;
     store
         .put(
             scaiwave::storage::T::Search,
@@ -593,6 +596,7 @@ fn drop_queue(net: &TestNet, from: &str, to: &str) -> usize {
     end.push(0xff);
     net.server(from)
         .app()
+        .first
         .store
         .remove_range(scaiwave::storage::T::Outbox, &queue, &end)
         .unwrap()

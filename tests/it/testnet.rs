@@ -71,12 +71,17 @@ pub struct Server {
     pub running: Option<Running>,
     /// The HTTP versions its listener offers.
     pub http: HttpVersions,
-    /// Kept so the data dir lives as long as the server.
-    _data: tempfile::TempDir,
+    /// Kept so the data dir lives as long as the server (a tenant's is
+    /// its instance's).
+    _data: Option<tempfile::TempDir>,
     pub admin_token: String,
+    /// For a tenant of another server's instance: that server's short name.
+    pub instance: Option<String>,
 }
 
 impl Server {
+    /// Its instance (a tenant's is the one it was created on: use
+    /// [`TestNet::tenant`] for the tenant itself).
     pub fn app(&self) -> &Arc<scaiwave::app::App> {
         &self.running.as_ref().expect("server is running").app
     }
@@ -156,17 +161,30 @@ pub async fn start_with_extra(
     extra: BTreeMap<String, SocketAddr>,
     tweak: impl Fn(&str, &mut Config),
 ) -> TestNet {
-    start_offering(names, extra, HttpVersions::Both, tweak).await
+    start_offering(names, &[], extra, HttpVersions::Both, tweak).await
+}
+
+/// A net where some servers are tenants of another's instance: each
+/// `(tenant, instance)` is created on the running instance (with its own
+/// certificate from the net's CA) and named `<tenant>:<instance's port>`,
+/// so it is reached, like any server, at its own name over HTTPS.
+pub async fn start_with_tenants(
+    names: &[&str],
+    tenants: &[(&str, &str)],
+    tweak: impl Fn(&str, &mut Config),
+) -> TestNet {
+    start_offering(names, tenants, BTreeMap::new(), HttpVersions::Both, tweak).await
 }
 
 /// A net whose listeners all offer only HTTP/1.1, as peers behind a proxy
 /// that does not speak HTTP/2 would: every S2S request travels as HTTP/1.1.
 pub async fn start_http1_only(names: &[&str], tweak: impl Fn(&str, &mut Config)) -> TestNet {
-    start_offering(names, BTreeMap::new(), HttpVersions::Http1Only, tweak).await
+    start_offering(names, &[], BTreeMap::new(), HttpVersions::Http1Only, tweak).await
 }
 
 async fn start_offering(
     names: &[&str],
+    tenants: &[(&str, &str)],
     extra: BTreeMap<String, SocketAddr>,
     http: HttpVersions,
     tweak: impl Fn(&str, &mut Config),
@@ -185,6 +203,16 @@ async fn start_offering(
             (full_name(n, addr), addr)
         })
         .collect();
+    let addr_of = |short: &str| {
+        let i = names
+            .iter()
+            .position(|n| *n == short)
+            .expect("a server of the net");
+        listeners[i].local_addr().unwrap()
+    };
+    for (tenant, instance) in tenants {
+        resolve.insert(full_name(tenant, addr_of(instance)), addr_of(instance));
+    }
     for (name, addr) in &extra {
         resolve.insert(ServerName::parse(name).unwrap(), *addr);
     }
@@ -194,6 +222,9 @@ async fn start_offering(
         .zip(&listeners)
         .map(|(n, l)| (n.to_string(), l.local_addr().unwrap()))
         .collect();
+    for (tenant, instance) in tenants {
+        hosts.insert(tenant.to_string(), addr_of(instance));
+    }
     hosts.extend(extra.clone());
     let mut servers = Vec::new();
     for (short, listener) in names.iter().zip(listeners) {
@@ -208,11 +239,8 @@ async fn start_offering(
         config.tls.trust_roots = vec![ca.ca_path()];
         config.federation.retry_initial = Duration::from_millis(100);
         config.federation.retry_max_interval = Duration::from_secs(1);
-        config.federation.resolve = resolve
-            .iter()
-            .filter(|(name, _)| **name != config.server_name)
-            .map(|(name, addr)| (name.clone(), *addr))
-            .collect();
+        // Every name, its own included: its tenants reach it like any peer.
+        config.federation.resolve = resolve.clone();
         tweak(short, &mut config);
         let clock = Clock::system();
         let running =
@@ -230,9 +258,32 @@ async fn start_offering(
             config,
             running: Some(running),
             http,
-            _data: data,
+            _data: Some(data),
             admin_token,
+            instance: None,
         });
+    }
+    for (tenant, instance) in tenants {
+        let host = servers.iter().find(|s| s.short == *instance).unwrap();
+        let name = full_name(tenant, host.addr);
+        let created = host
+            .app()
+            .create_tenant(&name, Some(ca.leaf(tenant)))
+            .unwrap();
+        let mut config = host.config.clone();
+        config.server_name = name.clone();
+        let tenant = Server {
+            short: tenant.to_string(),
+            name,
+            addr: host.addr,
+            config,
+            running: None,
+            http,
+            _data: None,
+            admin_token: created.admin_token,
+            instance: Some(instance.to_string()),
+        };
+        servers.push(tenant);
     }
     TestNet {
         http: client(&ca, hosts.clone(), false),
@@ -306,6 +357,14 @@ impl TestNet {
             .iter()
             .find(|s| s.short == name || s.name.as_str() == name)
             .expect("known server")
+    }
+
+    /// The tenant `short` (a server, or a tenant of another's instance)
+    /// as its instance holds it.
+    pub fn tenant(&self, short: &str) -> Arc<scaiwave::app::Tenant> {
+        let s = self.server(short);
+        let instance = self.server(s.instance.as_deref().unwrap_or(short));
+        instance.app().tenant(Some(s.name.as_str())).unwrap()
     }
 
     pub fn server_mut(&mut self, name: &str) -> &mut Server {
@@ -579,8 +638,8 @@ impl TestNet {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let app = self.server(from).app().clone();
-        let reply = app
+        let reply = self
+            .tenant(from)
             .fed
             .s2s(
                 method,
@@ -668,7 +727,7 @@ pub fn message(body: &str) -> Content {
 /// An event by `sender` in `room`, stamped by `app`'s clock and signed with
 /// `app`'s current key.
 pub fn signed_event(app: &App, room: &str, sender: &str, content: Content) -> Event {
-    let key = app.fed.keys.current().unwrap();
+    let key = app.first.fed.keys.current().unwrap();
     signed_event_with(app, room, sender, content, &key.key_id, &key.signing)
 }
 
@@ -735,7 +794,9 @@ pub async fn scripted_peer(
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let (cert, key) = ca.leaf(host);
-    let tls = scaiwave::tls::server_config(&cert, &key).unwrap();
+    let certs =
+        scaiwave::tls::Certificates::new(host, scaiwave::tls::certified_key(&cert, &key).unwrap());
+    let tls = scaiwave::tls::server_config(certs).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
