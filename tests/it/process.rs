@@ -181,6 +181,35 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     assert_eq!(code, 0);
     assert!(out.starts_with("SERVER_NAME"), "{out}");
 
+    // Tenants too are made and switched through the running server, and
+    // `--tenant` points any command at one.
+    let y = format!("y.localhost:{}", listen.port());
+    let (code, out, err) = admin(dir.path(), &["tenant", "create", &y]);
+    assert_eq!(code, 0, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["admin_fqid"], format!("@admin:{y}"));
+    let y_token = data.join("tenants").join(&y).join("admin-token");
+    assert_eq!(
+        std::fs::read_to_string(&y_token).unwrap().trim(),
+        created["admin_token"].as_str().unwrap()
+    );
+    let (code, out, err) = admin(dir.path(), &["--tenant", &y, "federation", "key", "show"]);
+    assert_eq!(code, 0, "{err}");
+    let y_identity: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(y_identity["server_name"], y.as_str());
+    assert_ne!(y_identity["key_id"], d["key_id"]);
+    let (code, _, err) = admin(dir.path(), &["tenant", "federation", "disable", &y]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = admin(dir.path(), &["tenant", "list"]);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        list["tenants"],
+        serde_json::json!([
+            {"server_name": name, "first": true, "federation_enabled": true},
+            {"server_name": y, "first": false, "federation_enabled": false},
+        ])
+    );
+
     // SIGTERM: drain, flush, exit 0.
     p.signal(15);
     let status = p.wait_exit();
@@ -190,6 +219,12 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     let (code, out, err) = admin(dir.path(), &["federation", "key", "show"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(d["key_id"].as_str().unwrap()), "{out}");
+    let (code, out, err) = admin(dir.path(), &["--tenant", &y, "federation", "key", "show"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(y_identity["key_id"].as_str().unwrap()),
+        "{out}"
+    );
 }
 
 #[test]

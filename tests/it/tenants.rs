@@ -2,8 +2,18 @@
 //! instance (one process, one port, one database), z.test is a second
 //! instance; every pair federates over real HTTPS, tenants included.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
 use reqwest::Method;
 use scaiwave::cli::{execute, Admin, AdminArgs, TenantCmd, TenantSwitch};
+use scaiwave::clock::Clock;
+use scaiwave::config::Config;
+use scaiwave::ids::ServerName;
+use scaiwave::server::Running;
 use serde_json::{json, Value};
 
 use crate::federation::texts;
@@ -206,5 +216,222 @@ async fn a_tenant_token_and_policy_stay_with_their_tenant() {
         .map(|t| t["server_name"].as_str().unwrap())
         .collect();
     assert_eq!(names, [net.name("x.test"), net.name("y.test")]);
+    net.stop_all().await;
+}
+
+/// Copy a directory tree (the fixture is read-only in a clone).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Start on `addr` (port 0: any), waiting out a port or a sled lock that
+/// the previous run on it still holds.
+async fn start_at(config: &Config, addr: SocketAddr) -> Running {
+    for _ in 0..300 {
+        let Ok(listener) = std::net::TcpListener::bind(addr) else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        match scaiwave::server::start_on(config.clone(), Clock::system(), listener).await {
+            Ok(r) => return r,
+            Err(e) if e.message.contains("could not acquire lock") => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("{addr} stayed busy");
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_made_before_tenants_opens_and_keeps_serving() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/before-tenants");
+    let data = tempfile::tempdir().unwrap();
+    copy_tree(&fixture.join("db"), &data.path().join("db"));
+    for file in ["tls-cert.pem", "tls-key.pem", "admin-token"] {
+        std::fs::copy(fixture.join(file), data.path().join(file)).unwrap();
+    }
+    let mut config = Config::default_embedded();
+    config.server_name = ServerName::parse("old.test:8448").unwrap();
+    config.data_dir = data.path().to_path_buf();
+    let running = start_at(&config, "127.0.0.1:0".parse().unwrap()).await;
+    let addr = running.addr;
+    // Its self-signed certificate (made before the local CA) is kept.
+    let old_cert = std::fs::read(fixture.join("tls-cert.pem")).unwrap();
+    assert_eq!(
+        std::fs::read(data.path().join("tls-cert.pem")).unwrap(),
+        old_cert
+    );
+
+    // The new tenant is named with the port, so it is reached at its name.
+    let new = ServerName::parse(&format!("new.test:{}", addr.port())).unwrap();
+    let created = running.app.create_tenant(&new, None).unwrap();
+    assert_eq!(created.admin_fqid, format!("@admin:{new}"));
+    let token_file = data
+        .path()
+        .join("tenants")
+        .join(new.as_str())
+        .join("admin-token");
+    assert_eq!(read(&token_file), created.admin_token);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    running.stop().await;
+
+    // Restarted: both tenants serve, each at its name with its certificate.
+    let running = start_at(&config, addr).await;
+    let roots = [
+        old_cert,
+        std::fs::read(data.path().join("tls-ca.pem")).unwrap(),
+    ];
+    let hosts = BTreeMap::from([
+        ("old.test".to_string(), addr),
+        ("new.test".to_string(), addr),
+    ]);
+    let http = reqwest::Client::builder()
+        .tls_certs_only(
+            roots
+                .iter()
+                .map(|pem| reqwest::Certificate::from_pem(pem).unwrap()),
+        )
+        .dns_resolver(Arc::new(testnet::TestResolver(hosts)))
+        .build()
+        .unwrap();
+    let old = format!("old.test:{}", addr.port());
+    let call = |host: String, path: String, token: String| {
+        let http = http.clone();
+        async move { testnet::request(&http, &host, Method::GET, &path, Some(&token), None).await }
+    };
+    let admin_token = read(&fixture.join("admin-token"));
+    let (s, identity) = call(
+        old.clone(),
+        "/v1/admin/federation/identity".into(),
+        admin_token.clone(),
+    )
+    .await;
+    assert_eq!(s, 200, "{identity}");
+    assert_eq!(
+        identity["key_id"].as_str().unwrap(),
+        read(&fixture.join("key-id"))
+    );
+    assert_eq!(identity["server_name"], "old.test:8448");
+    let (_, policy) = call(
+        old.clone(),
+        "/v1/admin/federation/policy".into(),
+        admin_token.clone(),
+    )
+    .await;
+    assert_eq!(policy["denied_peers"], json!(["evil.test"]));
+    let room = read(&fixture.join("room-id"));
+    let messages = format!("/v1/rooms/{}/messages", testnet::enc(&room));
+    let (s, v) = call(old.clone(), messages.clone(), admin_token.clone()).await;
+    assert_eq!(s, 200, "{v}");
+    let bodies: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["first message", "second message", "third message"]);
+    let body = Some(json!({"body": "after tenants"}));
+    let (s, v) = testnet::request(
+        &http,
+        &old,
+        Method::POST,
+        &messages,
+        Some(&admin_token),
+        body,
+    )
+    .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("sent")), "{v}");
+    let bob_token = read(&fixture.join("bob-token"));
+    let (s, v) = call(old.clone(), "/v1/me".into(), bob_token.clone()).await;
+    assert_eq!(
+        (s, v["fqid"].as_str()),
+        (200, Some("@bob:old.test:8448")),
+        "{v}"
+    );
+    // The new tenant: its own identity, and the old tenant's tokens are
+    // not its own.
+    let (s, v) = call(
+        new.to_string(),
+        "/v1/admin/federation/identity".into(),
+        created.admin_token.clone(),
+    )
+    .await;
+    assert_eq!(
+        (s, v["server_name"].as_str()),
+        (200, Some(new.as_str())),
+        "{v}"
+    );
+    let (s, _) = call(new.to_string(), "/v1/me".into(), bob_token).await;
+    assert_eq!(s, 401);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_commands_refuse_bad_input_and_change_nothing() {
+    let mut net = testnet::start(&["x.test"], |_, _| {}).await;
+    let app = net.server("x.test").app().clone();
+    let port = net.server("x.test").addr.port();
+    let y = ServerName::parse(&format!("y.test:{port}")).unwrap();
+    let refused = |result: scaiwave::error::Result<scaiwave::app::CreatedTenant>| {
+        let e = result.unwrap_err();
+        (e.code.as_str(), e.message)
+    };
+    // Configured certificates: the local CA issues none.
+    let (code, message) = refused(app.create_tenant(&y, None));
+    assert_eq!(code, "SW_BAD_REQUEST");
+    assert!(message.contains("--cert"), "{message}");
+    // A certificate with another certificate's key.
+    let (cert, _) = net.ca.leaf("y.test");
+    let (_, other_key) = net.ca.leaf("other.test");
+    let (code, message) = refused(app.create_tenant(&y, Some((cert.clone(), other_key))));
+    assert_eq!(code, "SW_BAD_REQUEST");
+    assert!(message.contains("do not form a pair"), "{message}");
+    // The name of a tenant it has.
+    let (code, _) = refused(app.create_tenant(&net.server("x.test").name.clone(), None));
+    assert_eq!(code, "SW_CONFLICT");
+    // None of that left a tenant behind: not listed, not routed, no files,
+    // and the name is still free.
+    assert_eq!(app.tenants().len(), 1);
+    let e = execute(
+        &app,
+        AdminArgs {
+            tenant: Some(y.to_string()),
+            command: Admin::Tenant(TenantCmd::List),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code.as_str(), "SW_NOT_FOUND", "{}", e.message);
+    assert!(!net
+        .server("x.test")
+        .config
+        .data_dir
+        .join("tenants")
+        .join(y.as_str())
+        .join("admin-token")
+        .exists());
+    let (y_cert, y_key) = net.ca.leaf("y.test");
+    app.create_tenant(&y, Some((y_cert, y_key))).unwrap();
+    let (code, _) = refused(app.create_tenant(&y, None));
+    assert_eq!(code, "SW_CONFLICT");
+    assert_eq!(app.tenants().len(), 2);
     net.stop_all().await;
 }
