@@ -86,20 +86,18 @@ async fn two_tenants_of_one_instance_and_another_instance_federate_over_https() 
     sees(&net, &alice, &xz, "from z").await;
     net.post(&alice, &xy, json!({"body": "to y"})).await;
     sees(&net, &bob, &xy, "to y").await;
-    // Presence from a tenant reaches its neighbour tenant.
-    let (s, v) = net
-        .as_user(
-            &bob,
-            Method::PUT,
-            "/v1/me/presence",
-            Some(json!({"status": "dnd"})),
-        )
+    // Presence from a tenant reaches its neighbour tenant, and from the
+    // other instance too.
+    for (u, status, room) in [(&bob, "dnd", &xy), (&carol, "idle", &xz)] {
+        let body = Some(json!({ "status": status }));
+        let (s, v) = net.as_user(u, Method::PUT, "/v1/me/presence", body).await;
+        assert_eq!(s, 200, "{v}");
+        let what = format!("alice sees {}'s presence", u.fqid);
+        eventually(&what, || async {
+            net.member(&alice, room, &u.fqid).await.unwrap()["presence"]["status"] == status
+        })
         .await;
-    assert_eq!(s, 200, "{v}");
-    eventually("alice sees bob's presence", || async {
-        net.member(&alice, &xy, &bob.fqid).await.unwrap()["presence"]["status"] == "dnd"
-    })
-    .await;
+    }
     // Each tenant keeps its own peers, keys and audit.
     let peers_of = |short: &'static str| {
         let net = &net;
