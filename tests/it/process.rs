@@ -225,6 +225,14 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
         out.contains(y_identity["key_id"].as_str().unwrap()),
         "{out}"
     );
+    let (_, out, _) = admin(dir.path(), &["tenant", "list"]);
+    let after: Value = serde_json::from_str(&out).unwrap();
+    // (This command runs without the server's SCAIWAVE_SERVER_NAME, so
+    // only the other tenant's row is comparable.)
+    assert_eq!(
+        after["tenants"][1], list["tenants"][1],
+        "the switch outlives the process"
+    );
 }
 
 #[test]
