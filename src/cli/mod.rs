@@ -426,3 +426,51 @@ pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(argv: &[&str], cwd: Option<&str>) -> SocketRequest {
+        SocketRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            cwd: cwd.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn relative_paths_over_the_socket_are_the_callers() {
+        let argv = [
+            "admin",
+            "tenant",
+            "create",
+            "y.test",
+            "--cert",
+            "y.pem",
+            "--key",
+            "/etc/y.key",
+        ];
+        let args = parse_admin_request(&request(&argv, Some("/home/op"))).unwrap();
+        let Admin::Tenant(TenantCmd::Create { cert, key, .. }) = args.command else {
+            panic!("parsed as another command");
+        };
+        assert_eq!(cert.unwrap(), PathBuf::from("/home/op/y.pem"));
+        assert_eq!(key.unwrap(), PathBuf::from("/etc/y.key"), "absolute stays");
+    }
+
+    #[test]
+    fn the_socket_takes_admin_commands_only_and_tenant_anywhere() {
+        let err = parse_admin_request(&request(&["serve"], None)).unwrap_err();
+        assert!(err.contains("only admin commands"), "{err}");
+        for argv in [
+            ["admin", "--tenant", "y.test", "federation", "peers"],
+            ["admin", "federation", "peers", "--tenant", "y.test"],
+        ] {
+            let args = parse_admin_request(&request(&argv, None)).unwrap();
+            assert_eq!(args.tenant.as_deref(), Some("y.test"));
+        }
+        let lone_cert = ["admin", "tenant", "create", "y.test", "--cert", "y.pem"];
+        let err = parse_admin_request(&request(&lone_cert, None)).unwrap_err();
+        assert!(err.contains("--key"), "{err}");
+    }
+}
