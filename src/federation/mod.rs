@@ -394,3 +394,65 @@ impl Federation {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, config_enabled: bool) -> Federation {
+        crate::tls::install_crypto_provider();
+        let mut config = Config::default_embedded();
+        config.federation.enabled = config_enabled;
+        let store = Store::open(dir).unwrap();
+        Federation::open(&config, store, Clock::starting_at(0))
+            .unwrap()
+            .0
+    }
+
+    #[tokio::test]
+    async fn the_switch_is_kept_audited_and_stops_every_outbound_call() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let fed = open(dir.path(), true);
+            assert!(fed.enabled());
+            fed.set_enabled(false).unwrap();
+            let peer = ServerName::parse("b.test").unwrap();
+            let timeout = std::time::Duration::from_secs(1);
+            let e = fed
+                .s2s(http::Method::GET, &peer, "/", None, timeout)
+                .await
+                .unwrap_err();
+            assert_eq!((e.code, e.status()), (Code::TenantDisabled, 409));
+            fed.store.flush_blocking().unwrap();
+        }
+        let fed = open(dir.path(), true);
+        assert!(!fed.enabled(), "kept across a restart");
+        let actions: Vec<String> = fed
+            .store
+            .scan::<AuditRow>(T::Audit, b"")
+            .unwrap()
+            .into_iter()
+            .map(|(_, r)| r.action)
+            .collect();
+        assert_eq!(actions, ["federation.tenant.disabled"]);
+        fed.set_enabled(true).unwrap();
+        // Whoever waits for it hears it at once.
+        tokio::time::timeout(std::time::Duration::from_secs(5), fed.enabled_again())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn the_configuration_off_switch_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let fed = open(dir.path(), false);
+        assert!(!fed.enabled());
+        let e = fed.set_enabled(true).unwrap_err();
+        assert!(e.message.contains("federation.enabled"), "{}", e.message);
+        assert!(!fed.enabled());
+        assert!(fed
+            .disabled_error()
+            .message
+            .contains("federation.enabled = true"));
+    }
+}
