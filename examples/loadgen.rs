@@ -3,19 +3,31 @@
 //! this machine's ceiling for the same work without HTTP.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- --events N --batch B --concurrency C [--rooms R] [--bound]
+//! cargo run --release --example loadgen -- --events N --batch B --concurrency C [--rooms R] [--tenants T] [--bound]
+//! cargo run --release --example loadgen -- --events 20000 --batch 100 --concurrency 4 --compare-tenants 10
 //! ```
 //!
 //! Without `--target` everything runs in this process over loopback HTTPS:
 //! a throwaway CA (rcgen), the target server `target.test` and the load
 //! generator's own peer server `peer.test` (whose key signs every event and
 //! whose descriptor the target fetches), each with a temporary data dir and
-//! `federation.resolve` pointing at the other. Rooms are set up the way a
-//! real peer would: a participant on the target creates each room and
-//! invites `@load:peer.test`, who accepts from the peer server.
+//! `federation.resolve` naming every server (tenants included). Rooms are
+//! set up the way a real peer would: a participant on the target creates
+//! each room and invites `@load:peer.test`, who accepts from the peer server.
+//!
+//! With `--tenants T` the target instance serves T tenants: `target.test`
+//! and T-1 more created while it serves, `t<i>.target.test:<port>`, each
+//! with its own certificate from the CA. Every tenant hosts `--rooms R`
+//! rooms set up as above, and the transactions go round-robin to the
+//! tenants, each at its own name, so the listener routes them by SNI and
+//! Host. `--compare-tenants T` runs the ingest twice on fresh instances,
+//! with one tenant and then with T, for the per-tenant cost.
 //!
 //! Exactly one JSON line goes to stdout:
-//! `{"events","seconds","events_per_s","p50_ms","p99_ms","rejected",…}`.
+//! `{"events","seconds","events_per_s","p50_ms","p99_ms","rejected",…}`, or
+//! with `--compare-tenants`
+//! `{"one_tenant":{…},"tenants":T,"n_tenants":{…},"ratio"}`, where `ratio`
+//! is T tenants' `events_per_s` over one tenant's.
 //! Logs go to stderr (set `RUST_LOG` for the servers' own tracing).
 
 use std::collections::BTreeMap;
@@ -30,7 +42,7 @@ use clap::Parser;
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
 
-use scaiwave::app::App;
+use scaiwave::app::{App, Tenant};
 use scaiwave::clock::Clock;
 use scaiwave::config::Config;
 use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
@@ -39,7 +51,7 @@ use scaiwave::protocol::event::{Content, Event};
 use scaiwave::protocol::wire::{SendAnswer, SendBody, SendStatus};
 use scaiwave::rooms::{commands, fqid_of, views};
 use scaiwave::server::Running;
-use scaiwave::storage::{PowerLevel, Store, WriteSet};
+use scaiwave::storage::{Participant, PowerLevel, Store, WriteSet};
 
 // The same allocator as the shipped binary, so the figures are the binary's.
 #[global_allocator]
@@ -67,9 +79,17 @@ struct Args {
     /// /send requests in flight at once.
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
-    /// Rooms to spread the events over (round-robin).
+    /// Rooms per tenant to spread the events over (round-robin).
     #[arg(long, default_value_t = 1)]
     rooms: usize,
+    /// Tenants the target instance serves; transactions go round-robin
+    /// to them.
+    #[arg(long, default_value_t = 1)]
+    tenants: usize,
+    /// Ingest with one tenant, then with this many (fresh instances each),
+    /// and print both and their ratio.
+    #[arg(long)]
+    compare_tenants: Option<usize>,
     /// A remote target `https://HOST:PORT` (not implemented yet).
     #[arg(long)]
     target: Option<String>,
@@ -118,26 +138,37 @@ fn run(args: &Args) -> Result<Value> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    if args.tenants == 0 || args.compare_tenants == Some(0) {
+        bail!("--tenants and --compare-tenants must be at least 1");
+    }
+    if (args.tenants > 1 || args.compare_tenants.is_some()) && (args.bound || args.drain) {
+        bail!("--tenants and --compare-tenants apply to the ingest mode only");
+    }
+    if args.tenants > 1 && args.compare_tenants.is_some() {
+        bail!("--compare-tenants sets the tenant counts itself; leave out --tenants");
+    }
     if args.bound {
         run_bound(args)
     } else if args.drain {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("tokio runtime")?
-            .block_on(run_drain(args))
+        block_on(run_drain(args))
     } else if let Some(target) = &args.target {
         bail!(
             "--target {target}: a remote target is not implemented yet; \
              run without --target to start the target in-process"
         );
+    } else if let Some(tenants) = args.compare_tenants {
+        block_on(compare_tenants(args, tenants))
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("tokio runtime")?
-            .block_on(run_inprocess(args))
+        block_on(run_inprocess(args, args.tenants))
     }
+}
+
+fn block_on(work: impl std::future::Future<Output = Result<Value>>) -> Result<Value> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(work)
 }
 
 fn init_logs() {
@@ -172,16 +203,17 @@ fn message(i: usize) -> Content {
     }
 }
 
-/// `n` signed messages from `sender`, spread round-robin over `rooms`.
+/// Signed messages number `range` from `sender`, spread round-robin over
+/// `rooms`. Numbered across a whole run, so no two share an event id.
 fn signed_messages(
-    n: usize,
+    range: std::ops::Range<usize>,
     rooms: &[RoomId],
     sender: &Fqid,
     now: i64,
     key_id: &KeyId,
     signing: &SigningKey,
 ) -> Vec<Event> {
-    (0..n)
+    range
         .map(|i| {
             Event::create(
                 rooms[i % rooms.len()].clone(),
@@ -247,23 +279,36 @@ impl Node {
     }
 }
 
-/// Start `names` on 127.0.0.1:0, each trusting the CA and resolving the others.
-async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
-    let listeners = names
+/// Start an instance per `(name, tenants)` on 127.0.0.1:0, each trusting
+/// the CA and resolving every server_name, tenants included. An instance
+/// serves `name` and `tenants - 1` more, created once it serves and named
+/// `t<i>.<name>:<port>` (a server_name carries its port unless it is 443).
+async fn start_nodes(ca: &Ca, specs: &[(&str, usize)]) -> Result<Vec<Node>> {
+    let listeners = specs
         .iter()
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<std::io::Result<Vec<_>>>()
         .context("binding a loopback port")?;
-    let mut addrs: BTreeMap<&str, SocketAddr> = BTreeMap::new();
-    for (name, l) in names.iter().zip(&listeners) {
-        addrs.insert(name, l.local_addr()?);
+    let mut resolve: BTreeMap<ServerName, SocketAddr> = BTreeMap::new();
+    let mut served: Vec<Vec<ServerName>> = Vec::new();
+    for (&(name, tenants), l) in specs.iter().zip(&listeners) {
+        let addr = l.local_addr()?;
+        let mut names = vec![ServerName::parse(name)?];
+        for i in 2..=tenants {
+            names.push(ServerName::parse(&format!("t{i}.{name}:{}", addr.port()))?);
+        }
+        for n in &names {
+            resolve.insert(n.clone(), addr);
+        }
+        served.push(names);
     }
     let mut nodes = Vec::new();
-    for (name, listener) in names.iter().zip(listeners) {
+    for (names, listener) in served.iter().zip(listeners) {
+        let (name, tenants) = names.split_first().context("an instance serves a name")?;
         let data = tempfile::tempdir().context("temp data dir")?;
-        let (cert, key) = ca.leaf(name)?;
+        let (cert, key) = ca.leaf(name.host())?;
         let mut config = Config::default_embedded();
-        config.server_name = ServerName::parse(name)?;
+        config.server_name = name.clone();
         config.listen = listener.local_addr()?;
         config.data_dir = data.path().to_path_buf();
         config.tls.cert = Some(cert);
@@ -271,18 +316,21 @@ async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
         config.tls.trust_roots = vec![ca.ca_path()];
         config.federation.retry_initial = Duration::from_millis(100);
         config.federation.retry_max_interval = Duration::from_secs(1);
-        for (other, addr) in &addrs {
-            if other != name {
-                config
-                    .federation
-                    .resolve
-                    .insert(ServerName::parse(other)?, *addr);
-            }
-        }
+        config.federation.resolve = resolve.clone();
         let running = scaiwave::server::start_on(config, Clock::system(), listener)
             .await
             .with_context(|| format!("starting {name}"))?;
-        eprintln!("loadgen: {name} serving on {}", running.addr);
+        for tenant in tenants {
+            running
+                .app
+                .create_tenant(tenant, Some(ca.leaf(tenant.host())?))
+                .with_context(|| format!("creating tenant {tenant}"))?;
+        }
+        eprintln!(
+            "loadgen: {name} serving on {} ({} tenant(s))",
+            running.addr,
+            names.len()
+        );
         nodes.push(Node {
             running,
             _data: data,
@@ -291,45 +339,38 @@ async fn start_nodes(ca: &Ca, names: &[&str]) -> Result<Vec<Node>> {
     Ok(nodes)
 }
 
-/// Create `rooms` rooms on the target, invite `@load:peer.test` to each and
-/// accept from the peer. Returns the room ids and the peer's participant.
-async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<RoomId>, Fqid)> {
-    let owner_id = LocalId::parse("owner")?;
-    target
-        .first
-        .rooms
-        .create_participant(&owner_id, "Load owner", PowerLevel::Member)?;
-    let owner = target
-        .first
+/// `tenant`'s participant `local`, created as a member on first use: the
+/// peer's load participant joins the rooms of every tenant.
+fn participant(tenant: &Tenant, local: &str, display_name: &str) -> Result<(Participant, Fqid)> {
+    let id = LocalId::parse(local)?;
+    if tenant.store.participant(&id)?.is_none() {
+        tenant
+            .rooms
+            .create_participant(&id, display_name, PowerLevel::Member)?;
+    }
+    let p = tenant
         .store
-        .participant(&owner_id)?
-        .context("the owner participant was just created")?;
-    let load_id = LocalId::parse("load")?;
-    peer.first
-        .rooms
-        .create_participant(&load_id, "Load", PowerLevel::Member)?;
-    let load = peer
-        .first
-        .store
-        .participant(&load_id)?
-        .context("the load participant was just created")?;
-    let load_fqid = fqid_of(&peer.first.rooms, &load);
+        .participant(&id)?
+        .with_context(|| format!("participant {local} missing after its creation"))?;
+    let fqid = fqid_of(&tenant.rooms, &p);
+    Ok((p, fqid))
+}
 
+/// Create `rooms` rooms on `host`, invite `@load:peer.test` to each and
+/// accept from the peer. Returns the room ids.
+async fn setup_rooms(host: &Tenant, peer: &Tenant, rooms: usize) -> Result<Vec<RoomId>> {
+    let (owner, _) = participant(host, "owner", "Load owner")?;
+    let (load, load_fqid) = participant(peer, "load", "Load")?;
     let mut ids = Vec::with_capacity(rooms);
     for r in 0..rooms {
-        let room = commands::create_room(
-            &target.first.rooms,
-            &owner,
-            &format!("load {r}"),
-            "standard",
-        )
-        .await?;
+        let room =
+            commands::create_room(&host.rooms, &owner, &format!("load {r}"), "standard").await?;
         let room_id = RoomId::parse(&room.room_id)?;
-        let invite_id = commands::invite(&target.first.rooms, &owner, &room_id, &load_fqid).await?;
-        // The invite reaches the peer through the target's delivery loop.
+        let invite_id = commands::invite(&host.rooms, &owner, &room_id, &load_fqid).await?;
+        // The invite reaches the peer through the host's delivery loop.
         let deadline = Instant::now() + SETUP_TIMEOUT;
         loop {
-            let arrived = views::invitations(&peer.first.rooms, &load)?
+            let arrived = views::invitations(&peer.rooms, &load)?
                 .iter()
                 .any(|i| i.invite_id == invite_id);
             if arrived {
@@ -340,14 +381,13 @@ async fn setup_rooms(target: &App, peer: &App, rooms: usize) -> Result<(Vec<Room
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let answered =
-            commands::answer_invitation(&peer.first.rooms, &load, &invite_id, true).await?;
+        let answered = commands::answer_invitation(&peer.rooms, &load, &invite_id, true).await?;
         if answered.state != commands::AnswerState::Joined {
             bail!("joining {room_id} answered {answered:?}; expected an immediate join");
         }
         ids.push(room_id);
     }
-    Ok((ids, load_fqid))
+    Ok(ids)
 }
 
 #[derive(Default)]
@@ -383,15 +423,16 @@ impl Tally {
     }
 }
 
-/// Start the target and the peer, run `work` with them, and stop both
-/// whatever happened, so the program always ends by itself.
-async fn with_pair<F, Fut>(work: F) -> Result<Value>
+/// Start the target (serving `tenants`) and the peer, run `work` with
+/// them, and stop both whatever happened, so the program always ends by
+/// itself.
+async fn with_pair<F, Fut>(tenants: usize, work: F) -> Result<Value>
 where
     F: FnOnce(Arc<App>, Arc<App>) -> Fut,
     Fut: std::future::Future<Output = Result<Value>>,
 {
     let ca = Ca::new()?;
-    let mut nodes = start_nodes(&ca, &[TARGET_NAME, PEER_NAME]).await?;
+    let mut nodes = start_nodes(&ca, &[(TARGET_NAME, tenants), (PEER_NAME, 1)]).await?;
     let outcome = work(nodes[0].app().clone(), nodes[1].app().clone()).await;
     while let Some(node) = nodes.pop() {
         node.running.stop().await;
@@ -400,12 +441,27 @@ where
     outcome
 }
 
-async fn run_inprocess(args: &Args) -> Result<Value> {
-    with_pair(|target, peer| drive(args, target, peer)).await
+async fn run_inprocess(args: &Args, tenants: usize) -> Result<Value> {
+    with_pair(tenants, |target, peer| drive(args, target, peer)).await
+}
+
+/// Ingest with one tenant, then with `tenants` on fresh instances: what
+/// serving more names on one instance costs (issue 11's figure).
+async fn compare_tenants(args: &Args, tenants: usize) -> Result<Value> {
+    let one = run_inprocess(args, 1).await?;
+    let many = run_inprocess(args, tenants).await?;
+    let rate = |v: &Value| v["events_per_s"].as_f64().context("a rate in the result");
+    let ratio = round3(rate(&many)? / rate(&one)?);
+    Ok(json!({
+        "one_tenant": one,
+        "tenants": tenants,
+        "n_tenants": many,
+        "ratio": ratio,
+    }))
 }
 
 async fn run_drain(args: &Args) -> Result<Value> {
-    with_pair(|target, peer| drain(args, target, peer)).await
+    with_pair(1, |target, peer| drain(args, target, peer)).await
 }
 
 /// The target hosts one room the peer has joined. While the peer's policy
@@ -415,7 +471,7 @@ async fn run_drain(args: &Args) -> Result<Value> {
 async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     use scaiwave::federation::policy::Policy;
     use scaiwave::rooms::host::{self, Source};
-    let (rooms, _) = setup_rooms(&target, &peer, 1).await?;
+    let rooms = setup_rooms(&target.first, &peer.first, 1).await?;
     let room = rooms[0].clone();
     let peer_name = ServerName::parse(PEER_NAME)?;
     peer.first.fed.set_policy(Policy {
@@ -423,13 +479,7 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         ..Policy::default()
     })?;
 
-    let owner_id = LocalId::parse("owner")?;
-    let owner = target
-        .first
-        .store
-        .participant(&owner_id)?
-        .context("owner exists")?;
-    let sender = fqid_of(&target.first.rooms, &owner);
+    let (_, sender) = participant(&target.first, "owner", "Load owner")?;
     let key = target.first.fed.keys.current()?;
     let mut built = 0;
     while built < args.events {
@@ -514,34 +564,41 @@ fn process_cpu_seconds() -> Option<f64> {
 }
 
 async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
-    let (rooms, sender) = setup_rooms(&target, &peer, args.rooms).await?;
+    let mut hosted: Vec<(ServerName, Vec<RoomId>)> = Vec::new();
+    for tenant in target.tenants() {
+        let rooms = setup_rooms(&tenant, &peer.first, args.rooms).await?;
+        hosted.push((tenant.server_name.clone(), rooms));
+    }
+    let (_, sender) = participant(&peer.first, "load", "Load")?;
     eprintln!(
-        "loadgen: {} room(s) on {TARGET_NAME} joined by {sender}",
-        rooms.len()
+        "loadgen: {} room(s) on each of {} tenant(s) joined by {sender}",
+        args.rooms,
+        hosted.len()
     );
 
-    // Pre-build every signed event and every transaction body.
+    // Pre-build every signed event and every transaction body; transaction
+    // t goes to tenant t mod N, so each tenant gets an even share.
     let key = peer.first.fed.keys.current()?;
     let now = peer.clock.now_ms();
-    let events: Vec<Value> =
-        signed_messages(args.events, &rooms, &sender, now, &key.key_id, &key.signing)
-            .iter()
-            .map(|e| e.to_wire_value(None))
-            .collect();
     let run_tag = format!("loadgen-{now}");
-    let bodies: Vec<(usize, Vec<u8>)> = events
-        .chunks(args.batch)
+    let bodies: Vec<(ServerName, usize, Vec<u8>)> = (0..args.events)
+        .step_by(args.batch)
         .enumerate()
-        .map(|(t, chunk)| {
+        .map(|(t, start)| {
+            let (dest, rooms) = &hosted[t % hosted.len()];
+            let range = start..(start + args.batch).min(args.events);
+            let count = range.len();
             let body = SendBody {
                 txn_id: format!("{run_tag}-{t}"),
-                events: chunk.to_vec(),
+                events: signed_messages(range, rooms, &sender, now, &key.key_id, &key.signing)
+                    .iter()
+                    .map(|e| e.to_wire_value(None))
+                    .collect(),
                 edus: Vec::new(),
             };
-            serde_json::to_vec(&body).map(|b| (chunk.len(), b))
+            serde_json::to_vec(&body).map(|b| (dest.clone(), count, b))
         })
         .collect::<std::result::Result<_, _>>()?;
-    drop(events);
     let requests = bodies.len();
     eprintln!(
         "loadgen: sending {} events in {requests} transactions of ≤{}, {} in flight",
@@ -549,18 +606,16 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     );
 
     let queue = Arc::new(Mutex::new(bodies.into_iter()));
-    let target_name = ServerName::parse(TARGET_NAME)?;
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.min(requests) {
         let queue = queue.clone();
         let peer = peer.clone();
-        let target_name = target_name.clone();
         workers.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             loop {
                 let next = queue.lock().expect("queue lock").next();
-                let Some((count, body)) = next else {
+                let Some((dest, count, body)) = next else {
                     break;
                 };
                 let signer = match peer.first.fed.signer() {
@@ -580,7 +635,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
                     .signed(
                         &signer,
                         http::Method::POST,
-                        &target_name,
+                        &dest,
                         SEND_PATH,
                         Some(body),
                         REQUEST_TIMEOUT,
@@ -661,6 +716,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
         "batch": args.batch,
         "concurrency": args.concurrency,
         "rooms": args.rooms,
+        "tenants": hosted.len(),
     }))
 }
 
@@ -681,10 +737,11 @@ fn run_bound(args: &Args) -> Result<Value> {
     let now = Clock::system().now_ms();
 
     // Pre-built wire bytes, as they would sit inside a /send body.
-    let wire: Vec<Vec<u8>> = signed_messages(args.events, &rooms, &sender, now, &key_id, &signing)
-        .iter()
-        .map(|e| e.to_wire_bytes(None))
-        .collect();
+    let wire: Vec<Vec<u8>> =
+        signed_messages(0..args.events, &rooms, &sender, now, &key_id, &signing)
+            .iter()
+            .map(|e| e.to_wire_bytes(None))
+            .collect();
     let batches: Vec<&[Vec<u8>]> = wire.chunks(args.batch).collect();
 
     let data = tempfile::tempdir().context("temp dir for sled")?;
