@@ -324,7 +324,7 @@ impl App {
             self.first.server_name.host(),
             self.first.certificate(&self.config.data_dir)?,
         );
-        for tenant in self.tenants() {
+        for tenant in self.tenants().iter().skip(1) {
             let ck = tenant.certificate(&self.config.data_dir)?;
             certs.add(tenant.server_name.host(), ck);
         }
