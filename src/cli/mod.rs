@@ -62,8 +62,10 @@ impl From<Admin> for AdminArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Admin {
+    /// Federation: keys, policy, peers and the handshake check.
     #[command(subcommand)]
     Federation(Federation),
+    /// Local participants and their tokens.
     #[command(subcommand)]
     Participant(ParticipantCmd),
     /// The tenants of this instance (SPEC §14).
@@ -101,8 +103,10 @@ pub enum TenantSwitch {
 
 #[derive(Debug, Subcommand)]
 pub enum Federation {
+    /// The signing key peers verify us with.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Which servers we federate with (SPEC §7).
     #[command(subcommand)]
     Policy(PolicyCmd),
     /// Peers with their health, as a table.
@@ -130,19 +134,21 @@ pub struct RotateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCmd {
+    /// Print the policy as JSON.
     Show,
     /// Partial update, e.g. `set '{"allowed_peers": ["b.example.com"]}'`.
-    Set {
-        json: String,
-    },
+    Set { json: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ParticipantCmd {
+    /// Create a participant; prints its FQID and its token (shown once).
     Create {
         local_id: String,
+        /// With power_level admin.
         #[arg(long)]
         admin: bool,
+        /// The name others see (default: the local id).
         #[arg(long)]
         display_name: Option<String>,
     },
@@ -456,6 +462,27 @@ mod tests {
         };
         assert_eq!(cert.unwrap(), PathBuf::from("/home/op/y.pem"));
         assert_eq!(key.unwrap(), PathBuf::from("/etc/y.key"), "absolute stays");
+    }
+
+    /// Every command and subcommand says what it does in `--help`.
+    #[test]
+    fn every_command_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "scaiwave",
+            &mut missing,
+        );
+        assert_eq!(missing, Vec::<String>::new());
     }
 
     #[test]
