@@ -553,6 +553,12 @@ async fn a_gap_that_cannot_be_filled_yet_is_tried_again_later() {
     let (alice, bob, room) = shared_room(&net).await;
     net.server_mut("b.test").stop().await;
     net.post(&alice, &room, json!({"body": "lost"})).await;
+    // Only once a's sender has failed and is backing off has it let go of
+    // the row: one it holds in memory it would send after b's restart.
+    eventually("a backs off from b", || async {
+        net.peer_row("a.test", "b.test").await["next_retry_at"].is_string()
+    })
+    .await;
     assert_eq!(drop_queue(&net, "a.test", "b.test"), 1);
     // While the host serves no history, the gap cannot be filled.
     net.set_policy("a.test", json!({"max_backfill_events_per_request": 0}))
