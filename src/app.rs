@@ -73,9 +73,9 @@ pub struct App {
     pub clock: Clock,
     /// The first tenant: the configuration's `server_name`.
     pub first: Arc<Tenant>,
-    /// Every tenant, the first included. A std lock: written when a
-    /// tenant is created, never held across `.await`.
-    tenants: RwLock<BTreeMap<ServerName, Arc<Tenant>>>,
+    /// Every tenant besides the first. A std lock: written when a tenant
+    /// is created, never held across `.await`.
+    others: RwLock<BTreeMap<ServerName, Arc<Tenant>>>,
     /// The listener's routing by Host / `:authority`.
     pub directory: Arc<Directory>,
     pub shutdown: CancellationToken,
@@ -247,23 +247,23 @@ impl App {
             configured,
         )?;
         let directory = Directory::new(first.services.clone());
-        let mut tenants = BTreeMap::from([(first.server_name.clone(), first.clone())]);
+        let mut others = BTreeMap::new();
         for (name, rec) in db.tenants()? {
             let tenant = Tenant::open(
                 &shared,
                 name.clone(),
                 db.tenant(&name)?,
                 tenant_dir(&config, &name),
-                rec.cert.zip(rec.key),
+                rec.certificate,
             )?;
             directory.add(tenant.services.clone());
-            tenants.insert(name, tenant);
+            others.insert(name, tenant);
         }
         Ok(Arc::new(App {
             config,
             clock,
             first,
-            tenants: RwLock::new(tenants),
+            others: RwLock::new(others),
             directory,
             shutdown,
             tasks: TaskTracker::new(),
@@ -281,26 +281,25 @@ impl App {
             return Ok(self.first.clone());
         };
         let name = ServerName::parse(name)?;
-        self.tenants
-            .read()
-            .expect("tenants lock")
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "this instance has no tenant {name}; `scaiwave admin tenant list` shows them"
-                ))
-            })
+        self.find(&name).ok_or_else(|| {
+            Error::not_found(format!(
+                "this instance has no tenant {name}; `scaiwave admin tenant list` shows them"
+            ))
+        })
+    }
+
+    fn find(&self, name: &ServerName) -> Option<Arc<Tenant>> {
+        if *name == self.first.server_name {
+            return Some(self.first.clone());
+        }
+        self.others.read().expect("tenants lock").get(name).cloned()
     }
 
     /// Every tenant: the first, then the others by server_name.
     pub fn tenants(&self) -> Vec<Arc<Tenant>> {
-        let map = self.tenants.read().expect("tenants lock");
-        let others = map
-            .values()
-            .filter(|t| t.server_name != self.first.server_name);
+        let others = self.others.read().expect("tenants lock");
         std::iter::once(self.first.clone())
-            .chain(others.cloned())
+            .chain(others.values().cloned())
             .collect()
     }
 
@@ -357,7 +356,7 @@ impl App {
         cert: Option<(PathBuf, PathBuf)>,
     ) -> Result<CreatedTenant> {
         let _one_at_a_time = self.creating.lock().expect("creating lock");
-        if self.tenant(Some(server_name.as_str())).is_ok() {
+        if self.find(server_name).is_some() {
             return Err(Error::new(
                 Code::Conflict,
                 format!(
@@ -392,13 +391,11 @@ impl App {
         // Checked (and issued) before anything is stored: a bad pair
         // leaves no tenant behind.
         let ck = tenant.certificate(&self.config.data_dir)?;
-        let (cert, key) = cert.unzip();
         self.db.add_tenant(
             server_name,
             &TenantRecord {
                 created_at_ms: self.clock.now_ms(),
-                cert,
-                key,
+                certificate: cert,
             },
         )?;
         let admin_token = tenant.first_start()?.ok_or_else(|| {
@@ -428,7 +425,7 @@ impl App {
         {
             certs.add(server_name.host(), ck);
         }
-        self.tenants
+        self.others
             .write()
             .expect("tenants lock")
             .insert(server_name.clone(), tenant.clone());

@@ -16,17 +16,17 @@ use crate::storage::{Participant, Room};
 fn room_view(svc: &Services, room: &Room) -> Value {
     // A tenant with federation off shows none of its rooms as federated
     // (SPEC §14); they are again once it is on.
-    let shared = RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
-        || svc
-            .rooms
-            .store
-            .members(&RoomId::parse(&room.room_id).expect("stored ids are valid"))
-            .map(|m| {
-                m.keys()
-                    .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
-            })
-            .unwrap_or(false);
-    let federated = shared && svc.rooms.fed.enabled();
+    let federated = svc.rooms.fed.enabled()
+        && (RoomId::parse(&room.room_id).is_ok_and(|r| r.host() != svc.rooms.server_name)
+            || svc
+                .rooms
+                .store
+                .members(&RoomId::parse(&room.room_id).expect("stored ids are valid"))
+                .map(|m| {
+                    m.keys()
+                        .any(|f| Fqid::parse(f).is_ok_and(|f| !svc.rooms.is_local(&f)))
+                })
+                .unwrap_or(false));
     json!({
         "room_id": room.room_id,
         "name": room.name,

@@ -21,11 +21,10 @@ const REGISTRY: &str = "tenants";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
     pub created_at_ms: i64,
-    /// Its certificate pair, `tenant create --cert/--key` (absolute
+    /// Its certificate and key, `tenant create --cert/--key` (absolute
     /// paths, read on every start so a renewed file is picked up); none
     /// means the local CA issued one.
-    pub cert: Option<std::path::PathBuf>,
-    pub key: Option<std::path::PathBuf>,
+    pub certificate: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Store {
@@ -109,8 +108,7 @@ mod tests {
         let y = ServerName::parse("y.test:8448").unwrap();
         let rec = TenantRecord {
             created_at_ms: 5,
-            cert: Some("/etc/scaiwave/y.pem".into()),
-            key: None,
+            certificate: Some(("/etc/scaiwave/y.pem".into(), "/etc/scaiwave/y.key".into())),
         };
         {
             let store = Store::open(dir.path()).unwrap();
