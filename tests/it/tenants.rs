@@ -3,17 +3,14 @@
 //! instance; every pair federates over real HTTPS, tenants included.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use reqwest::Method;
 use scaiwave::cli::{execute, Admin, AdminArgs, TenantCmd, TenantSwitch};
-use scaiwave::clock::Clock;
 use scaiwave::config::Config;
 use scaiwave::ids::ServerName;
-use scaiwave::server::Running;
+use scaiwave::server::HttpVersions;
 use serde_json::{json, Value};
 
 use crate::federation::texts;
@@ -231,25 +228,6 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Start on `addr` (port 0: any), waiting out a port or a sled lock that
-/// the previous run on it still holds.
-async fn start_at(config: &Config, addr: SocketAddr) -> Running {
-    for _ in 0..300 {
-        let Ok(listener) = std::net::TcpListener::bind(addr) else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            continue;
-        };
-        match scaiwave::server::start_on(config.clone(), Clock::system(), listener).await {
-            Ok(r) => return r,
-            Err(e) if e.message.contains("could not acquire lock") => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    panic!("{addr} stayed busy");
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap().trim().to_string()
 }
@@ -265,7 +243,8 @@ async fn a_data_dir_made_before_tenants_opens_and_keeps_serving() {
     let mut config = Config::default_embedded();
     config.server_name = ServerName::parse("old.test:8448").unwrap();
     config.data_dir = data.path().to_path_buf();
-    let running = start_at(&config, "127.0.0.1:0".parse().unwrap()).await;
+    let running =
+        testnet::start_at(&config, "127.0.0.1:0".parse().unwrap(), HttpVersions::Both).await;
     let addr = running.addr;
     // Its self-signed certificate (made before the local CA) is kept.
     let old_cert = std::fs::read(fixture.join("tls-cert.pem")).unwrap();
@@ -292,7 +271,7 @@ async fn a_data_dir_made_before_tenants_opens_and_keeps_serving() {
     running.stop().await;
 
     // Restarted: both tenants serve, each at its name with its certificate.
-    let running = start_at(&config, addr).await;
+    let running = testnet::start_at(&config, addr, HttpVersions::Both).await;
     let roots = [
         old_cert,
         std::fs::read(data.path().join("tls-ca.pem")).unwrap(),

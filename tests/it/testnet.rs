@@ -94,35 +94,35 @@ impl Server {
 
     /// Start again on the same port and data (after `stop`).
     pub async fn restart(&mut self) {
-        let mut tries = 0;
-        let running = loop {
-            // Whatever held the port before may take a moment to let go.
-            let listener = match std::net::TcpListener::bind(self.addr) {
-                Ok(l) => l,
-                Err(_) if tries < 300 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-                Err(e) => panic!("{e}"),
-            };
-            let started = scaiwave::server::start_on_with(
-                self.config.clone(),
-                Clock::system(),
-                listener,
-                self.http,
-            );
-            match started.await {
-                Ok(r) => break r,
-                // sled's flusher may hold the lock a moment after stop.
-                Err(e) if e.message.contains("could not acquire lock") && tries < 300 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("{e}"),
+        self.running = Some(start_at(&self.config, self.addr, self.http).await);
+    }
+}
+
+/// Start `config` on `addr` (port 0: any free one), waiting out a port or
+/// a sled lock that a server just stopped there may hold a moment longer.
+pub async fn start_at(config: &Config, addr: SocketAddr, http: HttpVersions) -> Running {
+    let mut tries = 0;
+    loop {
+        let listener = match std::net::TcpListener::bind(addr) {
+            Ok(l) => l,
+            Err(_) if tries < 300 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
             }
+            Err(e) => panic!("{e}"),
         };
-        self.running = Some(running);
+        let started =
+            scaiwave::server::start_on_with(config.clone(), Clock::system(), listener, http);
+        match started.await {
+            Ok(r) => return r,
+            // sled's flusher may hold the lock a moment after stop.
+            Err(e) if e.message.contains("could not acquire lock") && tries < 300 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 }
 
