@@ -95,12 +95,24 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async {
         let running = scaiwave::cli::serve(config, scaiwave::clock::Clock::system()).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        systemd_notify(sd_notify::NotifyState::Ready);
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        systemd_notify(sd_notify::NotifyState::Stopping);
         tracing::info!("shutting down: finishing in-flight requests, then flushing");
         running.stop().await;
         Ok(())
     })
+}
+
+/// Tell systemd (`Type=notify`) where the service stands: ready once the
+/// listener accepts, stopping once SIGTERM came. Without `NOTIFY_SOCKET`
+/// (not under systemd) it does nothing; a failure only costs systemd's
+/// view of the state, so it is logged, not fatal.
+fn systemd_notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
 }

@@ -1,5 +1,6 @@
 //! The real binary as an operator runs it: embedded default, first-start
-//! files, admin commands through the running server's socket, SIGTERM.
+//! files, admin commands through the running server's socket, sd_notify,
+//! SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -110,14 +111,31 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
         .local_addr()
         .unwrap();
     let name = format!("localhost:{}", listen.port());
+    // systemd's side of Type=notify: a datagram socket named in NOTIFY_SOCKET.
+    let notify_path = dir.path().join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let notified = || {
+        let mut buf = [0u8; 256];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mut p = Process::serve(
         dir.path(),
         &[
             ("SCAIWAVE_LISTEN", listen.to_string()),
             ("SCAIWAVE_SERVER_NAME", name.clone()),
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
         ],
     );
     let started = p.wait_for("scaiwave is serving HTTPS");
+    assert_eq!(
+        notified().trim(),
+        "READY=1",
+        "ready once the listener is up"
+    );
     let addr: std::net::SocketAddr = started["fields"]["addr"].as_str().unwrap().parse().unwrap();
     assert_eq!(addr, listen);
 
@@ -210,8 +228,9 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
         ])
     );
 
-    // SIGTERM: drain, flush, exit 0.
+    // SIGTERM: systemd hears "stopping", then drain, flush, exit 0.
     p.signal(15);
+    assert_eq!(notified().trim(), "STOPPING=1");
     let status = p.wait_exit();
     assert_eq!(status.code(), Some(0), "{:#?}", p.log);
 
