@@ -36,6 +36,8 @@ pub struct Config {
     pub federation: FederationConfig,
     pub audit: AuditConfig,
     pub limits: LimitsConfig,
+    pub storage: StorageConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
     /// `None` leaves calls disabled (SPEC §14).
     pub livekit: Option<LivekitConfig>,
@@ -109,6 +111,19 @@ impl fmt::Display for Rate {
         };
         write!(f, "{}/{unit}", self.count)
     }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StorageConfig {
+    /// Bytes of sled's page cache: the bulk of the server's memory.
+    pub cache_capacity: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` (SPEC §16) is served over plain HTTP; `None`
+    /// (the default, `""` in the file) serves none.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +207,7 @@ impl ConfigError {
 const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8448);
 const DEFAULT_DATA_DIR: &str = "./scaiwave-data";
 const DAY: u64 = 24 * 3600;
+const MIB: u64 = 1024 * 1024;
 
 // Far beyond any sensible setting, yet small enough that `Instant + d` and
 // `SystemTime + d` can never overflow (which would panic) downstream.
@@ -215,7 +231,16 @@ enum EnvForm {
     FileOnly,
 }
 
-const SECTIONS: [&str; 6] = ["tls", "federation", "audit", "limits", "log", "livekit"];
+const SECTIONS: [&str; 8] = [
+    "tls",
+    "federation",
+    "audit",
+    "limits",
+    "storage",
+    "metrics",
+    "log",
+    "livekit",
+];
 
 /// Every key of SPEC §12 by section (`""` is the top level). The typed walk
 /// below must read exactly these; a test holds the two together.
@@ -245,6 +270,8 @@ const KEYS: &[(&str, &str, EnvForm)] = &[
     ("limits", "connections_per_ip_max", EnvForm::Integer),
     ("limits", "rate_per_origin", EnvForm::Text),
     ("limits", "rate_per_token", EnvForm::Text),
+    ("storage", "cache_capacity", EnvForm::Text),
+    ("metrics", "listen", EnvForm::Text),
     ("log", "format", EnvForm::Text),
     ("livekit", "url", EnvForm::Text),
     ("livekit", "api_key", EnvForm::Text),
@@ -291,6 +318,10 @@ impl Config {
                     per: Duration::from_secs(1),
                 },
             },
+            storage: StorageConfig {
+                cache_capacity: 64 * MIB,
+            },
+            metrics: MetricsConfig::default(),
             log: LogConfig {
                 format: LogFormat::Text,
             },
@@ -463,6 +494,17 @@ connections_per_ip_max = 256
 # Past them: 429 SW_FED_RATE_LIMITED with Retry-After.
 rate_per_origin = "300/s"
 rate_per_token = "20/s"
+
+[storage]
+# sled's page cache, the bulk of the server's memory: more serves big
+# rooms' history from memory, less fits a small box.
+cache_capacity = "64MiB"
+
+[metrics]
+# Prometheus text on plain HTTP at http://<listen>/metrics (never on the
+# federation port). "" serves none; several servers on one machine each
+# need their own port.
+listen = ""
 
 [log]
 # "text" for people, "json" for machines. --log-format overrides it; the
@@ -732,6 +774,41 @@ fn socket_addr(v: &Value) -> Result<SocketAddr, String> {
     })
 }
 
+/// `"64MiB"`: a whole number of B, KiB, MiB or GiB (binary units, as
+/// memory is counted), or a bare integer of bytes.
+fn byte_size(v: &Value) -> Result<u64, String> {
+    const EXPECTED: &str = "expected a size such as \"64MiB\" (units B, KiB, MiB, GiB)";
+    let text = match v {
+        Value::Integer(n) => return u64::try_from(*n).map_err(|_| format!("{EXPECTED}, got {n}")),
+        Value::String(s) => s.trim(),
+        other => return Err(format!("{EXPECTED}, got {}", describe(other))),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => MIB,
+        "GiB" => 1024 * MIB,
+        _ => return Err(format!("{EXPECTED}, got {text:?}")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("{EXPECTED}, got {text:?}"))
+}
+
+/// A socket address, or `""` for none.
+fn optional_socket_addr(v: &Value) -> Result<Option<SocketAddr>, String> {
+    match v {
+        Value::String(s) if s.is_empty() => Ok(None),
+        other => socket_addr(other).map(Some),
+    }
+}
+
 fn path(v: &Value) -> Result<PathBuf, String> {
     match v.as_str() {
         Some(s) if !s.is_empty() => Ok(PathBuf::from(s)),
@@ -913,6 +990,39 @@ impl Walker {
 
         let limits = self.limits(root, d.limits)?;
 
+        let st = self.section(root, "storage")?;
+        let storage = StorageConfig {
+            cache_capacity: self
+                .get(st, "storage", "cache_capacity", byte_size)?
+                .unwrap_or(d.storage.cache_capacity),
+        };
+        if storage.cache_capacity < MIB {
+            return Err(self.err(
+                "storage.cache_capacity",
+                format!(
+                    "{} bytes is too small for sled's page cache; use at least \"1MiB\" \
+                     (the default is \"64MiB\")",
+                    storage.cache_capacity
+                ),
+            ));
+        }
+
+        let m = self.section(root, "metrics")?;
+        let metrics = MetricsConfig {
+            listen: self
+                .get(m, "metrics", "listen", optional_socket_addr)?
+                .flatten(),
+        };
+        if metrics.listen == Some(listen) {
+            return Err(self.err(
+                "metrics.listen",
+                format!(
+                    "{listen} is also `listen`: metrics are plain HTTP and never share the \
+                     federation port; pick another port, e.g. 127.0.0.1:9448"
+                ),
+            ));
+        }
+
         let l = self.section(root, "log")?;
         let log = LogConfig {
             format: self
@@ -930,6 +1040,8 @@ impl Walker {
             federation,
             audit,
             limits,
+            storage,
+            metrics,
             log,
             livekit,
         })
@@ -1166,6 +1278,10 @@ connections_max = 1000
 connections_per_ip_max = 50
 rate_per_origin = "1000/m"
 rate_per_token = "5/s"
+[storage]
+cache_capacity = "16MiB"
+[metrics]
+listen = "127.0.0.1:9448"
 [log]
 format = "json"
 [livekit]
@@ -1173,6 +1289,53 @@ url = "wss://livekit.example.com"
 api_key = "APIkey"
 api_secret = "s3cret"
 "#;
+
+    #[test]
+    fn storage_and_metrics_keys() {
+        let d = Config::default_embedded();
+        assert_eq!(
+            (d.storage.cache_capacity, d.metrics.listen),
+            (64 * MIB, None)
+        );
+        for (text, bytes) in [
+            ("\"1GiB\"", 1024 * MIB),
+            ("\"512KiB\"", MIB / 2),
+            ("\"2 MiB\"", 2 * MIB),
+            ("8388608", 8 * MIB),
+        ] {
+            let c = load(&format!("[storage]\ncache_capacity = {text}"), &[]);
+            assert_eq!(
+                c.map(|c| c.storage.cache_capacity).ok(),
+                Some(bytes).filter(|b| *b >= MIB),
+                "{text}"
+            );
+        }
+        for bad in [
+            "\"64MB\"",
+            "\"lots\"",
+            "-1",
+            "\"1KiB\"",
+            "\"99999999999GiB\"",
+        ] {
+            assert_eq!(
+                err_key(&format!("[storage]\ncache_capacity = {bad}"), &[]),
+                "storage.cache_capacity",
+                "{bad}"
+            );
+        }
+        let c = load("", &[("SCAIWAVE_STORAGE__CACHE_CAPACITY", "32MiB")]).unwrap();
+        assert_eq!(c.storage.cache_capacity, 32 * MIB);
+        let c = load("", &[("SCAIWAVE_METRICS__LISTEN", "127.0.0.1:9500")]).unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9500".parse().unwrap()));
+        let c = load("[metrics]\nlisten = \"\"", &[]).unwrap();
+        assert_eq!(c.metrics.listen, None);
+        for bad in [
+            "[metrics]\nlisten = \"nowhere\"",
+            "[metrics]\nlisten = \"127.0.0.1:8448\"",
+        ] {
+            assert_eq!(err_key(bad, &[]), "metrics.listen", "{bad}");
+        }
+    }
 
     #[test]
     fn embedded_default_values() {
@@ -1296,6 +1459,8 @@ api_secret = "s3cret"
         assert_eq!((l.connections_max, l.connections_per_ip_max), (1000, 50));
         assert_eq!(l.rate_per_origin.to_string(), "1000/m");
         assert_eq!(l.rate_per_token.to_string(), "5/s");
+        assert_eq!(c.storage.cache_capacity, 16 * MIB);
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9448".parse().unwrap()));
         assert_eq!(c.log.format, LogFormat::Json);
         let lk = c.livekit.as_ref().unwrap();
         assert_eq!(lk.url, "wss://livekit.example.com");
@@ -1456,7 +1621,7 @@ api_secret = "s3cret"
             "{}",
             e.message
         );
-        assert_eq!(err_key("[metrics]\nport = 1", &[]), "metrics");
+        assert_eq!(err_key("[stats]\nport = 1", &[]), "stats");
         let e = load("bogus = 1", &[]).unwrap_err();
         assert!(!e.message.contains("did you mean"), "{}", e.message);
     }
@@ -1749,6 +1914,8 @@ api_secret = "s3cret"
             ("SCAIWAVE_LIMITS__CONNECTIONS_PER_IP_MAX", "50"),
             ("SCAIWAVE_LIMITS__RATE_PER_ORIGIN", "1000/m"),
             ("SCAIWAVE_LIMITS__RATE_PER_TOKEN", "5/s"),
+            ("SCAIWAVE_STORAGE__CACHE_CAPACITY", "16MiB"),
+            ("SCAIWAVE_METRICS__LISTEN", "127.0.0.1:9448"),
             ("SCAIWAVE_LOG__FORMAT", "json"),
             ("SCAIWAVE_LIVEKIT__URL", "wss://livekit.example.com"),
             ("SCAIWAVE_LIVEKIT__API_KEY", "APIkey"),
