@@ -118,6 +118,8 @@ impl Tenant {
         config.server_name = server_name.clone();
         let (fed, new_peers) = Federation::open(&config, store.clone(), clock.clone())?;
         let fed = Arc::new(fed);
+        // The federation's view records its flushes (SPEC §16).
+        let store = fed.store.clone();
         let (rooms, gap_fills) = Rooms::new(fed.clone(), config.livekit.clone());
         let rooms = Arc::new(rooms);
         let services = Arc::new(Services {

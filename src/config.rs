@@ -1013,7 +1013,7 @@ impl Walker {
                 .get(m, "metrics", "listen", optional_socket_addr)?
                 .flatten(),
         };
-        if metrics.listen == Some(listen) {
+        if metrics.listen == Some(listen) && listen.port() != 0 {
             return Err(self.err(
                 "metrics.listen",
                 format!(

@@ -3,8 +3,8 @@
 //! # Layout
 //! Lowest layer first; a module names only its own layer and those below
 //! (checked by `tests/it/tidy.rs`).
-//! - [`error`], [`ids`], [`limits`], [`clock`], [`config`], [`tls`]: the
-//!   ground rules.
+//! - [`error`], [`ids`], [`limits`], [`clock`], [`config`], [`tls`],
+//!   [`metrics`]: the ground rules.
 //! - [`protocol`]: the formats two servers agree on (events, JCS, RFC 9421
 //!   signatures, wire types), pure.
 //! - [`storage`]: sled trees behind typed functions (only it touches sled).
@@ -31,6 +31,7 @@ pub mod error;
 pub mod federation;
 pub mod ids;
 pub mod limits;
+pub mod metrics;
 pub mod protocol;
 pub mod rooms;
 pub mod server;

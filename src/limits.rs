@@ -171,3 +171,12 @@ pub const EDU_TTL_MS: i64 = 5 * 60 * 1000;
 /// How long a call token (a LiveKit access token, SPEC §14) is valid: a
 /// participant asks for a new one to join again later.
 pub const CALL_TOKEN_SECS: i64 = 3600;
+/// SPEC §16: distinct `peer` label values per tenant; later peers are
+/// counted under `peer="other"`, so a flood of new origins cannot grow the
+/// metrics (each series costs memory for the process's life).
+pub const PEER_LABELS_MAX: usize = 1000;
+/// Connections to the metrics listener served at once (a scrape is one
+/// short request; others wait in the kernel's backlog).
+pub const METRICS_CONNECTIONS_MAX: usize = 8;
+/// A metrics connection is closed after this many seconds, answered or not.
+pub const METRICS_CONNECTION_SECS_MAX: u64 = 10;

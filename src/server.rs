@@ -17,6 +17,8 @@ pub struct Running {
     pub app: Arc<App>,
     /// Connections the listener accepted, by HTTP version.
     pub connections: Arc<ConnectionCounts>,
+    /// Where `GET /metrics` is served (SPEC §16), when `metrics.listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How the listener offers HTTP (not configuration: a deployment always
@@ -82,6 +84,10 @@ pub async fn start_on_with(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("local addr", e))?;
+    let metrics_addr = match app.config.metrics.listen {
+        Some(at) => Some(start_metrics(&app, at).await?),
+        None => None,
+    };
     let connections = Arc::new(ConnectionCounts::default());
     app.tasks.spawn(crate::api::serve::serve(
         listener,
@@ -95,5 +101,29 @@ pub async fn start_on_with(
         addr,
         app,
         connections,
+        metrics_addr,
     })
+}
+
+/// Bind `metrics.listen` and serve `GET /metrics` there until shutdown.
+async fn start_metrics(app: &App, at: SocketAddr) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(|e| {
+        Error::bad_request(format!(
+            "cannot listen on {at} for metrics: {e}; pick another `metrics.listen` address, or \"\" for none"
+        ))
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal("metrics local addr", e))?;
+    crate::metrics::install();
+    for tenant in app.tenants() {
+        tenant.fed.metrics.register();
+    }
+    app.tasks.spawn(crate::api::metrics::serve(
+        listener,
+        app.directory.clone(),
+        app.shutdown.clone(),
+    ));
+    tracing::info!(%addr, "serving Prometheus metrics at http://{addr}/metrics");
+    Ok(addr)
 }

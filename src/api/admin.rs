@@ -152,7 +152,18 @@ pub fn identity(svc: &Services) -> Value {
 }
 
 /// Every peer we have a row or a queue for, with SPEC §9's fields.
-pub fn peers(svc: &Services) -> Result<Vec<Value>> {
+/// One peer's row, as `peers` (SPEC §9) and the §16 gauges see it.
+pub struct PeerHealth {
+    pub name: ServerName,
+    pub record: storage::PeerRecord,
+    /// `ok`, `backoff` or `failing`.
+    pub status: &'static str,
+    pub queue_depth: usize,
+    pub oldest_queued_at_ms: Option<i64>,
+}
+
+/// Every peer row, by name.
+pub fn peer_health(svc: &Services) -> Result<Vec<PeerHealth>> {
     let now = svc.rooms.clock.now_ms();
     let mut rows: Vec<(ServerName, storage::PeerRecord)> = svc
         .rooms
@@ -163,29 +174,48 @@ pub fn peers(svc: &Services) -> Result<Vec<Value>> {
         .collect();
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     let mut out = Vec::new();
-    for (name, rec) in rows {
+    for (name, record) in rows {
         let prefix = storage::prefix(name.as_str());
-        let depth = svc.rooms.store.outbox_depth(&name);
+        let queue_depth = svc.rooms.store.outbox_depth(&name);
         let oldest: Option<(Vec<u8>, OutboxItem)> = svc.rooms.store.first(T::Outbox, &prefix)?;
-        let status = match &oldest {
+        let oldest_queued_at_ms = oldest.map(|(_, it)| it.queued_at_ms);
+        let status = match oldest_queued_at_ms {
             None => "ok",
-            Some((_, it)) if now - it.queued_at_ms >= 3_600_000 => "failing",
-            Some(_) if rec.last_error.is_some() => "backoff",
+            Some(at) if now - at >= 3_600_000 => "failing",
+            Some(_) if record.last_error.is_some() => "backoff",
             Some(_) => "ok",
         };
-        out.push(json!({
-            "server_name": name.to_string(),
-            "status": status,
-            "last_seen": rec.last_seen_ms.map(rfc3339),
-            "last_error": rec.last_error.as_ref().map(|e| json!({"code": e.code, "message": e.message, "at": rfc3339(e.at_ms)})),
-            "events_sent_24h": rec.sent.total(now),
-            "events_received_24h": rec.received.total(now),
-            "queue_depth": depth,
-            "next_retry_at": svc.rooms.fed.outbox.next_retry_at_ms(&name).filter(|_| depth > 0).map(rfc3339),
-            "protocol_versions": rec.protocol_versions,
-        }));
+        out.push(PeerHealth {
+            name,
+            record,
+            status,
+            queue_depth,
+            oldest_queued_at_ms,
+        });
     }
     Ok(out)
+}
+
+pub fn peers(svc: &Services) -> Result<Vec<Value>> {
+    let now = svc.rooms.clock.now_ms();
+    Ok(peer_health(svc)?
+        .into_iter()
+        .map(|p| {
+            let rec = &p.record;
+            let name = &p.name;
+            json!({
+                "server_name": name.to_string(),
+                "status": p.status,
+                "last_seen": rec.last_seen_ms.map(rfc3339),
+                "last_error": rec.last_error.as_ref().map(|e| json!({"code": e.code, "message": e.message, "at": rfc3339(e.at_ms)})),
+                "events_sent_24h": rec.sent.total(now),
+                "events_received_24h": rec.received.total(now),
+                "queue_depth": p.queue_depth,
+                "next_retry_at": svc.rooms.fed.outbox.next_retry_at_ms(name).filter(|_| p.queue_depth > 0).map(rfc3339),
+                "protocol_versions": rec.protocol_versions,
+            })
+        })
+        .collect())
 }
 
 /// An audit row as the API shows it (times in RFC 3339).

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod metrics;
 pub mod s2s;
 pub mod serve;
 
@@ -180,6 +181,19 @@ impl Directory {
             .insert(name, svc);
     }
 
+    /// Every tenant's services, the first first.
+    pub fn all(&self) -> Vec<Arc<Services>> {
+        let mut out = vec![self.first.clone()];
+        let by_name = self.by_name.read().expect("directory lock");
+        let mut rest: Vec<&Arc<Services>> = by_name
+            .values()
+            .filter(|s| !Arc::ptr_eq(s, &self.first))
+            .collect();
+        rest.sort_by(|a, b| a.rooms.server_name.cmp(&b.rooms.server_name));
+        out.extend(rest.into_iter().cloned());
+        out
+    }
+
     fn route(&self, authority: Option<&str>) -> Arc<Services> {
         let named = authority.and_then(|a| {
             self.by_name
@@ -333,6 +347,7 @@ impl Front {
         conn: ConnInfo,
         req: http::Request<hyper::body::Incoming>,
     ) -> std::result::Result<Response, CloseConnection> {
+        let started = std::time::Instant::now();
         let (parts, body) = req.into_parts();
         // HTTP/2 names the destination in `:authority` (the URI), HTTP/1.1
         // in Host. A request carrying both, differently, is malformed (RFC
@@ -360,6 +375,8 @@ impl Front {
         let segs = segments(&req.path);
         let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let svc = self.tenants.route(req.authority.as_deref());
+        let route = metrics::route_label(&req.method, &seg_refs);
+        let local_api = seg_refs.first() == Some(&"v1");
         let answer = match seg_refs.as_slice() {
             [".well-known", "scaiwave", "server"] => {
                 s2s::descriptor(&svc, &req).map_err(Refusal::from)
@@ -372,11 +389,25 @@ impl Front {
             ["v1", rest @ ..] => self.local(&svc, &mut req, body, rest).await,
             _ => Err(not_found_route(&req).into()),
         };
-        match answer {
+        let answer = match answer {
             Ok(r) => Ok(r),
-            Err(Refusal::Answer(e)) => Ok(error_reply(&e)),
+            Err(Refusal::Answer(e)) => {
+                if e.code == Code::RateLimited {
+                    let kind = if local_api { "token" } else { "origin" };
+                    svc.rooms.fed.metrics.rate_limited(kind);
+                }
+                Ok(error_reply(&e))
+            }
             Err(Refusal::Close(c)) => Err(c),
+        };
+        // A connection closed without an answer has no status to count.
+        if let Ok(r) = &answer {
+            svc.rooms
+                .fed
+                .metrics
+                .http_request(route, r.status().as_u16(), started.elapsed());
         }
+        answer
     }
 
     async fn s2s(

@@ -193,6 +193,7 @@ async fn apply_answer(
     answer: &SendAnswer,
 ) -> Result<(u64, u64)> {
     let mut delivered = Vec::new();
+    let mut queued_at = Vec::new();
     let mut given_up = 0u64;
     let by_id: HashMap<&str, &crate::protocol::wire::SendResult> = answer
         .results
@@ -220,6 +221,7 @@ async fn apply_answer(
                     }
                 }
                 delivered.push(key.clone());
+                queued_at.push(item.queued_at_ms);
             }
             SendStatus::Rejected => {
                 let err = result.error.clone();
@@ -236,6 +238,15 @@ async fn apply_answer(
     }
     let count = delivered.len() as u64;
     delivery.rooms.store.remove_all(T::Outbox, &delivered)?;
+    // Enqueue → acknowledged, per event (SPEC §16); clocks never run
+    // backwards here, but a negative age would be clamped, not wrapped.
+    let now = delivery.rooms.clock.now_ms();
+    delivery.rooms.fed.metrics.events_sent(
+        peer.as_str(),
+        queued_at
+            .iter()
+            .map(|at| std::time::Duration::from_millis((now - at).max(0) as u64)),
+    );
     Ok((count, count + given_up))
 }
 

@@ -36,7 +36,15 @@ pub fn has_body(method: &str) -> bool {
 
 /// A request failed authentication: its origin is only a claim, so the
 /// audit row says so (and such rows are rated, see [`Federation::audit_unverified`]).
-fn signature_failed(fed: &Federation, claimed: Option<&ServerName>, e: &Error) {
+/// `result` is its `scaiwave_federation_signature_verifications_total`
+/// label (SPEC §16).
+fn signature_failed(
+    fed: &Federation,
+    claimed: Option<&ServerName>,
+    e: &Error,
+    result: &'static str,
+) {
+    fed.metrics.signature_verification(result);
     tracing::warn!(name: "federation.signature_verify_failed", peer = claimed.map(|o| o.as_str()).unwrap_or("-"), code = %e.code, "federation.signature_verify_failed: {}", audit_detail(&e.message));
     fed.audit_unverified(
         "federation.signature_verify_failed",
@@ -67,7 +75,7 @@ pub(crate) async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> R
             })?;
             Ok((p, origin))
         })
-        .inspect_err(|e| signature_failed(fed, None, e))?;
+        .inspect_err(|e| signature_failed(fed, None, e, "malformed"))?;
     let (sig, origin) = parsed;
     // 2. destination, key, tenant switch.
     let authority = req.authority.unwrap_or("").to_ascii_lowercase();
@@ -101,13 +109,13 @@ pub(crate) async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> R
             sig.created_unix_secs
         ))
         .with_reason("clock_skew");
-        signature_failed(fed, Some(&origin), &e);
+        signature_failed(fed, Some(&origin), &e, "clock_skew");
         return Err(e);
     }
     // 4. the digest header (its match with the body comes after the read).
     if has_body {
         httpsig::content_digest_sha256(req.content_digest)
-            .inspect_err(|e| signature_failed(fed, Some(&origin), e))?;
+            .inspect_err(|e| signature_failed(fed, Some(&origin), e, "malformed"))?;
     }
     // 5. policy, before any key fetch.
     fed.admit_claimed(&origin)?;
@@ -130,9 +138,10 @@ pub(crate) async fn authenticate(fed: &Federation, req: &SignedRequest<'_>) -> R
             },
         )
         .await
-        .inspect_err(|e| signature_failed(fed, Some(&origin), e))?;
+        .inspect_err(|e| signature_failed(fed, Some(&origin), e, "no_key"))?;
     sig.verify(&parts, &key)
-        .inspect_err(|e| signature_failed(fed, Some(&origin), e))?;
+        .inspect_err(|e| signature_failed(fed, Some(&origin), e, "mismatch"))?;
+    fed.metrics.signature_verification("ok");
     fed.outbox.peer_is_back(&origin);
     Ok(origin)
 }
@@ -145,7 +154,7 @@ pub(crate) fn check_body_digest(
     body: &[u8],
 ) -> Result<()> {
     httpsig::check_content_digest(content_digest, body)
-        .inspect_err(|e| signature_failed(fed, Some(origin), e))
+        .inspect_err(|e| signature_failed(fed, Some(origin), e, "digest_mismatch"))
 }
 
 /// The keys an event's signatures name, as far as we can get them: policy
@@ -178,5 +187,11 @@ pub(crate) async fn event_keys(
 /// Policy on the event's origin, then its key, then its signature.
 pub(crate) async fn verify_event(fed: &Federation, event: &Event) -> Result<()> {
     let keys = event_keys(fed, event).await?;
-    event.verify(|id| keys.get(id).copied())
+    let verified = event.verify(|id| keys.get(id).copied());
+    fed.metrics.signature_verification(if verified.is_ok() {
+        "event_ok"
+    } else {
+        "event_mismatch"
+    });
+    verified
 }

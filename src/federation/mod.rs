@@ -22,13 +22,14 @@ pub mod peer_api;
 pub mod policy;
 pub mod verifier;
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::Clock;
 use crate::config::{Config, FederationConfig};
 use crate::error::{Code, Error, Result};
 use crate::ids::{Fqid, LocalId, ServerName};
 use crate::limits::{AUDIT_UNVERIFIED_PER_SEC_MAX, S2S_REPLY_BYTES_MAX};
+use crate::metrics::Metrics;
 use crate::storage::{AuditRow, KeyRecord, PeerError, Store, T};
 
 use client::{NetworkError, Outbound, Reply, Signer};
@@ -53,6 +54,8 @@ pub struct Federation {
     pub outbound: Outbound,
     pub verifier: Verifier,
     pub outbox: Outbox,
+    /// This tenant's SPEC §16 counters.
+    pub metrics: Arc<Metrics>,
     /// Read on every request, written by an admin: std lock, never held
     /// across `.await`.
     policy: RwLock<Policy>,
@@ -76,13 +79,15 @@ impl Federation {
     /// Load keys and policy from `store`; the receiver it also answers is
     /// for the delivery worker, which starts a task for each new peer.
     pub fn open(config: &Config, store: Store, clock: Clock) -> Result<(Federation, NewPeers)> {
+        let metrics = Arc::new(Metrics::new(config.server_name.as_str()));
+        let store = store.with_metrics(metrics.clone());
         let keys = Keys::load(&store)?;
         let policy = store.get::<Policy>(T::Meta, POLICY)?.unwrap_or_default();
         let switch = store
             .get::<bool>(T::Meta, FEDERATION_ENABLED)?
             .unwrap_or(true);
         let outbound = Outbound::new(config)?;
-        let verifier = Verifier::new(outbound.clone(), clock.clone());
+        let verifier = Verifier::new(outbound.clone(), clock.clone(), metrics.clone());
         let (outbox, new_peers) = Outbox::new(store.clone(), clock.clone());
         Ok((
             Federation {
@@ -94,6 +99,7 @@ impl Federation {
                 outbound,
                 verifier,
                 outbox,
+                metrics,
                 policy: RwLock::new(policy),
                 switch: tokio::sync::watch::channel(switch).0,
                 unverified_audit: Mutex::default(),

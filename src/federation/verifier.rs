@@ -22,6 +22,7 @@ use crate::limits::{
     DESCRIPTOR_CACHE_SECS_MAX, DESCRIPTOR_NEGATIVE_CACHE_SECS, DESCRIPTOR_REFETCH_INTERVAL_SECS,
     NEW_ORIGIN_FETCHES_PER_SEC_MAX, VERIFIER_PEERS_MAX,
 };
+use crate::metrics::Metrics;
 use crate::protocol::wire::Descriptor;
 
 /// What a key is being used to check, which decides whether an old key counts.
@@ -139,6 +140,7 @@ pub struct Verifier {
     state: Arc<Mutex<State>>,
     /// One fetch in flight per peer, so a burst does not fetch N times.
     fetching: FetchLocks,
+    metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -171,12 +173,13 @@ fn usable(k: &PeerKey, usage: KeyUse) -> bool {
 }
 
 impl Verifier {
-    pub fn new(outbound: Outbound, clock: Clock) -> Verifier {
+    pub fn new(outbound: Outbound, clock: Clock, metrics: Arc<Metrics>) -> Verifier {
         Verifier {
             outbound,
             clock,
             state: Arc::default(),
             fetching: Arc::default(),
+            metrics,
         }
     }
 
@@ -293,6 +296,8 @@ impl Verifier {
         let result = self.outbound.descriptor(origin, no_cache).await;
         let now = self.clock.now_ms();
         let outcome = result.and_then(|(d, max_age, _)| self.accept(origin, &d, max_age, now));
+        self.metrics
+            .descriptor_fetch(if outcome.is_ok() { "ok" } else { "error" });
         if let Err(why) = &outcome {
             tracing::warn!(
                 name: "federation.peer_discovery_failed",

@@ -17,6 +17,7 @@ use crate::storage::{keys, AuditRow, TxnRecord, T};
 
 use super::host::{self, Source};
 use super::{replica, Outcome, Rooms};
+use crate::metrics::Outcome as Counted;
 
 /// Run `f` over `items` on the blocking pool, split across the cores:
 /// canonicalisation and Ed25519 are CPU work that must not stall the
@@ -370,9 +371,23 @@ fn audit(rooms: &Rooms, origin: &ServerName, results: &[SendResult]) -> u64 {
     let now = rooms.clock.now_ms();
     let mut accepted = 0;
     let mut rows = Vec::new();
+    let metrics = &rooms.fed.metrics;
     for r in results {
-        let (action, code) = match (&r.status, &r.error) {
-            (SendStatus::Rejected, Some(e)) => ("federation.event.rejected", Code::parse(&e.code)),
+        let code = r.error.as_ref().and_then(|e| Code::parse(&e.code));
+        let outcome = match r.status {
+            SendStatus::Accepted => Counted::Accepted,
+            SendStatus::Duplicate => Counted::Duplicate,
+            SendStatus::Rejected => Counted::Rejected,
+        };
+        metrics.event_received(
+            origin.as_str(),
+            outcome,
+            code.map(Code::as_str).unwrap_or(""),
+        );
+        let (action, code) = match (&r.status, code) {
+            (SendStatus::Rejected, code) if r.error.is_some() => {
+                ("federation.event.rejected", code)
+            }
             (SendStatus::Accepted, _) => {
                 accepted += 1;
                 ("federation.event.accepted", None)

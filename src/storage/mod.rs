@@ -164,6 +164,8 @@ pub struct Store {
     db: sled::Db,
     trees: Vec<sled::Tree>,
     commits: Arc<CommitCounts>,
+    /// Where flush times go (SPEC §16), once a tenant labels its view.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// What [`Store::reads_are_durable`] needs to know: a reader (the delivery
@@ -212,6 +214,7 @@ impl Store {
             db,
             trees,
             commits: Arc::default(),
+            metrics: None,
         };
         let meta = store.tree(T::Meta);
         match meta.get(b"schema_version").map_err(sled_err)? {
@@ -248,16 +251,31 @@ impl Store {
     /// for what that means on power loss).
     pub async fn flush(&self) -> Result<()> {
         let covered = self.commits.finished.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
         self.db.flush_async().await.map_err(sled_err)?;
-        self.commits.durable.fetch_max(covered, Ordering::SeqCst);
+        self.flushed(covered, started);
         Ok(())
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
         let covered = self.commits.finished.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
         self.db.flush().map_err(sled_err)?;
-        self.commits.durable.fetch_max(covered, Ordering::SeqCst);
+        self.flushed(covered, started);
         Ok(())
+    }
+
+    fn flushed(&self, covered: u64, started: std::time::Instant) {
+        self.commits.durable.fetch_max(covered, Ordering::SeqCst);
+        if let Some(m) = &self.metrics {
+            m.storage_flush(started.elapsed());
+        }
+    }
+
+    /// This view, recording its flushes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Store {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Whether everything a read made before this call could see is durable.

@@ -41,6 +41,7 @@ impl Store {
             db: self.db.clone(),
             trees,
             commits: self.commits.clone(),
+            metrics: None,
         })
     }
 

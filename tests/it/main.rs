@@ -9,6 +9,7 @@ mod federation;
 mod hostile;
 mod hostile_rooms;
 mod interop;
+mod metrics;
 mod process;
 mod refusals;
 mod rooms;

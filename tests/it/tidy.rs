@@ -15,6 +15,7 @@ use std::{fs, path::Path};
 #[rustfmt::skip]
 const LAYERS: &[(&str, u8)] = &[
     ("error", 0), ("ids", 0), ("limits", 0), ("clock", 0), ("config", 0), ("tls", 0),
+    ("metrics", 0),
     ("protocol", 1),
     ("storage", 2),
     ("federation", 3),
