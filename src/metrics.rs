@@ -110,6 +110,12 @@ fn describe() {
     describe_histogram!(STORAGE_FLUSH, "Time of one database flush.");
 }
 
+/// Whether a recorder is installed: without one (`metrics.listen` unset)
+/// the hot paths skip building labels at all.
+fn recording() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// The counters and histograms, rendered (empty before [`install`]).
 pub fn render_recorded() -> String {
     HANDLE
@@ -183,21 +189,45 @@ impl Metrics {
     }
 
     pub fn http_request(&self, route: &'static str, status: u16, took: Duration) {
+        if !recording() {
+            return;
+        }
         metrics::counter!(HTTP_REQUESTS, "tenant" => self.tenant.clone(), "route" => route, "status" => status.to_string())
             .increment(1);
         metrics::histogram!(HTTP_DURATION, "tenant" => self.tenant.clone(), "route" => route)
             .record(took.as_secs_f64());
     }
 
-    /// `code` is the `SW_*` code of a rejection, `""` otherwise.
-    pub fn event_received(&self, peer: &str, outcome: Outcome, code: &'static str) {
-        metrics::counter!(EVENTS_RECEIVED, "tenant" => self.tenant.clone(), "peer" => self.peer_label(peer), "outcome" => outcome.as_str(), "code" => code)
-            .increment(1);
+    /// The events of one transaction from `peer`: each outcome with the
+    /// `SW_*` code of a rejection (`""` otherwise), counted per kind.
+    pub fn events_received(
+        &self,
+        peer: &str,
+        outcomes: impl IntoIterator<Item = (Outcome, &'static str)>,
+    ) {
+        if !recording() {
+            return;
+        }
+        let mut kinds: Vec<((Outcome, &'static str), u64)> = Vec::new();
+        for kind in outcomes {
+            match kinds.iter_mut().find(|(k, _)| *k == kind) {
+                Some((_, n)) => *n += 1,
+                None => kinds.push((kind, 1)),
+            }
+        }
+        let peer = self.peer_label(peer);
+        for ((outcome, code), n) in kinds {
+            metrics::counter!(EVENTS_RECEIVED, "tenant" => self.tenant.clone(), "peer" => peer.clone(), "outcome" => outcome.as_str(), "code" => code)
+                .increment(n);
+        }
     }
 
     /// `events` delivered to `peer` in one acknowledged transaction, each
     /// `(now - queued_at)` after it was queued.
     pub fn events_sent(&self, peer: &str, ages: impl IntoIterator<Item = Duration>) {
+        if !recording() {
+            return;
+        }
         let peer = self.peer_label(peer);
         let delivery = metrics::histogram!(DELIVERY_SECONDS, "tenant" => self.tenant.clone(), "peer" => peer.clone());
         let mut n = 0;
@@ -211,23 +241,35 @@ impl Metrics {
 
     /// `result`: `ok`, `mismatch`, `no_key`, …, a fixed word.
     pub fn signature_verification(&self, result: &'static str) {
+        if !recording() {
+            return;
+        }
         metrics::counter!(SIGNATURE_VERIFICATIONS, "tenant" => self.tenant.clone(), "result" => result)
             .increment(1);
     }
 
     /// `result`: `ok` or `error`.
     pub fn descriptor_fetch(&self, result: &'static str) {
+        if !recording() {
+            return;
+        }
         metrics::counter!(DESCRIPTOR_FETCHES, "tenant" => self.tenant.clone(), "result" => result)
             .increment(1);
     }
 
     /// `kind`: `origin` or `token`.
     pub fn rate_limited(&self, kind: &'static str) {
+        if !recording() {
+            return;
+        }
         metrics::counter!(RATE_LIMITED, "tenant" => self.tenant.clone(), "kind" => kind)
             .increment(1);
     }
 
     pub fn storage_flush(&self, took: Duration) {
+        if !recording() {
+            return;
+        }
         metrics::histogram!(STORAGE_FLUSH, "tenant" => self.tenant.clone())
             .record(took.as_secs_f64());
     }

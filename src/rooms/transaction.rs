@@ -371,19 +371,20 @@ fn audit(rooms: &Rooms, origin: &ServerName, results: &[SendResult]) -> u64 {
     let now = rooms.clock.now_ms();
     let mut accepted = 0;
     let mut rows = Vec::new();
-    let metrics = &rooms.fed.metrics;
+    rooms.fed.metrics.events_received(
+        origin.as_str(),
+        results.iter().map(|r| {
+            let outcome = match r.status {
+                SendStatus::Accepted => Counted::Accepted,
+                SendStatus::Duplicate => Counted::Duplicate,
+                SendStatus::Rejected => Counted::Rejected,
+            };
+            let code = r.error.as_ref().and_then(|e| Code::parse(&e.code));
+            (outcome, code.map(Code::as_str).unwrap_or(""))
+        }),
+    );
     for r in results {
         let code = r.error.as_ref().and_then(|e| Code::parse(&e.code));
-        let outcome = match r.status {
-            SendStatus::Accepted => Counted::Accepted,
-            SendStatus::Duplicate => Counted::Duplicate,
-            SendStatus::Rejected => Counted::Rejected,
-        };
-        metrics.event_received(
-            origin.as_str(),
-            outcome,
-            code.map(Code::as_str).unwrap_or(""),
-        );
         let (action, code) = match (&r.status, code) {
             (SendStatus::Rejected, code) if r.error.is_some() => {
                 ("federation.event.rejected", code)
