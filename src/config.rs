@@ -1367,6 +1367,41 @@ api_secret = "s3cret"
         assert_eq!(load(EXAMPLE_TOML, &[]).unwrap(), Config::default_embedded());
     }
 
+    /// The Debian package's /etc/scaiwave/scaiwave.toml is this example
+    /// with the package's paths, so it documents every key too and cannot
+    /// fall behind when a key is added. To update it, apply the two
+    /// replacements below to EXAMPLE_TOML and keep the file's header.
+    #[test]
+    fn the_packaged_config_is_the_example_with_the_package_paths() {
+        let packaged = include_str!("../packaging/scaiwave.toml");
+        let body = packaged
+            .split_once("\n\n")
+            .map(|(_, body)| body)
+            .expect("a header, a blank line, then the example");
+        let expected = EXAMPLE_TOML
+            .replacen(
+                "data_dir = \"./scaiwave-data\"\n",
+                "data_dir = \"/var/lib/scaiwave\"\n",
+                1,
+            )
+            .replacen("listen = \"\"\n", "listen = \"127.0.0.1:9448\"\n", 1);
+        assert_eq!(body, expected, "packaging/scaiwave.toml drifted");
+        let c = load(packaged, &[]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/scaiwave"));
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9448".parse().unwrap()));
+        // Loadable as installed: the rest is the embedded default.
+        let default = Config::default_embedded();
+        assert_eq!(c.server_name, default.server_name);
+        assert_eq!(
+            Config {
+                data_dir: default.data_dir.clone(),
+                metrics: default.metrics.clone(),
+                ..c
+            },
+            default
+        );
+    }
+
     #[test]
     fn limits_refuse_what_cannot_work() {
         for (text, key) in [

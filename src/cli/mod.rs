@@ -2,157 +2,22 @@
 //! Admin commands go through the running server's admin socket (started by
 //! [`serve`]), or open the database directly when none runs; either way
 //! they call the same functions the HTTP admin API and the timers call.
+//! The clap types themselves are in `args.rs`, which `build.rs` shares.
+
+mod args;
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+
+pub use args::*;
 
 use crate::app::App;
 use crate::clock::Clock;
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ids::{LocalId, ServerName};
 use crate::storage::PowerLevel;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "scaiwave",
-    version,
-    about = "Federation server for the ScaiWave chat platform"
-)]
-pub struct Cli {
-    /// Configuration file (TOML). Also SCAIWAVE_CONFIG.
-    #[arg(long, global = true, env = "SCAIWAVE_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Log format: text or json (overrides log.format).
-    #[arg(long, global = true)]
-    pub log_format: Option<LogFormat>,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the server.
-    Serve,
-    /// Administration (through the running server, or on the stopped
-    /// server's data dir).
-    Admin(AdminArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct AdminArgs {
-    /// The tenant to act on (default: the first tenant, the
-    /// configuration's server_name).
-    #[arg(long, global = true)]
-    pub tenant: Option<String>,
-    #[command(subcommand)]
-    pub command: Admin,
-}
-
-impl From<Admin> for AdminArgs {
-    /// The command for the first tenant.
-    fn from(command: Admin) -> AdminArgs {
-        AdminArgs {
-            tenant: None,
-            command,
-        }
-    }
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Admin {
-    /// Federation: keys, policy, peers and the handshake check.
-    #[command(subcommand)]
-    Federation(Federation),
-    /// Local participants and their tokens.
-    #[command(subcommand)]
-    Participant(ParticipantCmd),
-    /// The tenants of this instance (SPEC §14).
-    #[command(subcommand)]
-    Tenant(TenantCmd),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TenantCmd {
-    /// Add a tenant; prints its first admin's token once, as JSON.
-    Create {
-        server_name: String,
-        /// Its certificate (PEM); without it, in self-signed mode, the
-        /// local CA issues one.
-        #[arg(long, requires = "key")]
-        cert: Option<PathBuf>,
-        /// The certificate's private key (PEM).
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-    },
-    /// Every tenant, with its federation switch.
-    List,
-    /// Turn a tenant's federation on or off (queued traffic is held).
-    #[command(subcommand)]
-    Federation(TenantSwitch),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TenantSwitch {
-    /// Federate again, and send what was held.
-    Enable { server_name: String },
-    /// Refuse S2S (403 SW_FED_TENANT_DISABLED) and send nothing.
-    Disable { server_name: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Federation {
-    /// The signing key peers verify us with.
-    #[command(subcommand)]
-    Key(KeyCmd),
-    /// Which servers we federate with (SPEC §7).
-    #[command(subcommand)]
-    Policy(PolicyCmd),
-    /// Peers with their health, as a table.
-    Peers,
-    /// Run the handshake troubleshooting steps against a peer (SPEC §13).
-    Check { server_name: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeyCmd {
-    /// Create the first signing key.
-    Generate,
-    /// Replace the current key; the old one stays valid for key_overlap.
-    Rotate(RotateArgs),
-    /// Print the identity (key id, public key, old keys).
-    Show,
-}
-
-#[derive(Debug, Args)]
-pub struct RotateArgs {
-    /// For a compromised key: the previous key stops verifying at once.
-    #[arg(long)]
-    pub revoke_previous: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum PolicyCmd {
-    /// Print the policy as JSON.
-    Show,
-    /// Partial update, e.g. `set '{"allowed_peers": ["b.example.com"]}'`.
-    Set { json: String },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ParticipantCmd {
-    /// Create a participant; prints its FQID and its token (shown once).
-    Create {
-        local_id: String,
-        /// With power_level admin.
-        #[arg(long)]
-        admin: bool,
-        /// The name others see (default: the local id).
-        #[arg(long)]
-        display_name: Option<String>,
-    },
-}
 
 /// The admin socket in the data dir: while `serve` runs, admin commands
 /// are executed by the server through it (sled allows one process).
@@ -236,34 +101,46 @@ fn pretty(v: &serde_json::Value) -> String {
 }
 
 /// Execute one admin command against a running (or just opened) app, on
-/// the tenant it names.
+/// the tenant it names. With `--json` every answer is one JSON value;
+/// without it, the same facts as text for people.
 pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
     let tenant = app.tenant(args.tenant.as_deref())?;
-    Ok(match args.command {
+    let json = args.json;
+    let answer = match args.command {
         Admin::Tenant(cmd) => tenant_command(app, cmd)?,
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
             let rec = tenant.fed.keys.generate(app.clock.now_ms())?;
-            format!("generated key {}", rec.key_id)
+            Answer::both(
+                format!("generated key {}", rec.key_id),
+                serde_json::json!({ "key_id": rec.key_id.to_string() }),
+            )
         }
         Admin::Federation(Federation::Key(KeyCmd::Rotate(a))) => {
             let rec = tenant.fed.rotate(a.revoke_previous)?;
-            format!("rotated; new key {}", rec.key_id)
+            Answer::both(
+                format!("rotated; new key {}", rec.key_id),
+                serde_json::json!({
+                    "key_id": rec.key_id.to_string(),
+                    "previous_revoked": a.revoke_previous,
+                }),
+            )
         }
         Admin::Federation(Federation::Key(KeyCmd::Show)) => {
-            pretty(&crate::api::admin::identity(&tenant.services))
+            Answer::Json(crate::api::admin::identity(&tenant.services))
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Show)) => {
-            pretty(&serde_json::to_value(tenant.fed.policy()).unwrap_or_default())
+            Answer::Json(serde_json::to_value(tenant.fed.policy()).unwrap_or_default())
         }
         Admin::Federation(Federation::Policy(PolicyCmd::Set { json })) => {
             let patch: serde_json::Value = serde_json::from_str(&json)
                 .map_err(|e| Error::bad_request(format!("the policy update is not JSON: {e}")))?;
             let next = tenant.fed.policy().patched(&patch)?;
             tenant.fed.set_policy(next.clone())?;
-            pretty(&serde_json::to_value(next).unwrap_or_default())
+            Answer::Json(serde_json::to_value(next).unwrap_or_default())
         }
         Admin::Federation(Federation::Peers) => {
-            peers_table(&crate::api::admin::peers(&tenant.services)?)
+            let peers = crate::api::admin::peers(&tenant.services)?;
+            Answer::both(peers_table(&peers), serde_json::json!({ "peers": peers }))
         }
         Admin::Federation(Federation::Check { server_name }) => {
             let peer = ServerName::parse(&server_name)?;
@@ -275,7 +152,27 @@ pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
             } else {
                 format!("{peer}: {failed} check(s) failed")
             });
-            text.join("\n")
+            let steps: Vec<serde_json::Value> = findings
+                .iter()
+                .map(|f| {
+                    serde_json::json!({
+                        "step": f.step,
+                        "ok": f.ok,
+                        "code": f.code.map(|c| c.as_str()),
+                        "detail": f.detail,
+                        "fix": f.fix,
+                    })
+                })
+                .collect();
+            Answer::both(
+                text.join("\n"),
+                serde_json::json!({
+                    "server_name": peer.as_str(),
+                    "ok": failed == 0,
+                    "failed": failed,
+                    "findings": steps,
+                }),
+            )
         }
         Admin::Participant(ParticipantCmd::Create {
             local_id,
@@ -293,13 +190,41 @@ pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
                 display_name.as_deref().unwrap_or(&local_id),
                 power,
             )?;
-            format!("{}\n{token}", tenant.rooms.fqid(&local))
+            let fqid = tenant.rooms.fqid(&local);
+            Answer::both(
+                format!("{fqid}\n{token}"),
+                serde_json::json!({ "fqid": fqid.to_string(), "token": token }),
+            )
         }
-    })
+    };
+    Ok(answer.render(json))
+}
+
+/// What a command answers: JSON only (printed the same either way), or
+/// text for people with the JSON `--json` asks for.
+enum Answer {
+    Json(serde_json::Value),
+    Both {
+        text: String,
+        json: serde_json::Value,
+    },
+}
+
+impl Answer {
+    fn both(text: String, json: serde_json::Value) -> Answer {
+        Answer::Both { text, json }
+    }
+
+    fn render(self, json: bool) -> String {
+        match (self, json) {
+            (Answer::Json(v), _) | (Answer::Both { json: v, .. }, true) => pretty(&v),
+            (Answer::Both { text, .. }, false) => text,
+        }
+    }
 }
 
 /// `admin tenant …`: these name their tenant themselves.
-fn tenant_command(app: &App, cmd: TenantCmd) -> Result<String> {
+fn tenant_command(app: &App, cmd: TenantCmd) -> Result<Answer> {
     Ok(match cmd {
         TenantCmd::Create {
             server_name,
@@ -308,7 +233,7 @@ fn tenant_command(app: &App, cmd: TenantCmd) -> Result<String> {
         } => {
             let name = ServerName::parse(&server_name)?;
             let created = app.create_tenant(&name, cert.zip(key))?;
-            serde_json::to_string(&created).map_err(|e| Error::internal("encode", e))?
+            Answer::Json(serde_json::to_value(&created).map_err(|e| Error::internal("encode", e))?)
         }
         TenantCmd::List => {
             let rows: Vec<serde_json::Value> = app
@@ -322,7 +247,7 @@ fn tenant_command(app: &App, cmd: TenantCmd) -> Result<String> {
                     })
                 })
                 .collect();
-            pretty(&serde_json::json!({ "tenants": rows }))
+            Answer::Json(serde_json::json!({ "tenants": rows }))
         }
         TenantCmd::Federation(switch) => {
             let (server_name, on) = match switch {
@@ -331,10 +256,16 @@ fn tenant_command(app: &App, cmd: TenantCmd) -> Result<String> {
             };
             let tenant = app.tenant(Some(&server_name))?;
             tenant.fed.set_enabled(on)?;
-            format!(
-                "federation of {} is {}",
-                tenant.server_name,
-                if on { "on" } else { "off" }
+            Answer::both(
+                format!(
+                    "federation of {} is {}",
+                    tenant.server_name,
+                    if on { "on" } else { "off" }
+                ),
+                serde_json::json!({
+                    "server_name": tenant.server_name.as_str(),
+                    "federation_enabled": on,
+                }),
             )
         }
     })
@@ -499,5 +430,132 @@ mod tests {
         let lone_cert = ["admin", "tenant", "create", "y.test", "--cert", "y.pem"];
         let err = parse_admin_request(&request(&lone_cert, None)).unwrap_err();
         assert!(err.contains("--key"), "{err}");
+    }
+
+    /// `build.rs` builds the completions and man pages with a stand-in
+    /// `LogFormat` and takes the spellings from `LOG_FORMATS`: they must be
+    /// exactly the ones `log.format` accepts, each naming its own variant.
+    #[test]
+    fn log_formats_are_the_ones_log_format_accepts() {
+        use crate::config::LogFormat;
+        // A new variant fails to compile here until it is listed.
+        let all = |f: LogFormat| match f {
+            LogFormat::Text | LogFormat::Json => f.as_str(),
+        };
+        let real: Vec<&str> = [LogFormat::Text, LogFormat::Json].map(all).to_vec();
+        assert_eq!(real, LOG_FORMATS.to_vec());
+        for name in LOG_FORMATS {
+            assert_eq!(name.parse::<LogFormat>().unwrap().as_str(), name);
+        }
+        let cli = Cli::try_parse_from(["scaiwave", "--log-format", "json", "serve"]).unwrap();
+        assert_eq!(cli.log_format, Some(LogFormat::Json));
+        let err = Cli::try_parse_from(["scaiwave", "--log-format", "xml", "serve"]).unwrap_err();
+        assert!(err.to_string().contains("text, json"), "{err}");
+    }
+
+    #[test]
+    fn version_names_the_revision() {
+        let version = <Cli as clap::CommandFactory>::command().render_version();
+        let expected = format!("scaiwave {} (rev ", env!("CARGO_PKG_VERSION"));
+        assert!(version.starts_with(&expected), "{version}");
+    }
+
+    /// `--json` is accepted anywhere after `admin`, so it also survives the
+    /// admin socket, which re-parses the argv from `admin` on.
+    #[test]
+    fn json_is_an_admin_option_anywhere() {
+        for argv in [
+            &["admin", "--json", "federation", "peers"][..],
+            &["admin", "federation", "peers", "--json"],
+            &["admin", "tenant", "--json", "list"],
+        ] {
+            let args = parse_admin_request(&request(argv, None)).unwrap();
+            assert!(args.json, "{argv:?}");
+        }
+        let args = parse_admin_request(&request(&["admin", "federation", "peers"], None)).unwrap();
+        assert!(!args.json);
+    }
+
+    /// Every admin command's leaf path, from the clap tree.
+    fn admin_leaves() -> Vec<String> {
+        fn walk(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+            let subs: Vec<_> = cmd
+                .get_subcommands()
+                .filter(|s| s.get_name() != "help")
+                .collect();
+            if subs.is_empty() {
+                out.push(path.trim().to_string());
+            }
+            for sub in subs {
+                walk(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let cli = <Cli as clap::CommandFactory>::command();
+        let admin = cli.find_subcommand("admin").unwrap();
+        let mut out = Vec::new();
+        walk(admin, "", &mut out);
+        out.sort();
+        out
+    }
+
+    /// With `--json`, every admin command prints one JSON value; the test
+    /// runs each leaf of the command tree (a new command fails it until it
+    /// is added here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_admin_command_prints_json_with_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("SCAIWAVE_DATA_DIR", dir.path().display().to_string()),
+            ("SCAIWAVE_SERVER_NAME", "x.test".to_string()),
+            // So that `key generate` has a first key to make.
+            ("SCAIWAVE_FEDERATION__GENERATE_KEY_ON_START", "false".into()),
+        ];
+        let env = env.map(|(k, v)| (k.to_string(), v));
+        let app = App::open(Config::load(None, env).unwrap(), Clock::system()).unwrap();
+        let runs: &[(&str, &[&str], &str)] = &[
+            ("federation key generate", &[], "key_id"),
+            ("federation key show", &[], "key_id"),
+            ("federation key rotate", &["--revoke-previous"], "key_id"),
+            ("federation policy show", &[], "allowed_peers"),
+            (
+                "federation policy set",
+                &[r#"{"allowed_peers": ["b.test"]}"#],
+                "allowed_peers",
+            ),
+            ("federation peers", &[], "peers"),
+            // Loopback is refused before any packet leaves: a quick failure.
+            ("federation check", &["localhost:1"], "findings"),
+            ("participant create", &["alice", "--admin"], "token"),
+            ("tenant create", &["y.test"], "admin_token"),
+            ("tenant list", &[], "tenants"),
+            (
+                "tenant federation disable",
+                &["y.test"],
+                "federation_enabled",
+            ),
+            (
+                "tenant federation enable",
+                &["y.test"],
+                "federation_enabled",
+            ),
+        ];
+        let mut covered: Vec<String> = runs.iter().map(|(c, _, _)| c.to_string()).collect();
+        covered.sort();
+        assert_eq!(covered, admin_leaves(), "every admin command is run here");
+        for (command, rest, field) in runs {
+            let mut argv = vec!["admin", "--json"];
+            argv.extend(command.split(' '));
+            argv.extend(rest.iter());
+            let args = parse_admin_request(&request(&argv, None)).unwrap();
+            let out = execute(&app, args).await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| panic!("{command}: not JSON ({e}): {out}"));
+            assert!(!v[field].is_null(), "{command}: no {field}: {out}");
+        }
+        // And the text answers stay text for people.
+        let args = parse_admin_request(&request(&["admin", "federation", "peers"], None)).unwrap();
+        let out = execute(&app, args).await.unwrap();
+        assert!(out.starts_with("SERVER_NAME"), "{out}");
+        app.first.store.flush_blocking().unwrap();
     }
 }

@@ -198,6 +198,26 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     let (code, out, _) = admin(dir.path(), &["federation", "peers"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("SERVER_NAME"), "{out}");
+    // `--json` travels with the command line through the socket.
+    let (code, out, err) = admin(dir.path(), &["--json", "federation", "peers"]);
+    assert_eq!(code, 0, "{err}");
+    let peers: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(peers["peers"], serde_json::json!([]), "{out}");
+    let (code, out, err) = admin(
+        dir.path(),
+        &[
+            "participant",
+            "create",
+            "bob",
+            "--json",
+            "--display-name",
+            "Bob",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let bob: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(bob["fqid"], format!("@bob:{name}"));
+    assert_eq!(bob["token"].as_str().unwrap().len(), 64, "{out}");
 
     // Tenants too are made and switched through the running server, and
     // `--tenant` points any command at one.
@@ -280,5 +300,28 @@ fn configuration_errors_exit_2_naming_the_key() {
     assert!(
         !dir.path().join("scaiwave-data").exists(),
         "a configuration error changes nothing on disk"
+    );
+}
+
+/// `--version` says which commit the binary was built from (build.rs).
+#[test]
+fn version_names_the_checkouts_revision() {
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    let rev = match git {
+        Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
+        _ => "unknown".to_string(),
+    };
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!(
+            "scaiwave {} (rev {})",
+            env!("CARGO_PKG_VERSION"),
+            rev.trim()
+        )
     );
 }

@@ -46,6 +46,7 @@ async fn tenants_net() -> (TestNet, [User; 3], String, String) {
 async fn admin_command(net: &TestNet, tenant: Option<&str>, command: Admin) -> String {
     let args = AdminArgs {
         tenant: tenant.map(|t| net.name(t)),
+        json: false,
         command,
     };
     execute(net.server("x.test").app(), args).await.unwrap()
@@ -391,6 +392,7 @@ async fn tenant_commands_refuse_bad_input_and_change_nothing() {
         &app,
         AdminArgs {
             tenant: Some(y.to_string()),
+            json: false,
             command: Admin::Tenant(TenantCmd::List),
         },
     )
