@@ -11,6 +11,13 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_scaiwave");
 
+/// The binary under test: the one cargo built for the tests, or the one
+/// named by TEST_SCAIWAVE_BIN (`.ci/run` points it at the static release
+/// binary, the one an operator installs).
+fn bin() -> String {
+    std::env::var("TEST_SCAIWAVE_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 /// A `scaiwave serve` child in `dir`, with its JSON log lines.
 pub struct Process {
     pub child: Child,
@@ -20,7 +27,7 @@ pub struct Process {
 
 impl Process {
     pub fn serve(dir: &std::path::Path, envs: &[(&str, String)]) -> Process {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin());
         cmd.args(["serve", "--log-format", "json"])
             .current_dir(dir)
             .stdout(Stdio::null())
@@ -28,7 +35,11 @@ impl Process {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap();
+        Process::from_child(cmd.spawn().unwrap())
+    }
+
+    /// A started `serve` child whose stderr carries JSON log lines.
+    pub fn from_child(mut child: Child) -> Process {
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -89,7 +100,7 @@ impl Process {
 }
 
 fn admin(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("admin")
         .args(args)
         .current_dir(dir)
@@ -274,10 +285,96 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     );
 }
 
+/// What systemd does: only a config file, an empty environment, SIGTERM;
+/// whatever was accepted is there after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_and_an_empty_environment_are_enough_and_sigterm_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let name = format!("localhost:{}", listen.port());
+    let data = dir.path().join("data");
+    let config = dir.path().join("scaiwave.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server_name = \"{name}\"\nlisten = \"{listen}\"\ndata_dir = \"{}\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let start = || {
+        let mut cmd = Command::new(bin());
+        cmd.env_clear()
+            .args(["serve", "--config", &config, "--log-format", "json"])
+            .current_dir("/")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        Process::from_child(cmd.spawn().unwrap())
+    };
+    let admin_clean = |args: &[&str]| {
+        let out = Command::new(bin())
+            .env_clear()
+            .args(["admin", "--config", &config])
+            .args(args)
+            .current_dir("/")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+
+    let mut p = start();
+    p.wait_for("scaiwave is serving HTTPS");
+    let bob = admin_clean(&["--json", "participant", "create", "bob"]);
+    let key = admin_clean(&["federation", "key", "show"]);
+    p.signal(15);
+    assert_eq!(p.wait_exit().code(), Some(0), "{:#?}", p.log);
+
+    let mut p = start();
+    p.wait_for("scaiwave is serving HTTPS");
+    scaiwave::tls::install_crypto_provider();
+    let ca = std::fs::read(data.join("tls-ca.pem")).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .resolve("localhost", listen)
+        .build()
+        .unwrap();
+    let me = http
+        .get(format!("https://{name}/v1/me"))
+        .bearer_auth(bob["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let me: Value = serde_json::from_slice(&me).unwrap();
+    assert_eq!(
+        me["fqid"],
+        format!("@bob:{name}"),
+        "the participant survived"
+    );
+    assert_eq!(
+        admin_clean(&["federation", "key", "show"])["key_id"],
+        key["key_id"],
+        "the signing key survived"
+    );
+    p.signal(15);
+    assert_eq!(p.wait_exit().code(), Some(0), "{:#?}", p.log);
+}
+
 #[test]
 fn configuration_errors_exit_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("serve")
         .current_dir(dir.path())
         .env("SCAIWAVE_FEDERATION__MAX_CLOCK_SKEW", "soon")
@@ -290,7 +387,7 @@ fn configuration_errors_exit_2_naming_the_key() {
         "[federation]\nretry_intial = \"2s\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--config", "c.toml"])
         .current_dir(dir.path())
         .output()
@@ -314,7 +411,7 @@ fn version_names_the_checkouts_revision() {
         Ok(out) if out.status.success() => String::from_utf8(out.stdout).unwrap(),
         _ => "unknown".to_string(),
     };
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = Command::new(bin()).arg("--version").output().unwrap();
     assert!(out.status.success());
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
