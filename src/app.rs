@@ -457,6 +457,7 @@ impl App {
         if let Err(e) = self.db.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
+        self.db.close();
     }
 }
 

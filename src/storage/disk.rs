@@ -110,6 +110,13 @@ impl Disk {
         Error::new(Code::StorageFull, full_message(&self.data_dir))
     }
 
+    /// The refusal of a write not even tried because an earlier one was
+    /// refused (counted; the episode is logged already).
+    pub fn still_full(&self) -> Error {
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+        Error::new(Code::StorageFull, full_message(&self.data_dir))
+    }
+
     /// Whether a write has been refused for a full disk since this process
     /// opened the database (sled refuses every later one too).
     pub fn is_full(&self) -> bool {

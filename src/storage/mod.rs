@@ -285,6 +285,33 @@ impl Store {
         }
     }
 
+    /// After a write failed for a full disk, a sled flush can wait forever
+    /// (its log never becomes stable again: seen with sled 0.34 at
+    /// shutdown), so none is started; the answer is the same refusal.
+    fn refuse_if_full(&self) -> Result<()> {
+        if self.disk.is_full() {
+            return Err(self.disk.still_full());
+        }
+        Ok(())
+    }
+
+    /// Called once the server stops using the database. sled closes by
+    /// flushing when the last handle drops, and after a write failed for a
+    /// full disk that flush can wait forever, so the process would never
+    /// exit; then this handle is left open (the process ends without sled's
+    /// close, as after a crash, which sled recovers from). Nothing is lost:
+    /// every accepted write was flushed before it was answered, and the
+    /// writes sled could not make were refused.
+    pub fn close(&self) {
+        if self.disk.is_full() {
+            tracing::warn!(
+                data_dir = %self.disk.data_dir.display(),
+                "the data disk was full: leaving the database without its closing flush (everything accepted is on disk already)"
+            );
+            std::mem::forget(self.db.clone());
+        }
+    }
+
     /// The data disk's room now (for `storage.low_space`, `check`, metrics).
     pub fn free_space(&self) -> std::io::Result<FreeSpace> {
         self.disk.free_space()
@@ -309,6 +336,7 @@ impl Store {
     /// Make every write so far durable (sled's flush: see docs/operations.md
     /// for what that means on power loss).
     pub async fn flush(&self) -> Result<()> {
+        self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         self.db.flush_async().await.map_err(|e| self.sled_err(e))?;
         self.commits.durable.fetch_max(covered, Ordering::SeqCst);
@@ -316,6 +344,7 @@ impl Store {
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
+        self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         self.db.flush().map_err(|e| self.sled_err(e))?;
         self.commits.durable.fetch_max(covered, Ordering::SeqCst);
@@ -864,7 +893,8 @@ mod tests {
     fn a_snapshot_left_unfinished_by_a_full_disk_does_not_block_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let held = Store::open(dir.path()).unwrap();
-        held.put(T::Peers, b"b.test", &PeerRecord::default()).unwrap();
+        held.put(T::Peers, b"b.test", &PeerRecord::default())
+            .unwrap();
         held.flush_blocking().unwrap();
         // What a snapshot write that hit ENOSPC leaves: sled 0.34 reads it
         // as the newest snapshot and reports corruption.
