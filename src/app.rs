@@ -28,7 +28,7 @@ use crate::ids::{Fqid, LocalId, ServerName};
 use crate::rooms::GapFills;
 use crate::rooms::Rooms;
 use crate::storage::tenants::TenantRecord;
-use crate::storage::{PowerLevel, Store};
+use crate::storage::{PowerLevel, Store, StoreOptions};
 use crate::tls::Certificates;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -231,7 +231,13 @@ impl App {
                 config.data_dir.display()
             ))
         })?;
-        let db = Store::open(&config.data_dir.join("db"))?;
+        let db = Store::open_with(
+            &config.data_dir.join("db"),
+            &StoreOptions {
+                cache_capacity: config.storage.cache_capacity,
+                data_dir: config.data_dir.clone(),
+            },
+        )?;
         crate::storage::make_private(&config.data_dir)?;
         let shutdown = CancellationToken::new();
         let configured = config.tls.cert.clone().zip(config.tls.key.clone());
@@ -333,9 +339,12 @@ impl App {
         Ok(certs)
     }
 
-    /// Start the background work of every tenant ([`Tenant::start_tasks`]).
+    /// Start the background work of every tenant ([`Tenant::start_tasks`])
+    /// and the instance's own: the watch on the data disk.
     pub fn start_tasks(&self) {
         self.running.store(true, Ordering::SeqCst);
+        self.tasks
+            .spawn(disk_watch(self.db.clone(), self.shutdown.clone()));
         for tenant in self.tenants() {
             tenant.start_tasks(&self.tasks, &self.shutdown);
         }
@@ -450,6 +459,7 @@ impl App {
         if let Err(e) = self.db.flush().await {
             tracing::error!(error = %e, "final flush failed");
         }
+        self.db.close();
     }
 }
 
@@ -485,6 +495,48 @@ async fn retention(
         }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(crate::limits::RETENTION_INTERVAL_SECS)) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Look at the data disk's free space at start and every
+/// [`crate::limits::DISK_CHECK_INTERVAL_SECS`]: below the threshold of
+/// [`crate::storage::FreeSpace::is_low`], warn (`storage.low_space`, one
+/// line per look) so the operator frees space before writes are refused.
+/// After a refusal (`storage.full`), say once when space is back, since
+/// sled takes writes again only after a restart.
+async fn disk_watch(db: Store, shutdown: CancellationToken) {
+    let mut told_space_is_back = false;
+    loop {
+        match db.free_space() {
+            Ok(free) if free.is_low() => tracing::warn!(
+                name: "storage.low_space",
+                data_dir = %db.data_dir().display(),
+                available_bytes = free.available_bytes,
+                total_bytes = free.total_bytes,
+                "storage.low_space: the data disk has {} MiB of {} MiB free; free space in {} before it fills (writes are then refused with SW_STORAGE_FULL)",
+                free.available_bytes / (1024 * 1024),
+                free.total_bytes / (1024 * 1024),
+                db.data_dir().display()
+            ),
+            Ok(_) if db.is_full() && !told_space_is_back => {
+                told_space_is_back = true;
+                tracing::warn!(
+                    name: "storage.full",
+                    data_dir = %db.data_dir().display(),
+                    "storage.full: the data disk has room again, but the database refuses writes until scaiwave restarts; restart it"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                data_dir = %db.data_dir().display(),
+                error = %e,
+                "cannot read the data disk's free space"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(crate::limits::DISK_CHECK_INTERVAL_SECS)) => {}
             _ = shutdown.cancelled() => return,
         }
     }

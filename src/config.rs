@@ -319,7 +319,7 @@ impl Config {
                 },
             },
             storage: StorageConfig {
-                cache_capacity: 64 * MIB,
+                cache_capacity: crate::limits::CACHE_CAPACITY_BYTES_DEFAULT,
             },
             metrics: MetricsConfig::default(),
             log: LogConfig {

@@ -34,6 +34,9 @@ pub enum Code {
     BackfillRefused,
     /// Calls need `[livekit]` on the room's host (SPEC §14).
     CallsUnavailable,
+    /// The data disk is full (SPEC §10): nothing was stored; retry once
+    /// the operator has freed space.
+    StorageFull,
     // Local (admin and client) API codes (SPEC §9).
     BadRequest,
     Unauthenticated,
@@ -45,7 +48,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 27] = [
+    pub const ALL: [Code; 28] = [
         Code::PeerUnknown,
         Code::PolicyRejected,
         Code::SignatureMismatch,
@@ -67,6 +70,7 @@ impl Code {
         Code::ParticipantNotFound,
         Code::BackfillRefused,
         Code::CallsUnavailable,
+        Code::StorageFull,
         Code::BadRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -98,6 +102,7 @@ impl Code {
             Code::ParticipantNotFound => "SW_FED_PARTICIPANT_NOT_FOUND",
             Code::BackfillRefused => "SW_FED_BACKFILL_REFUSED",
             Code::CallsUnavailable => "SW_CALLS_UNAVAILABLE",
+            Code::StorageFull => "SW_STORAGE_FULL",
             Code::BadRequest => "SW_BAD_REQUEST",
             Code::Unauthenticated => "SW_UNAUTHENTICATED",
             Code::Forbidden => "SW_FORBIDDEN",
@@ -134,6 +139,7 @@ impl Code {
             Code::RateLimited => 429,
             Code::Internal => 500,
             Code::NoKey | Code::CallsUnavailable => 503,
+            Code::StorageFull => 507,
         }
     }
 
@@ -148,6 +154,7 @@ impl Code {
                 | Code::SignatureMismatch
                 | Code::PeerUnknown
                 | Code::Internal
+                | Code::StorageFull
         )
     }
 }
@@ -291,6 +298,9 @@ mod tests {
         assert_eq!(Code::WrongDestination.status(), 421);
         assert_eq!(Code::InviteExpired.status(), 410);
         assert!(Code::NoKey.retryable());
+        assert_eq!(Code::StorageFull.as_str(), "SW_STORAGE_FULL");
+        assert_eq!(Code::StorageFull.status(), 507);
+        assert!(Code::StorageFull.retryable());
         assert!(!Code::BadEvent.retryable());
     }
 

@@ -128,6 +128,20 @@ pub const VERIFIER_PEERS_MAX: usize = 10_000;
 /// holds (sled's threads release it after the last handle is gone), before
 /// it concludes another process owns the data dir.
 pub const DB_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// SPEC §12: sled's page cache when `[storage] cache_capacity` is not set
+/// (and for stores opened without a configuration, as unit tests do).
+pub const CACHE_CAPACITY_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// The data disk is low on space (`storage.low_space`, `admin federation
+/// check`) below this share of it, in percent, or below
+/// [`DISK_LOW_SPACE_BYTES`], whichever is more: on a big disk 5 % is days
+/// of messages to react in; on a small one the floor keeps room for sled,
+/// which rewrites whole segments and needs free space to do it.
+pub const DISK_LOW_SPACE_PERCENT: u64 = 5;
+/// See [`DISK_LOW_SPACE_PERCENT`].
+pub const DISK_LOW_SPACE_BYTES: u64 = 512 * 1024 * 1024;
+/// How often the server looks at the data disk's free space: one statvfs
+/// call, cheap enough to catch a disk filling up well before it is full.
+pub const DISK_CHECK_INTERVAL_SECS: u64 = 60;
 /// Live events buffered per `GET /v1/events` stream before a slow reader
 /// starts losing the oldest (it reads history to catch up).
 pub const LIVE_EVENTS_BUFFERED: usize = 1024;

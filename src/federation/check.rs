@@ -7,13 +7,15 @@ use std::time::Duration;
 
 use crate::error::Code;
 use crate::ids::ServerName;
-use crate::limits::SYNC_S2S_TIMEOUT_SECS;
+use crate::limits::{DISK_LOW_SPACE_BYTES, DISK_LOW_SPACE_PERCENT, SYNC_S2S_TIMEOUT_SECS};
+use crate::storage::FreeSpace;
 
 use crate::protocol::wire::Descriptor;
 
 use super::Federation;
 
-/// One step of the check.
+/// One step of the check. A warning is `ok` (it fails nothing yet) but
+/// carries the code it is heading for and the fix.
 pub struct Finding {
     pub step: &'static str,
     pub ok: bool,
@@ -30,6 +32,21 @@ impl Finding {
             code: None,
             detail: detail.into(),
             fix: None,
+        }
+    }
+
+    fn warn(
+        step: &'static str,
+        code: Code,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            step,
+            ok: true,
+            code: Some(code),
+            detail: detail.into(),
+            fix: Some(fix.into()),
         }
     }
 
@@ -51,11 +68,12 @@ impl Finding {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.ok {
+        if self.ok && self.code.is_none() {
             write!(f, "OK    {:<18} {}", self.step, self.detail)
         } else {
             let code = self.code.map(|c| c.as_str()).unwrap_or("-");
-            write!(f, "FAIL  {:<18} {code}: {}", self.step, self.detail)?;
+            let level = if self.ok { "WARN" } else { "FAIL" };
+            write!(f, "{level:<5} {:<18} {code}: {}", self.step, self.detail)?;
             if let Some(fix) = &self.fix {
                 write!(f, "\n      fix: {fix}")?;
             }
@@ -70,7 +88,11 @@ const PROBE_LOCAL_ID: &str = "scaiwave-federation-check";
 
 pub async fn check(fed: &Federation, peer: &ServerName) -> Vec<Finding> {
     let ours = fed.keys.descriptor(&fed.server_name);
-    let mut out = vec![own_descriptor(fed, &ours)];
+    let store = &fed.store;
+    let mut out = vec![
+        own_descriptor(fed, &ours),
+        data_disk(store.data_dir(), store.free_space(), store.is_full()),
+    ];
     let date_secs = peer_descriptor(fed, peer, &ours, &mut out).await;
     if let Some(theirs) = date_secs {
         out.push(clock_skew(fed, peer, theirs));
@@ -116,6 +138,55 @@ fn own_descriptor(fed: &Federation, ours: &Descriptor) -> Finding {
             "own descriptor",
             format!("{} publishes key {}", fed.server_name, ours.key_id),
         )
+    }
+}
+
+/// Our data disk: a full one refuses every event peers send us (507
+/// `SW_STORAGE_FULL`), so a disk running low is said before it happens.
+/// `refusing`: a write was already refused (sled then takes none until a
+/// restart).
+fn data_disk(
+    data_dir: &std::path::Path,
+    free: std::io::Result<FreeSpace>,
+    refusing: bool,
+) -> Finding {
+    const STEP: &str = "data disk";
+    let dir = data_dir.display();
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    if refusing {
+        return Finding::fail(
+            STEP,
+            Code::StorageFull,
+            "the data disk filled up: writes are refused until scaiwave restarts",
+            format!("free space in {dir}, then restart scaiwave"),
+        );
+    }
+    match free {
+        Ok(f) if f.is_low() => Finding::warn(
+            STEP,
+            Code::StorageFull,
+            format!(
+                "{} MiB of {} MiB free in {dir} (below {DISK_LOW_SPACE_PERCENT} % or {} MiB)",
+                mib(f.available_bytes),
+                mib(f.total_bytes),
+                mib(DISK_LOW_SPACE_BYTES)
+            ),
+            format!("free space in {dir} before it fills; then writes are refused"),
+        ),
+        Ok(f) => Finding::ok(
+            STEP,
+            format!(
+                "{} MiB of {} MiB free in {dir}",
+                mib(f.available_bytes),
+                mib(f.total_bytes)
+            ),
+        ),
+        Err(e) => Finding::warn(
+            STEP,
+            Code::Internal,
+            format!("cannot read the free space of {dir}: {e}"),
+            "check that the data dir exists and is readable",
+        ),
     }
 }
 
@@ -262,5 +333,59 @@ fn last_delivery(fed: &Federation, peer: &ServerName) -> Finding {
             ),
         },
         Err(e) => Finding::fail("last delivery", e.code, e.message, "see the server log"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn the_data_disk_is_ok_then_warned_then_failed() {
+        let dir = std::path::Path::new("/var/lib/scaiwave");
+        let free = |available_mib: u64, total_mib: u64| {
+            Ok(FreeSpace {
+                available_bytes: available_mib * MIB,
+                total_bytes: total_mib * MIB,
+            })
+        };
+        let ok = data_disk(dir, free(40_000, 100_000), false);
+        assert!(ok.ok && ok.code.is_none(), "{ok}");
+        assert_eq!(
+            ok.to_string(),
+            "OK    data disk          40000 MiB of 100000 MiB free in /var/lib/scaiwave"
+        );
+
+        let low = data_disk(dir, free(400, 100_000), false);
+        assert!(low.ok, "a warning fails nothing yet: {low}");
+        let text = low.to_string();
+        assert!(
+            text.starts_with("WARN  data disk          SW_STORAGE_FULL: 400 MiB of 100000 MiB free in /var/lib/scaiwave"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fix: free space in /var/lib/scaiwave before it fills"),
+            "{text}"
+        );
+
+        let full = data_disk(dir, free(900, 100_000), true);
+        assert!(!full.ok && full.code == Some(Code::StorageFull), "{full}");
+        assert!(
+            full.to_string()
+                .contains("fix: free space in /var/lib/scaiwave, then restart scaiwave"),
+            "{full}"
+        );
+
+        let unknown = data_disk(
+            dir,
+            Err(std::io::Error::from_raw_os_error(libc::ENOENT)),
+            false,
+        );
+        assert!(
+            unknown.ok && unknown.to_string().starts_with("WARN"),
+            "{unknown}"
+        );
     }
 }

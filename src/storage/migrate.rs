@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, keys, sled_err, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
+use super::{codec, keys, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
 use crate::error::Result;
 use crate::protocol::event::Membership;
 
@@ -31,18 +31,20 @@ pub struct AuditRowV1 {
 pub(crate) fn v1_to_v2(store: &Store) -> Result<()> {
     let audit = store.tree(T::Audit);
     for item in audit.iter() {
-        let (k, v) = item.map_err(sled_err)?;
+        let (k, v) = item.map_err(|e| store.sled_err(e))?;
         if let Some(row) = upgrade_audit_row(&v)? {
-            audit.insert(k, codec::encode(&row)?).map_err(sled_err)?;
+            audit
+                .insert(k, codec::encode(&row)?)
+                .map_err(|e| store.sled_err(e))?;
         }
     }
     for item in store.tree(T::Txns).iter() {
-        let (k, v) = item.map_err(sled_err)?;
+        let (k, v) = item.map_err(|e| store.sled_err(e))?;
         let record: TxnRecord = codec::decode(&v)?;
         store.put(T::TxnTimes, &keys::time_prefixed(record.at_ms, &k), &())?;
     }
     for item in store.tree(T::Invitations).iter() {
-        let (k, v) = item.map_err(sled_err)?;
+        let (k, v) = item.map_err(|e| store.sled_err(e))?;
         let inv: Invitation = codec::decode(&v)?;
         let new_key = keys::invitation(&inv.target, &inv.room_id, &inv.invite_id);
         // The index row first and the old row last: a crash in between
@@ -60,7 +62,7 @@ pub(crate) fn v1_to_v2(store: &Store) -> Result<()> {
     // Written for every joined member: ours have theirs already, and a
     // row written twice is the same row.
     for item in store.tree(T::Members).iter() {
-        let (k, v) = item.map_err(sled_err)?;
+        let (k, v) = item.map_err(|e| store.sled_err(e))?;
         let m: Member = codec::decode(&v)?;
         let room_id = k.split(|b| *b == SEP).next().unwrap_or_default();
         if m.membership == Membership::Join {

@@ -35,6 +35,7 @@
 
 pub mod audit;
 pub mod codec;
+pub mod disk;
 pub mod members;
 pub mod migrate;
 pub mod outbox;
@@ -54,7 +55,9 @@ use sled::Transactional;
 pub use records::*;
 
 use crate::error::{Error, Result};
-use crate::limits::DB_LOCK_WAIT;
+use crate::limits::{CACHE_CAPACITY_BYTES_DEFAULT, DB_LOCK_WAIT};
+
+pub use disk::FreeSpace;
 
 /// Make `dir` and everything under it private to this user: 0700 for
 /// directories, 0600 for files, whatever the umask was when they were made
@@ -166,6 +169,19 @@ pub struct Store {
     commits: Arc<CommitCounts>,
     /// Where flush times go (SPEC §16), once a tenant labels its view.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The data dir and its full-disk episode, one per database.
+    disk: Arc<disk::Disk>,
+}
+
+/// How [`Store::open_with`] opens a database.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// sled's page cache, in bytes (`[storage] cache_capacity`): what the
+    /// database may hold in memory.
+    pub cache_capacity: u64,
+    /// The directory an operator configured (`data_dir`): what messages
+    /// about a full disk tell them to free space in.
+    pub data_dir: std::path::PathBuf,
 }
 
 /// What [`Store::reads_are_durable`] needs to know: a reader (the delivery
@@ -191,36 +207,51 @@ fn abort<T>(e: Error) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-fn sled_err(e: sled::Error) -> Error {
-    Error::internal("storage", e)
-}
-
 impl Store {
-    /// Open (or create) the database in `dir`, refusing one written by an
-    /// incompatible version.
+    /// Open (or create) the database in `dir` with the default page cache,
+    /// refusing one written by an incompatible version.
     pub fn open(dir: &Path) -> Result<Store> {
-        let db = open_db(dir).map_err(|e| {
-            Error::bad_request(format!(
+        Store::open_with(
+            dir,
+            &StoreOptions {
+                cache_capacity: CACHE_CAPACITY_BYTES_DEFAULT,
+                data_dir: dir.to_path_buf(),
+            },
+        )
+    }
+
+    /// [`Store::open`] with the configured page cache, naming `data_dir`
+    /// when the disk is full.
+    pub fn open_with(dir: &Path, options: &StoreOptions) -> Result<Store> {
+        let disk = Arc::new(disk::Disk::new(options.data_dir.clone()));
+        let db = open_db(dir, options.cache_capacity).map_err(|e| match e {
+            sled::Error::Io(ref io) if is_lock_error(io) => Error::bad_request(format!(
                 "cannot open the database in {}: {e}; is another scaiwave process using it?",
                 dir.display()
-            ))
+            )),
+            sled::Error::Io(ref io) if disk::is_disk_full(io) => disk.refused(io),
+            e => Error::bad_request(format!(
+                "cannot open the database in {}: {e}",
+                dir.display()
+            )),
         })?;
-        let trees = TREE_NAMES
-            .iter()
-            .map(|n| db.open_tree(n))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(sled_err)?;
-        let store = Store {
+        let mut store = Store {
             db,
-            trees,
+            trees: Vec::new(),
             commits: Arc::default(),
             metrics: None,
+            disk,
         };
+        store.trees = TREE_NAMES
+            .iter()
+            .map(|n| store.db.open_tree(n))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| store.sled_err(e))?;
         let meta = store.tree(T::Meta);
-        match meta.get(b"schema_version").map_err(sled_err)? {
+        match meta.get(b"schema_version").map_err(|e| store.sled_err(e))? {
             None => {
                 meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())
-                    .map_err(sled_err)?;
+                    .map_err(|e| store.sled_err(e))?;
             }
             Some(v) => {
                 let found = <[u8; 4]>::try_from(v.as_ref())
@@ -229,7 +260,7 @@ impl Store {
                 if found == 1 {
                     migrate::v1_to_v2(&store)?;
                     meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())
-                        .map_err(sled_err)?;
+                        .map_err(|e| store.sled_err(e))?;
                     store.flush_blocking()?;
                 } else if found != SCHEMA_VERSION {
                     return Err(Error::bad_request(format!(
@@ -247,20 +278,80 @@ impl Store {
         &self.trees[t as usize]
     }
 
+    /// A sled failure as callers see it: a full disk (or quota) is
+    /// [`Code::StorageFull`], naming the data dir and logged once per
+    /// episode; anything else is an internal fault, logged with its cause.
+    fn sled_err(&self, e: sled::Error) -> Error {
+        match &e {
+            sled::Error::Io(io) if disk::is_disk_full(io) => self.disk.refused(io),
+            _ => Error::internal("storage", e),
+        }
+    }
+
+    /// After a write failed for a full disk, a sled flush can wait forever
+    /// (its log never becomes stable again: seen with sled 0.34 at
+    /// shutdown), so none is started; the answer is the same refusal.
+    fn refuse_if_full(&self) -> Result<()> {
+        if self.disk.is_full() {
+            return Err(self.disk.still_full());
+        }
+        Ok(())
+    }
+
+    /// Called once the server stops using the database. sled closes by
+    /// flushing when the last handle drops, and after a write failed for a
+    /// full disk that flush can wait forever, so the process would never
+    /// exit; then this handle is left open (the process ends without sled's
+    /// close, as after a crash, which sled recovers from). Nothing is lost:
+    /// every accepted write was flushed before it was answered, and the
+    /// writes sled could not make were refused.
+    pub fn close(&self) {
+        if self.disk.is_full() {
+            tracing::warn!(
+                data_dir = %self.disk.data_dir.display(),
+                "the data disk was full: leaving the database without its closing flush (everything accepted is on disk already)"
+            );
+            std::mem::forget(self.db.clone());
+        }
+    }
+
+    /// The data disk's room now (for `storage.low_space`, `check`, metrics).
+    pub fn free_space(&self) -> std::io::Result<FreeSpace> {
+        self.disk.free_space()
+    }
+
+    /// The data dir this database lives in, as configured.
+    pub fn data_dir(&self) -> &Path {
+        &self.disk.data_dir
+    }
+
+    /// Whether a write was refused for a full disk since the database was
+    /// opened: sled then refuses every later write until a restart.
+    pub fn is_full(&self) -> bool {
+        self.disk.is_full()
+    }
+
+    /// Writes refused for a full disk since the database was opened.
+    pub fn full_refusals(&self) -> u64 {
+        self.disk.refusals()
+    }
+
     /// Make every write so far durable (sled's flush: see docs/operations.md
     /// for what that means on power loss).
     pub async fn flush(&self) -> Result<()> {
+        self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        self.db.flush_async().await.map_err(sled_err)?;
+        self.db.flush_async().await.map_err(|e| self.sled_err(e))?;
         self.flushed(covered, started);
         Ok(())
     }
 
     pub fn flush_blocking(&self) -> Result<()> {
+        self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        self.db.flush().map_err(sled_err)?;
+        self.db.flush().map_err(|e| self.sled_err(e))?;
         self.flushed(covered, started);
         Ok(())
     }
@@ -310,30 +401,30 @@ impl Store {
         match out {
             Ok(r) => Ok(r),
             Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(sled_err(e)),
+            Err(TransactionError::Storage(e)) => Err(self.sled_err(e)),
         }
     }
 
     pub fn get<V: DeserializeOwned>(&self, t: T, k: &[u8]) -> Result<Option<V>> {
-        match self.tree(t).get(k).map_err(sled_err)? {
+        match self.tree(t).get(k).map_err(|e| self.sled_err(e))? {
             Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
             None => Ok(None),
         }
     }
 
     pub fn contains(&self, t: T, k: &[u8]) -> Result<bool> {
-        self.tree(t).contains_key(k).map_err(sled_err)
+        self.tree(t).contains_key(k).map_err(|e| self.sled_err(e))
     }
 
     pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
         self.tree(t)
             .insert(k, codec::encode(v)?)
-            .map_err(sled_err)?;
+            .map_err(|e| self.sled_err(e))?;
         Ok(())
     }
 
     pub fn remove(&self, t: T, k: &[u8]) -> Result<()> {
-        self.tree(t).remove(k).map_err(sled_err)?;
+        self.tree(t).remove(k).map_err(|e| self.sled_err(e))?;
         Ok(())
     }
 
@@ -348,7 +439,7 @@ impl Store {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>> {
-        decode_all(self.tree(t).scan_prefix(prefix), limit)
+        self.decode_all(self.tree(t).scan_prefix(prefix), limit)
     }
 
     /// Entries under `prefix` with keys after `after`, ascending, at most
@@ -365,7 +456,7 @@ impl Store {
             .tree(t)
             .range::<&[u8], _>((Bound::Excluded(after), Bound::Unbounded))
             .take_while(|item| item.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
-        decode_all(iter, limit)
+        self.decode_all(iter, limit)
     }
 
     /// Values with keys in `[from, to)`, ascending, at most `limit`.
@@ -376,7 +467,7 @@ impl Store {
         to: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>> {
-        decode_all(self.tree(t).range(from.to_vec()..to.to_vec()), limit)
+        self.decode_all(self.tree(t).range(from.to_vec()..to.to_vec()), limit)
     }
 
     /// Values with keys in `[from, to)`, descending, at most `limit`.
@@ -387,7 +478,7 @@ impl Store {
         to: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>> {
-        decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
+        self.decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
     }
 
     pub fn count_prefix(&self, t: T, prefix: &[u8]) -> usize {
@@ -403,13 +494,13 @@ impl Store {
     pub fn remove_all(&self, t: T, keys: &[Vec<u8>]) -> Result<()> {
         let tree = self.tree(t);
         for k in keys {
-            tree.remove(k.as_slice()).map_err(sled_err)?;
+            tree.remove(k.as_slice()).map_err(|e| self.sled_err(e))?;
         }
         Ok(())
     }
 
     pub fn generate_id(&self) -> Result<u64> {
-        self.db.generate_id().map_err(sled_err)
+        self.db.generate_id().map_err(|e| self.sled_err(e))
     }
 
     /// Insert many values, one at a time: for rows that need no atomicity
@@ -421,7 +512,7 @@ impl Store {
         let tree = self.tree(t);
         for (k, v) in items {
             tree.insert(k.as_slice(), codec::encode(v)?)
-                .map_err(sled_err)?;
+                .map_err(|e| self.sled_err(e))?;
         }
         Ok(())
     }
@@ -431,10 +522,12 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut n = 0;
         for item in self.tree(t).range(from.to_vec()..to.to_vec()).keys() {
-            batch.remove(item.map_err(sled_err)?);
+            batch.remove(item.map_err(|e| self.sled_err(e))?);
             n += 1;
         }
-        self.tree(t).apply_batch(batch).map_err(sled_err)?;
+        self.tree(t)
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))?;
         Ok(n)
     }
 
@@ -445,7 +538,7 @@ impl Store {
         mut keep: impl FnMut(&V) -> bool,
     ) -> Result<()> {
         for item in self.tree(t).iter().rev() {
-            let (_, v) = item.map_err(sled_err)?;
+            let (_, v) = item.map_err(|e| self.sled_err(e))?;
             if !keep(&codec::decode(&v)?) {
                 break;
             }
@@ -487,15 +580,19 @@ impl Store {
         let end = keys::time_prefixed(before_ms, &[]);
         let mut n = 0;
         for item in self.tree(index).range(..end).keys() {
-            let index_key = item.map_err(sled_err)?;
+            let index_key = item.map_err(|e| self.sled_err(e))?;
             let row_key = &index_key[8..];
-            if let Some(bytes) = self.tree(rows).get(row_key).map_err(sled_err)? {
+            if let Some(bytes) = self.tree(rows).get(row_key).map_err(|e| self.sled_err(e))? {
                 if due(&bytes)? {
-                    self.tree(rows).remove(row_key).map_err(sled_err)?;
+                    self.tree(rows)
+                        .remove(row_key)
+                        .map_err(|e| self.sled_err(e))?;
                     n += 1;
                 }
             }
-            self.tree(index).remove(&index_key).map_err(sled_err)?;
+            self.tree(index)
+                .remove(&index_key)
+                .map_err(|e| self.sled_err(e))?;
         }
         Ok(n)
     }
@@ -614,17 +711,20 @@ impl WriteSet {
     }
 }
 
-/// Decode up to `limit` entries of a sled iterator.
-fn decode_all<V: DeserializeOwned>(
-    iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
-    limit: usize,
-) -> Result<Vec<(Vec<u8>, V)>> {
-    let mut out = Vec::new();
-    for item in iter.take(limit) {
-        let (k, v) = item.map_err(sled_err)?;
-        out.push((k.to_vec(), codec::decode(&v)?));
+impl Store {
+    /// Decode up to `limit` entries of a sled iterator.
+    fn decode_all<V: DeserializeOwned>(
+        &self,
+        iter: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, V)>> {
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            out.push((k.to_vec(), codec::decode(&v)?));
+        }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// A view of every tree inside one transaction.
@@ -710,18 +810,65 @@ pub mod keys {
 /// sled's background threads release it some time after the last handle
 /// drops, so a restart (a systemd `Restart=`, or a test reopening a store)
 /// would otherwise find its own previous life still holding the file.
-fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+fn open_db(dir: &Path, cache_capacity: u64) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + DB_LOCK_WAIT;
     loop {
-        match sled::Config::new().path(dir).open() {
-            // sled reports a held lock as an `Other` io error with this text.
+        remove_unfinished_snapshots(dir);
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity)
+            .open()
+        {
             Err(sled::Error::Io(e))
-                if e.to_string().starts_with("could not acquire lock")
-                    && std::time::Instant::now() < deadline =>
+                if is_lock_error(&e) && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => return other,
+        }
+    }
+}
+
+/// sled reports a held lock as an `Other` io error with this text.
+fn is_lock_error(e: &std::io::Error) -> bool {
+    e.to_string().starts_with("could not acquire lock")
+}
+
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating` and renames it
+/// once complete, but its reader takes any `snap.*` file, so one whose
+/// write failed (a full disk, at start or when the database closed) makes
+/// every later open fail with "corruption" although no data is damaged.
+/// Such a file says nothing the log and the complete snapshot beside it do
+/// not, so it goes: only while we hold the database's lock (sled's own
+/// `flock` of `<dir>/db`), so never under a running sled.
+fn remove_unfinished_snapshots(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    let Ok(lock) = std::fs::File::open(dir.join("db")) else {
+        return; // no database yet, so no snapshot either
+    };
+    // SAFETY: a valid open descriptor; the lock goes with `lock`.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return; // held: sled's open will say so
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::warn!(
+                    name: "storage.unfinished_snapshot",
+                    path = %entry.path().display(),
+                    "removed a snapshot file sled did not finish writing (the disk was full); its data is in the log"
+                ),
+                Err(e) => tracing::warn!(
+                    path = %entry.path().display(),
+                    error = %e,
+                    "cannot remove an unfinished sled snapshot; opening the database may report corruption until it is removed"
+                ),
+            }
         }
     }
 }
@@ -758,6 +905,26 @@ mod tests {
         );
         drop(held);
         Store::open(dir.path()).expect("the lock is released after close");
+    }
+
+    #[test]
+    fn a_snapshot_left_unfinished_by_a_full_disk_does_not_block_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = Store::open(dir.path()).unwrap();
+        held.put(T::Peers, b"b.test", &PeerRecord::default())
+            .unwrap();
+        held.flush_blocking().unwrap();
+        // What a snapshot write that hit ENOSPC leaves: sled 0.34 reads it
+        // as the newest snapshot and reports corruption.
+        let unfinished = dir.path().join("snap.FFFFFFFFFFFFFFFF.generating");
+        std::fs::write(&unfinished, b"").unwrap();
+        // Never touched under a running database.
+        assert!(Store::open(dir.path()).is_err());
+        assert!(unfinished.exists(), "removed while the lock was held");
+        drop(held);
+        let store = Store::open(dir.path()).expect("opens once the file is gone");
+        assert!(!unfinished.exists());
+        assert!(store.contains(T::Peers, b"b.test").unwrap());
     }
 
     #[test]

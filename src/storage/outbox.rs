@@ -1,7 +1,7 @@
 //! The outbox (SPEC §11): one durable FIFO queue per peer, keyed peer ‖
 //! id, written in the same write set as the event it carries.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ids::ServerName;
 use crate::protocol::event::Event;
 
@@ -37,7 +37,7 @@ impl Store {
     pub fn outbox_peers(&self) -> Result<Vec<ServerName>> {
         let mut peers: Vec<ServerName> = Vec::new();
         for item in self.tree(T::Outbox).iter().keys() {
-            let k = item.map_err(|e| Error::internal("outbox scan", e))?;
+            let k = item.map_err(|e| self.sled_err(e))?;
             let name = k.split(|b| *b == 0).next().unwrap_or_default();
             if let Ok(peer) = ServerName::parse(&String::from_utf8_lossy(name)) {
                 if peers.last() != Some(&peer) {

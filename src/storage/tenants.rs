@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Code, Error, Result};
 use crate::ids::ServerName;
 
-use super::{codec, sled_err, Store, TREE_NAMES};
+use super::{codec, Store, TREE_NAMES};
 
 /// The registry tree: server_name → [`TenantRecord`].
 const REGISTRY: &str = "tenants";
@@ -36,21 +36,22 @@ impl Store {
             .iter()
             .map(|n| self.db.open_tree(format!("tenant/{server_name}/{n}")))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(sled_err)?;
+            .map_err(|e| self.sled_err(e))?;
         Ok(Store {
             db: self.db.clone(),
             trees,
             commits: self.commits.clone(),
             metrics: None,
+            disk: self.disk.clone(),
         })
     }
 
     /// Every registered tenant besides the first, by server_name.
     pub fn tenants(&self) -> Result<Vec<(ServerName, TenantRecord)>> {
-        let registry = self.db.open_tree(REGISTRY).map_err(sled_err)?;
+        let registry = self.db.open_tree(REGISTRY).map_err(|e| self.sled_err(e))?;
         let mut out = Vec::new();
         for item in registry.iter() {
-            let (k, v) = item.map_err(sled_err)?;
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
             let name = ServerName::parse(&String::from_utf8_lossy(&k))?;
             out.push((name, codec::decode(&v)?));
         }
@@ -59,14 +60,14 @@ impl Store {
 
     /// Register a new tenant, durably; refused if it exists already.
     pub fn add_tenant(&self, server_name: &ServerName, rec: &TenantRecord) -> Result<()> {
-        let registry = self.db.open_tree(REGISTRY).map_err(sled_err)?;
+        let registry = self.db.open_tree(REGISTRY).map_err(|e| self.sled_err(e))?;
         let added = registry
             .compare_and_swap(
                 server_name.as_str().as_bytes(),
                 None as Option<&[u8]>,
                 Some(codec::encode(rec)?),
             )
-            .map_err(sled_err)?;
+            .map_err(|e| self.sled_err(e))?;
         if added.is_err() {
             return Err(Error::new(
                 Code::Conflict,

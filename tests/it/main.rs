@@ -5,6 +5,7 @@ mod calls;
 mod check;
 mod crash;
 mod delivery;
+mod disk;
 mod federation;
 mod hostile;
 mod hostile_rooms;
