@@ -86,27 +86,14 @@ impl SmallDisk {
 
     /// A server on this disk, with its JSON log lines.
     fn serve(&self, port: u16) -> Process {
-        let mut child = self
+        let child = self
             .command(port)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         self.servers.lock().unwrap().push(child.id());
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Process {
-            child,
-            lines,
-            log: Vec::new(),
-        }
+        Process::from_child(child)
     }
 
     /// Fill what is left of the disk with a file (until ENOSPC).
