@@ -292,6 +292,18 @@ pub struct Gauges {
     /// tenant → its peers (labels already bounded by the tenant's
     /// [`Metrics::peer_label`]; peers folded into `other` are summed).
     peers: Vec<(String, Vec<PeerGauge>)>,
+    /// The data disk (one per database, shown under the first tenant).
+    storage: Option<StorageGauge>,
+}
+
+/// The data disk as a scrape reports it (beyond SPEC §16's table: the
+/// full-disk signal issue 12 asks for).
+pub struct StorageGauge {
+    pub tenant: String,
+    /// Writes refused with `SW_STORAGE_FULL` since the start.
+    pub full_refusals: u64,
+    /// Bytes free for the server on the data disk, when it could be read.
+    pub available_bytes: Option<u64>,
 }
 
 impl Gauges {
@@ -311,8 +323,30 @@ impl Gauges {
         self.peers.push((metrics.tenant().to_string(), rows));
     }
 
+    pub fn storage(&mut self, gauge: StorageGauge) {
+        self.storage = Some(gauge);
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some(st) = &self.storage {
+            let tenant = escape(&st.tenant);
+            let _ = writeln!(
+                out,
+                "# HELP scaiwave_storage_full_refusals_total Writes refused because the data disk is full.\n\
+                 # TYPE scaiwave_storage_full_refusals_total counter\n\
+                 scaiwave_storage_full_refusals_total{{tenant=\"{tenant}\"}} {}",
+                st.full_refusals
+            );
+            if let Some(free) = st.available_bytes {
+                let _ = writeln!(
+                    out,
+                    "# HELP scaiwave_storage_available_bytes Bytes free for the server on the data disk.\n\
+                     # TYPE scaiwave_storage_available_bytes gauge\n\
+                     scaiwave_storage_available_bytes{{tenant=\"{tenant}\"}} {free}"
+                );
+            }
+        }
         let series: [GaugeSeries; 3] = [
             (QUEUE_DEPTH, "Events queued for the peer.", |g| {
                 g.queue_depth.to_string()

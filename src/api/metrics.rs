@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::admin::peer_health;
 use super::Directory;
 use crate::limits::{METRICS_CONNECTIONS_MAX, METRICS_CONNECTION_SECS_MAX};
-use crate::metrics::{Gauges, PeerGauge};
+use crate::metrics::{Gauges, PeerGauge, StorageGauge};
 
 /// Every route, as method and path template; `{…}` matches one segment.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -104,6 +104,13 @@ pub fn render(directory: &Directory) -> String {
             }),
         );
     }
+    let first = directory.all().swap_remove(0);
+    let store = &first.rooms.store;
+    gauges.storage(StorageGauge {
+        tenant: first.rooms.server_name.to_string(),
+        full_refusals: store.full_refusals(),
+        available_bytes: store.free_space().ok().map(|f| f.available_bytes),
+    });
     let mut out = crate::metrics::render_recorded();
     out.push_str(&gauges.render());
     out

@@ -122,6 +122,11 @@ async fn metrics_are_served_apart_and_move_with_traffic() {
     assert!(value(&first, "scaiwave_federation_descriptor_fetches_total", &ok) >= 1.0);
     assert!(value(&first, "scaiwave_storage_flush_seconds", &[tenant]) >= 1.0);
     assert!(value(&first, "process_resident_memory_bytes", &[]) > 0.0);
+    assert_eq!(
+        value(&first, "scaiwave_storage_full_refusals_total", &[tenant]),
+        0.0
+    );
+    assert!(value(&first, "scaiwave_storage_available_bytes", &[tenant]) > 0.0);
     assert!(
         !text.contains(room.as_str()),
         "labels carry route templates, never raw paths"
