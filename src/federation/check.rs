@@ -35,6 +35,7 @@ impl Finding {
         }
     }
 
+    /// A finding that does not fail the check, but names a code and a fix.
     fn warn(
         step: &'static str,
         code: Code,
@@ -42,11 +43,8 @@ impl Finding {
         fix: impl Into<String>,
     ) -> Finding {
         Finding {
-            step,
             ok: true,
-            code: Some(code),
-            detail: detail.into(),
-            fix: Some(fix.into()),
+            ..Finding::fail(step, code, detail, fix)
         }
     }
 

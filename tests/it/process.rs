@@ -113,15 +113,20 @@ fn admin(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_default_first_start_admin_socket_and_sigterm() {
-    let dir = tempfile::tempdir().unwrap();
-    // The port is picked up front so the server can be named with it.
+/// A free loopback port and the server_name that goes with it, picked up
+/// front so the server can be named with its port.
+fn free_listen_address() -> (std::net::SocketAddr, String) {
     let listen = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let name = format!("localhost:{}", listen.port());
+    (listen, format!("localhost:{}", listen.port()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_default_first_start_admin_socket_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, name) = free_listen_address();
     // systemd's side of Type=notify: a datagram socket named in NOTIFY_SOCKET.
     let notify_path = dir.path().join("notify.sock");
     let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -290,11 +295,7 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_file_and_an_empty_environment_are_enough_and_sigterm_keeps_the_data() {
     let dir = tempfile::tempdir().unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let name = format!("localhost:{}", listen.port());
+    let (listen, name) = free_listen_address();
     let data = dir.path().join("data");
     let config = dir.path().join("scaiwave.toml");
     std::fs::write(
