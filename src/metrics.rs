@@ -112,7 +112,7 @@ fn describe() {
 
 /// Whether a recorder is installed: without one (`metrics.listen` unset)
 /// the hot paths skip building labels at all.
-fn recording() -> bool {
+pub fn recording() -> bool {
     HANDLE.get().is_some()
 }
 

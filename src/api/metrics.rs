@@ -69,14 +69,13 @@ pub fn route_label(method: &Method, segments: &[&str]) -> &'static str {
     ROUTES
         .iter()
         .find(|(m, template)| {
-            *m == method.as_str() && {
-                let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
-                parts.len() == segments.len()
-                    && parts
-                        .iter()
-                        .zip(segments)
-                        .all(|(p, s)| p.starts_with('{') || p == s)
-            }
+            *m == method.as_str()
+                && template.trim_start_matches('/').split('/').count() == segments.len()
+                && template
+                    .trim_start_matches('/')
+                    .split('/')
+                    .zip(segments)
+                    .all(|(p, s)| p.starts_with('{') || p == *s)
         })
         .map(|(_, template)| *template)
         .unwrap_or(UNMATCHED)
@@ -85,12 +84,13 @@ pub fn route_label(method: &Method, segments: &[&str]) -> &'static str {
 /// The scrape: recorded counters and histograms, then the gauges read now.
 pub fn render(directory: &Directory) -> String {
     let mut gauges = Gauges::default();
-    for svc in directory.all() {
+    let tenants = directory.all();
+    for svc in &tenants {
         let fed = &svc.rooms.fed;
         let now = svc.rooms.clock.now_ms();
         // A tenant whose rows cannot be read now shows no peers this scrape
         // rather than failing the whole answer.
-        let rows = peer_health(&svc).unwrap_or_default();
+        let rows = peer_health(svc).unwrap_or_default();
         gauges.tenant(
             &fed.metrics,
             rows.into_iter().map(|p| PeerGauge {
@@ -104,7 +104,7 @@ pub fn render(directory: &Directory) -> String {
             }),
         );
     }
-    let first = directory.all().swap_remove(0);
+    let first = &tenants[0];
     let store = &first.rooms.store;
     gauges.storage(StorageGauge {
         tenant: first.rooms.server_name.to_string(),

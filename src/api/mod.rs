@@ -375,7 +375,10 @@ impl Front {
         let segs = segments(&req.path);
         let seg_refs: Vec<&str> = segs.iter().map(String::as_str).collect();
         let svc = self.tenants.route(req.authority.as_deref());
-        let route = metrics::route_label(&req.method, &seg_refs);
+        // Matched against the templates only while metrics are recorded:
+        // the default (no `metrics.listen`) pays nothing per request.
+        let route =
+            crate::metrics::recording().then(|| metrics::route_label(&req.method, &seg_refs));
         let local_api = seg_refs.first() == Some(&"v1");
         let answer = match seg_refs.as_slice() {
             [".well-known", "scaiwave", "server"] => {
@@ -401,7 +404,7 @@ impl Front {
             Err(Refusal::Close(c)) => Err(c),
         };
         // A connection closed without an answer has no status to count.
-        if let Ok(r) = &answer {
+        if let (Ok(r), Some(route)) = (&answer, route) {
             svc.rooms
                 .fed
                 .metrics
