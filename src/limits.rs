@@ -194,3 +194,11 @@ pub const PEER_LABELS_MAX: usize = 1000;
 pub const METRICS_CONNECTIONS_MAX: usize = 8;
 /// A metrics connection is closed after this many seconds, answered or not.
 pub const METRICS_CONNECTION_SECS_MAX: u64 = 10;
+/// Tokio worker threads: one per core, at most this many. Each worker
+/// keeps its own allocator arenas and task queues, so a 64-core host
+/// would hold far more memory than the work needs; a single sled
+/// database does not scale past a handful of writers anyway.
+pub const RUNTIME_WORKERS_MAX: usize = 8;
+/// Tokio's blocking pool (flushes, file reads, DNS): tokio's default is
+/// 512 threads, each with its own stack, for work that waits on one disk.
+pub const BLOCKING_THREADS_MAX: usize = 16;

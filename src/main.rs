@@ -54,16 +54,22 @@ fn main() -> ExitCode {
     }
     init_logging(config.log.format);
     let result = match cli.command {
-        Command::Serve => serve(config),
+        Command::Serve => serve(config).map(|()| true),
         Command::Admin(cmd) => {
             let argv = admin_argv();
             scaiwave::cli::run_admin(config, argv, cmd)
-                .map(|out| println!("{out}"))
+                .map(|out| {
+                    println!("{}", out.output);
+                    out.succeeded
+                })
                 .map_err(anyhow::Error::from)
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // The command ran and printed why (a failed check): exit 1 so a
+        // script can tell, without an "error:" line of its own.
+        Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
@@ -94,8 +100,25 @@ fn admin_argv() -> Vec<String> {
     out
 }
 
+/// Memory for a small box: transparent huge pages off for this process
+/// (with THP "always", a fresh server held 54 MiB, 43 of it in
+/// huge-page-backed arenas it barely touched), and a runtime sized by
+/// `limits` rather than by tokio's defaults.
 fn serve(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and only changes
+    // how the kernel backs this process's future mappings; a kernel that
+    // lacks it returns EINVAL, which costs only the memory it would save.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(scaiwave::limits::RUNTIME_WORKERS_MAX);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(scaiwave::limits::BLOCKING_THREADS_MAX)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let running = scaiwave::cli::serve(config, scaiwave::clock::Clock::system()).await?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

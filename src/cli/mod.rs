@@ -35,13 +35,31 @@ pub struct SocketRequest {
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct SocketAnswer {
+    /// False when the command itself was refused: `output` is the error.
     pub ok: bool,
     pub output: String,
+    /// False when the command ran but what it reports failed (a
+    /// `federation check` with a failed step): the CLI exits 1.
+    #[serde(default = "yes")]
+    pub succeeded: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What an admin command printed, and whether what it reports succeeded:
+/// `federation check` prints its findings either way, and a script reads
+/// the exit code (1 when a check failed).
+#[derive(Debug)]
+pub struct Outcome {
+    pub output: String,
+    pub succeeded: bool,
 }
 
 /// Run an admin command: through the running server's socket if there is
 /// one, else against the database directly. Either way [`execute`] runs it.
-pub fn run_admin(config: Config, argv: Vec<String>, cmd: AdminArgs) -> Result<String> {
+pub fn run_admin(config: Config, argv: Vec<String>, cmd: AdminArgs) -> Result<Outcome> {
     let socket = config.data_dir.join(ADMIN_SOCKET);
     if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
         return through_socket(stream, argv);
@@ -55,7 +73,10 @@ pub fn run_admin(config: Config, argv: Vec<String>, cmd: AdminArgs) -> Result<St
     })
 }
 
-fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>) -> Result<String> {
+fn through_socket(
+    mut stream: std::os::unix::net::UnixStream,
+    argv: Vec<String>,
+) -> Result<Outcome> {
     use std::io::{BufRead, Write};
     let io = |e: std::io::Error| Error::internal("admin socket", e);
     let request = SocketRequest {
@@ -71,7 +92,10 @@ fn through_socket(mut stream: std::os::unix::net::UnixStream, argv: Vec<String>)
     let answer: SocketAnswer =
         serde_json::from_str(&answer).map_err(|e| Error::internal("admin socket answer", e))?;
     if answer.ok {
-        Ok(answer.output)
+        Ok(Outcome {
+            output: answer.output,
+            succeeded: answer.succeeded,
+        })
     } else {
         Err(Error::bad_request(answer.output))
     }
@@ -103,9 +127,10 @@ fn pretty(v: &serde_json::Value) -> String {
 /// Execute one admin command against a running (or just opened) app, on
 /// the tenant it names. With `--json` every answer is one JSON value;
 /// without it, the same facts as text for people.
-pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
+pub async fn execute(app: &App, args: AdminArgs) -> Result<Outcome> {
     let tenant = app.tenant(args.tenant.as_deref())?;
     let json = args.json;
+    let mut succeeded = true;
     let answer = match args.command {
         Admin::Tenant(cmd) => tenant_command(app, cmd)?,
         Admin::Federation(Federation::Key(KeyCmd::Generate)) => {
@@ -146,6 +171,7 @@ pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
             let peer = ServerName::parse(&server_name)?;
             let findings = crate::federation::check::check(&tenant.fed, &peer).await;
             let failed = findings.iter().filter(|f| !f.ok).count();
+            succeeded = failed == 0;
             let mut text: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
             text.push(if failed == 0 {
                 format!("{peer}: all checks passed")
@@ -197,7 +223,10 @@ pub async fn execute(app: &App, args: AdminArgs) -> Result<String> {
             )
         }
     };
-    Ok(answer.render(json))
+    Ok(Outcome {
+        output: answer.render(json),
+        succeeded,
+    })
 }
 
 /// What a command answers: JSON only (printed the same either way), or
@@ -309,6 +338,14 @@ pub async fn serve(config: Config, clock: Clock) -> Result<crate::server::Runnin
 
 /// Serve the admin socket until shutdown. The socket file is created
 /// with mode 0600 inside the data dir: only the server's user may use it.
+fn refused(output: String) -> SocketAnswer {
+    SocketAnswer {
+        ok: false,
+        output,
+        succeeded: false,
+    }
+}
+
 pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let path = app.config.data_dir.join(ADMIN_SOCKET);
@@ -338,21 +375,16 @@ pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
                 return;
             }
             let answer = match serde_json::from_str::<SocketRequest>(&line) {
-                Err(e) => SocketAnswer {
-                    ok: false,
-                    output: format!("bad admin request: {e}"),
-                },
+                Err(e) => refused(format!("bad admin request: {e}")),
                 Ok(req) => match parse_admin_request(&req) {
-                    Err(e) => SocketAnswer {
-                        ok: false,
-                        output: e,
-                    },
+                    Err(e) => refused(e),
                     Ok(cmd) => match execute(&app, cmd).await {
-                        Ok(output) => SocketAnswer { ok: true, output },
-                        Err(e) => SocketAnswer {
-                            ok: false,
-                            output: e.to_string(),
+                        Ok(out) => SocketAnswer {
+                            ok: true,
+                            output: out.output,
+                            succeeded: out.succeeded,
                         },
+                        Err(e) => refused(e.to_string()),
                     },
                 },
             };
@@ -547,14 +579,14 @@ mod tests {
             argv.extend(command.split(' '));
             argv.extend(rest.iter());
             let args = parse_admin_request(&request(&argv, None)).unwrap();
-            let out = execute(&app, args).await.unwrap();
+            let out = execute(&app, args).await.unwrap().output;
             let v: serde_json::Value = serde_json::from_str(&out)
                 .unwrap_or_else(|e| panic!("{command}: not JSON ({e}): {out}"));
             assert!(!v[field].is_null(), "{command}: no {field}: {out}");
         }
         // And the text answers stay text for people.
         let args = parse_admin_request(&request(&["admin", "federation", "peers"], None)).unwrap();
-        let out = execute(&app, args).await.unwrap();
+        let out = execute(&app, args).await.unwrap().output;
         assert!(out.starts_with("SERVER_NAME"), "{out}");
         app.first.store.flush_blocking().unwrap();
     }

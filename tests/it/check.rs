@@ -12,7 +12,15 @@ async fn check(net: &testnet::TestNet, from: &str, peer: &str) -> String {
     let cmd = Admin::Federation(Federation::Check {
         server_name: net.name(peer),
     });
-    execute(net.server(from).app(), cmd.into()).await.unwrap()
+    let out = execute(net.server(from).app(), cmd.into()).await.unwrap();
+    // The exit code (1 on a failed step) agrees with the summary line.
+    assert_eq!(
+        out.succeeded,
+        out.output.ends_with("all checks passed"),
+        "{}",
+        out.output
+    );
+    out.output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

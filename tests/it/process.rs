@@ -219,6 +219,14 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     assert_eq!(code, 0, "{err}");
     let peers: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(peers["peers"], serde_json::json!([]), "{out}");
+    // A failed check prints its findings and exits 1, for scripts.
+    let (code, out, err) = admin(dir.path(), &["federation", "check", "localhost:1"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("check(s) failed"), "{out}");
+    assert!(
+        !err.contains("error:"),
+        "the findings are the answer: {err}"
+    );
     let (code, out, err) = admin(
         dir.path(),
         &[
@@ -273,6 +281,13 @@ async fn embedded_default_first_start_admin_socket_and_sigterm() {
     // Stopped: the same command opens the database directly.
     let (code, out, err) = admin(dir.path(), &["federation", "key", "show"]);
     assert_eq!(code, 0, "{err}");
+    let (code, out_check, _) = admin(
+        dir.path(),
+        &["--json", "federation", "check", "localhost:1"],
+    );
+    assert_eq!(code, 1, "{out_check}");
+    let findings: Value = serde_json::from_str(&out_check).unwrap();
+    assert_eq!(findings["ok"], false, "{out_check}");
     assert!(out.contains(d["key_id"].as_str().unwrap()), "{out}");
     let (code, out, err) = admin(dir.path(), &["--tenant", &y, "federation", "key", "show"]);
     assert_eq!(code, 0, "{err}");

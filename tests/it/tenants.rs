@@ -49,7 +49,10 @@ async fn admin_command(net: &TestNet, tenant: Option<&str>, command: Admin) -> S
         json: false,
         command,
     };
-    execute(net.server("x.test").app(), args).await.unwrap()
+    execute(net.server("x.test").app(), args)
+        .await
+        .unwrap()
+        .output
 }
 
 async fn switch(net: &TestNet, short: &str, on: bool) {
