@@ -410,7 +410,6 @@ async fn measure(
     let txns = transactions(peer, &hosted, &sender, 0..args.events, args.batch, "ingest")?;
     eprintln!("membench: ingesting {} events", args.events);
     let (tally, seconds) = send_all(peer, txns, args.concurrency).await?;
-    let to = Instant::now();
     // The kernel's high-water mark: everything before was smaller (idle
     // and setup), and it sees peaks between two samples.
     let (after_ingest, ingest_peak) = rss(pid)?;

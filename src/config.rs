@@ -115,7 +115,8 @@ impl fmt::Display for Rate {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StorageConfig {
-    /// Bytes of sled's page cache: the bulk of the server's memory.
+    /// Resident bytes for sled's page cache: the bulk of the server's
+    /// memory (sled itself is given less; see `SLED_CACHE_RESIDENT_FACTOR`).
     pub cache_capacity: u64,
 }
 
@@ -496,8 +497,9 @@ rate_per_origin = "300/s"
 rate_per_token = "20/s"
 
 [storage]
-# sled's page cache, the bulk of the server's memory: more serves big
-# rooms' history from memory, less fits a small box.
+# Memory for sled's page cache, the bulk of the server's memory: more
+# serves big rooms' history from memory, less fits a small box. With the
+# default, the server stays under about 130 MB resident (docs/operations.md).
 cache_capacity = "64MiB"
 
 [metrics]

@@ -13,6 +13,23 @@ use scaiwave::config::{Config, LogFormat};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// mimalloc's own option setter (linked in with the allocator); the
+// option number is `mi_option_purge_delay` in mimalloc.h, the same in
+// its v2 and v3.
+extern "C" {
+    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+}
+const MI_OPTION_PURGE_DELAY: libc::c_int = 15;
+
+/// Memory freed is returned to the kernel at once instead of after
+/// mimalloc's default delay: while ingesting 200 000 events, pages freed
+/// and not yet purged held about 35 MiB of RSS, for no measurable
+/// throughput (membench).
+fn allocator_returns_memory_at_once() {
+    // SAFETY: sets one integer option; mimalloc reads it at each purge.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SCAIWAVE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -30,6 +47,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    allocator_returns_memory_at_once();
     // Everything this process writes (database, keys, tokens) is its
     // user's alone, whatever umask it was started with (SPEC §12).
     // SAFETY: umask only sets the process's file mode mask; it cannot fail.

@@ -55,7 +55,7 @@ use sled::Transactional;
 pub use records::*;
 
 use crate::error::{Error, Result};
-use crate::limits::{CACHE_CAPACITY_BYTES_DEFAULT, DB_LOCK_WAIT};
+use crate::limits::{CACHE_CAPACITY_BYTES_DEFAULT, DB_LOCK_WAIT, SLED_CACHE_RESIDENT_FACTOR};
 
 pub use disk::FreeSpace;
 
@@ -810,13 +810,17 @@ pub mod keys {
 /// sled's background threads release it some time after the last handle
 /// drops, so a restart (a systemd `Restart=`, or a test reopening a store)
 /// would otherwise find its own previous life still holding the file.
+///
+/// `cache_capacity` is what the operator means: resident memory. sled
+/// counts its cache in serialized bytes, which take more once in memory,
+/// so it is given the configured figure divided by that factor.
 fn open_db(dir: &Path, cache_capacity: u64) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + DB_LOCK_WAIT;
     loop {
         remove_unfinished_snapshots(dir);
         match sled::Config::new()
             .path(dir)
-            .cache_capacity(cache_capacity)
+            .cache_capacity(cache_capacity / SLED_CACHE_RESIDENT_FACTOR)
             .open()
         {
             Err(sled::Error::Io(e))
