@@ -208,3 +208,8 @@ pub const RUNTIME_WORKERS_MAX: usize = 8;
 /// Tokio's blocking pool (flushes, file reads, DNS): tokio's default is
 /// 512 threads, each with its own stack, for work that waits on one disk.
 pub const BLOCKING_THREADS_MAX: usize = 16;
+/// SPEC §17 / issue 13: the whole admin console (page, script, style).
+pub const CONSOLE_BYTES_MAX: usize = 200 * 1024;
+/// The console's peers page refreshes this often (issue 13: ≤ 5 s).
+pub const CONSOLE_PEERS_REFRESH_MS: u64 = 2000;
+const _: () = assert!(CONSOLE_PEERS_REFRESH_MS <= 5000, "issue 13: at most 5 s");

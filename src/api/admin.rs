@@ -20,6 +20,26 @@ pub async fn route(
     require_admin(&admin)?;
     match (req.method.as_str(), rest) {
         ("GET", ["federation", "identity"]) => Ok(json_reply(200, &identity(svc))),
+        ("POST", ["federation", "key", "rotate"]) => {
+            let revoke = match req.body.is_empty() {
+                true => false,
+                false => req
+                    .json()?
+                    .get("revoke_previous")
+                    .map(|v| {
+                        v.as_bool().ok_or_else(|| {
+                            Error::bad_request("`revoke_previous` must be true or false")
+                        })
+                    })
+                    .transpose()?
+                    .unwrap_or(false),
+            };
+            let rec = svc.rooms.fed.rotate(revoke)?;
+            Ok(json_reply(
+                200,
+                &json!({"key_id": rec.key_id.to_string(), "previous_revoked": revoke}),
+            ))
+        }
         ("GET", ["federation", "peers"]) => Ok(json_reply(200, &json!({ "peers": peers(svc)? }))),
         ("DELETE", ["federation", "peers", name]) => {
             let peer = ServerName::parse(name)?;
@@ -151,7 +171,6 @@ pub fn identity(svc: &Services) -> Value {
     })
 }
 
-/// Every peer we have a row or a queue for, with SPEC §9's fields.
 /// One peer's row, as `peers` (SPEC §9) and the §16 gauges see it.
 pub struct PeerHealth {
     pub name: ServerName,
@@ -196,6 +215,7 @@ pub fn peer_health(svc: &Services) -> Result<Vec<PeerHealth>> {
     Ok(out)
 }
 
+/// Every peer we have a row or a queue for, with SPEC §9's fields.
 pub fn peers(svc: &Services) -> Result<Vec<Value>> {
     let now = svc.rooms.clock.now_ms();
     Ok(peer_health(svc)?

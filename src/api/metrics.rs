@@ -48,6 +48,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/rooms/{room_id}/leave"),
     ("GET", "/v1/search"),
     ("GET", "/v1/admin/federation/identity"),
+    ("POST", "/v1/admin/federation/key/rotate"),
     ("GET", "/v1/admin/federation/peers"),
     ("DELETE", "/v1/admin/federation/peers/{server_name}"),
     ("GET", "/v1/admin/federation/policy"),
@@ -58,6 +59,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/rooms/{room_id}/federation/backfill"),
     ("POST", "/v1/admin/participants"),
     ("GET", "/v1/admin/audit"),
+    ("GET", "/admin"),
+    ("GET", "/admin/"),
+    ("GET", "/admin/{file}"),
 ];
 
 /// The label of a request that matches no route.

@@ -9,9 +9,11 @@
 //!   limits and timeouts, graceful shutdown.
 //! - [`s2s`]: `/.well-known/scaiwave/server` and `/_scaiwave/federation/v1/*`.
 //! - [`admin`]: `/v1/admin/*`; [`client`]: the rest of `/v1/*`.
+//! - [`console`]: the admin console's static files at `/admin/` (SPEC §17).
 
 pub mod admin;
 pub mod client;
+pub mod console;
 pub mod metrics;
 pub mod s2s;
 pub mod serve;
@@ -390,6 +392,10 @@ impl Front {
                 self.s2s(&svc, &mut req, body, rest).await
             }
             ["v1", rest @ ..] => self.local(&svc, &mut req, body, rest).await,
+            ["admin"] if req.method == Method::GET => Ok(console::redirect_to_slash()),
+            ["admin", rest @ ..] if req.method == Method::GET => {
+                console::asset(rest).ok_or_else(|| not_found_route(&req).into())
+            }
             _ => Err(not_found_route(&req).into()),
         };
         let answer = match answer {

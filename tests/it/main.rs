@@ -3,6 +3,7 @@
 mod admin;
 mod calls;
 mod check;
+mod console;
 mod crash;
 mod delivery;
 mod disk;
