@@ -336,8 +336,7 @@ pub async fn serve(config: Config, clock: Clock) -> Result<crate::server::Runnin
     Ok(running)
 }
 
-/// Serve the admin socket until shutdown. The socket file is created
-/// with mode 0600 inside the data dir: only the server's user may use it.
+/// The answer to a command line that could not run.
 fn refused(output: String) -> SocketAnswer {
     SocketAnswer {
         ok: false,
@@ -346,6 +345,8 @@ fn refused(output: String) -> SocketAnswer {
     }
 }
 
+/// Serve the admin socket until shutdown. The socket file is created
+/// with mode 0600 inside the data dir: only the server's user may use it.
 pub(crate) async fn serve_socket(app: std::sync::Arc<App>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let path = app.config.data_dir.join(ADMIN_SOCKET);

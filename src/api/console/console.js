@@ -57,7 +57,7 @@ function el(tag, props, ...children) {
   for (const [k, v] of Object.entries(props || {})) {
     if (k === "class") node.className = v;
     else if (k === "text") node.textContent = v;
-    else if (k.startsWith("data-") || k.startsWith("aria-") || k === "for" || k === "scope") node.setAttribute(k, v);
+    else if (k.startsWith("data-") || k.startsWith("aria-") || ["for", "scope", "role"].includes(k)) node.setAttribute(k, v);
     else node[k] = v;
   }
   for (const c of children) node.append(c);
