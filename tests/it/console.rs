@@ -25,6 +25,97 @@ use crate::testnet::{self, eventually};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
+const FIREFOX: &str = "/usr/bin/firefox-esr";
+/// WebDriver's Enter key (a "\n" is only a newline to geckodriver).
+const ENTER: char = '\u{E007}';
+
+/// The browsers the console is tested in.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Engine {
+    /// Debian's `chromium` + `chromium-driver`.
+    Chromium,
+    /// Debian's `firefox-esr` + `geckodriver` (`cargo install geckodriver`:
+    /// Debian does not package it).
+    Firefox,
+}
+
+impl Engine {
+    /// The WebDriver server and the browser, if both are installed.
+    fn programs(self) -> Option<(PathBuf, &'static str)> {
+        let (driver, browser, how) = match self {
+            Engine::Chromium => (
+                Some(PathBuf::from(CHROMEDRIVER)),
+                CHROMIUM,
+                "apt-get install chromium chromium-driver",
+            ),
+            Engine::Firefox => (
+                on_path("geckodriver"),
+                FIREFOX,
+                "apt-get install firefox-esr; cargo install geckodriver",
+            ),
+        };
+        match driver {
+            Some(d) if d.exists() && std::path::Path::new(browser).exists() => Some((d, browser)),
+            _ => {
+                assert!(
+                    std::env::var_os("BROWSER_TEST_REQUIRED").is_none(),
+                    "{self:?} is missing: {how}"
+                );
+                eprintln!("skipped: {self:?} is not installed ({how})");
+                None
+            }
+        }
+    }
+
+    /// Headless, finding every name in `hosts` at 127.0.0.1. The test CA
+    /// is not in the browser's store (`acceptInsecureCerts`); the TLS
+    /// itself is real.
+    fn capabilities(self, browser: &str, hosts: &[&str]) -> Value {
+        match self {
+            Engine::Chromium => {
+                let rules: Vec<String> =
+                    hosts.iter().map(|h| format!("MAP {h} 127.0.0.1")).collect();
+                json!({
+                    "browserName": "chrome",
+                    "acceptInsecureCerts": true,
+                    "goog:chromeOptions": {
+                        "binary": browser,
+                        "args": [
+                            "--headless=new", "--no-sandbox", "--disable-gpu",
+                            "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
+                            "--disable-background-networking", "--disable-component-update",
+                            "--disable-sync",
+                            format!("--host-resolver-rules={}", rules.join(", ")),
+                            "--window-size=1280,900",
+                        ],
+                    },
+                })
+            }
+            Engine::Firefox => json!({
+                "browserName": "firefox",
+                "acceptInsecureCerts": true,
+                "moz:firefoxOptions": {
+                    "binary": browser,
+                    "args": ["-headless", "-width", "1280", "-height", "900"],
+                    "prefs": {
+                        // These names resolve to the loopback address.
+                        "network.dns.localDomains": hosts.join(","),
+                        "network.dns.disableIPv6": true,
+                        "app.update.enabled": false,
+                        "datareporting.policy.dataSubmissionEnabled": false,
+                        "toolkit.telemetry.enabled": false,
+                    },
+                },
+            }),
+        }
+    }
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.exists())
+}
 
 struct Driver(Child);
 
@@ -35,52 +126,24 @@ impl Drop for Driver {
     }
 }
 
-/// chromedriver on a free loopback port, and a headless browser session
-/// that finds every test server's name at 127.0.0.1.
-async fn browser(hosts: &[&str]) -> Option<(Driver, Client)> {
-    if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
-        assert!(
-            std::env::var_os("BROWSER_TEST_REQUIRED").is_none(),
-            "{CHROMEDRIVER} or {CHROMIUM} is missing: apt-get install chromium chromium-driver"
-        );
-        eprintln!(
-            "skipped: no {CHROMEDRIVER} / {CHROMIUM} (apt-get install chromium chromium-driver)"
-        );
-        return None;
-    }
+/// The engine's WebDriver server on a free loopback port, and a session.
+async fn browser(engine: Engine, hosts: &[&str]) -> Option<(Driver, Client)> {
+    let (driver_bin, browser_bin) = engine.programs()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let driver = Driver(
-        Command::new(CHROMEDRIVER)
+        Command::new(&driver_bin)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("chromedriver starts"),
+            .unwrap_or_else(|e| panic!("{} starts: {e}", driver_bin.display())),
     );
-    let rules: Vec<String> = hosts.iter().map(|h| format!("MAP {h} 127.0.0.1")).collect();
-    let caps = json!({
-        "browserName": "chrome",
-        // The test CA is not in the browser's store; the TLS is still
-        // real (the servers' own S2S trust is what the other tests check).
-        "acceptInsecureCerts": true,
-        "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                format!("--host-resolver-rules={}", rules.join(", ")),
-                "--window-size=1280,900",
-            ],
-        },
-    });
-    let caps = match caps {
-        Value::Object(m) => m,
-        _ => unreachable!(),
+    let Value::Object(caps) = engine.capabilities(browser_bin, hosts) else {
+        unreachable!("capabilities are an object")
     };
     let url = format!("http://127.0.0.1:{port}");
     let mut last = None;
@@ -95,7 +158,7 @@ async fn browser(hosts: &[&str]) -> Option<(Driver, Client)> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no WebDriver session: {last:?}");
+    panic!("no {engine:?} WebDriver session: {last:?}");
 }
 
 async fn text(c: &Client, css: &str) -> String {
@@ -178,12 +241,22 @@ async fn screenshots(c: &Client) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_console_signs_in_watches_a_peer_fail_and_removes_it() {
+async fn in_chromium_the_console_signs_in_watches_a_peer_fail_and_removes_it() {
+    console_flow(Engine::Chromium).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_firefox_the_console_signs_in_watches_a_peer_fail_and_removes_it() {
+    console_flow(Engine::Firefox).await;
+}
+
+/// Issue 13's walk through the console, in one browser.
+async fn console_flow(engine: Engine) {
     let mut net = testnet::start(&["a.test", "b.test"], |_, c| {
         c.federation.retry_initial = Duration::from_millis(200);
     })
     .await;
-    let Some((_driver, c)) = browser(&["a.test", "b.test"]).await else {
+    let Some((_driver, c)) = browser(engine, &["a.test", "b.test"]).await else {
         return;
     };
     let a = net.name("a.test");
@@ -219,7 +292,7 @@ async fn the_console_signs_in_watches_a_peer_fail_and_removes_it() {
 
     // Sign in from the keyboard: the token and Enter.
     let admin_token = net.server("a.test").admin_token.clone();
-    type_into(&c, "#token", &format!("{admin_token}\n")).await;
+    type_into(&c, "#token", &format!("{admin_token}{ENTER}")).await;
     wait_text(&c, "#tenant", &a).await;
     assert!(!c
         .current_url()
@@ -327,7 +400,9 @@ async fn the_console_signs_in_watches_a_peer_fail_and_removes_it() {
         json!(true),
         "the row changed without a reload"
     );
-    screenshots(&c).await;
+    if engine == Engine::Chromium {
+        screenshots(&c).await;
+    }
 
     // Policy: a bad value is shown at its field, and nothing changes.
     let (_, before) = net
@@ -441,16 +516,16 @@ async fn the_console_signs_in_watches_a_peer_fail_and_removes_it() {
 async fn the_console_serves_the_tenant_named_by_host() {
     let mut net =
         testnet::start_with_tenants(&["x.test"], &[("y.test", "x.test")], |_, _| {}).await;
-    let Some((_driver, c)) = browser(&["x.test", "y.test"]).await else {
+    let Some((_driver, c)) = browser(Engine::Chromium, &["x.test", "y.test"]).await else {
         return;
     };
     let y = net.name("y.test");
     c.goto(&format!("https://{y}/admin/")).await.unwrap();
     let x_token = net.server("x.test").admin_token.clone();
-    type_into(&c, "#token", &format!("{x_token}\n")).await;
+    type_into(&c, "#token", &format!("{x_token}{ENTER}")).await;
     wait_text(&c, "#signin-error", "refused").await;
     let y_token = net.server("y.test").admin_token.clone();
-    type_into(&c, "#token", &format!("{y_token}\n")).await;
+    type_into(&c, "#token", &format!("{y_token}{ENTER}")).await;
     wait_text(&c, "#tenant", &y).await;
     open_page(&c, "identity").await;
     let (_, id) = net
