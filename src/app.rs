@@ -236,6 +236,7 @@ impl App {
             &StoreOptions {
                 cache_capacity: config.storage.cache_capacity,
                 data_dir: config.data_dir.clone(),
+                sync: config.storage.sync,
             },
         )?;
         crate::storage::make_private(&config.data_dir)?;

@@ -42,6 +42,7 @@ pub mod outbox;
 pub mod participants;
 pub mod peers;
 pub mod records;
+pub mod sync;
 pub mod tenants;
 
 use std::path::Path;
@@ -54,6 +55,7 @@ use sled::Transactional;
 
 pub use records::*;
 
+use crate::config::StorageSync;
 use crate::error::{Error, Result};
 use crate::limits::{CACHE_CAPACITY_BYTES_DEFAULT, DB_LOCK_WAIT, SLED_CACHE_RESIDENT_FACTOR};
 
@@ -171,6 +173,9 @@ pub struct Store {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The data dir and its full-disk episode, one per database.
     disk: Arc<disk::Disk>,
+    /// The database's flushes, shared by every waiting writer, each with
+    /// an `fdatasync` when `storage.sync = "fsync"` (SPEC §11).
+    flusher: Arc<sync::GroupFlush>,
 }
 
 /// How [`Store::open_with`] opens a database.
@@ -182,6 +187,8 @@ pub struct StoreOptions {
     /// The directory an operator configured (`data_dir`): what messages
     /// about a full disk tell them to free space in.
     pub data_dir: std::path::PathBuf,
+    /// What a flush waits for (`[storage] sync`).
+    pub sync: StorageSync,
 }
 
 /// What [`Store::reads_are_durable`] needs to know: a reader (the delivery
@@ -216,6 +223,7 @@ impl Store {
             &StoreOptions {
                 cache_capacity: CACHE_CAPACITY_BYTES_DEFAULT,
                 data_dir: dir.to_path_buf(),
+                sync: StorageSync::default(),
             },
         )
     }
@@ -235,12 +243,20 @@ impl Store {
                 dir.display()
             )),
         })?;
+        let fsync = options.sync == StorageSync::Fsync;
+        let flusher = sync::GroupFlush::new(db.clone(), dir, fsync).map_err(|e| {
+            Error::bad_request(format!(
+                "cannot open {} to fdatasync it (storage.sync = \"fsync\"): {e}",
+                dir.join(sync::LOG_FILE).display()
+            ))
+        })?;
         let mut store = Store {
             db,
             trees: Vec::new(),
             commits: Arc::default(),
             metrics: None,
             disk,
+            flusher: Arc::new(flusher),
         };
         store.trees = TREE_NAMES
             .iter()
@@ -286,6 +302,21 @@ impl Store {
             sled::Error::Io(io) if disk::is_disk_full(io) => self.disk.refused(io),
             _ => Error::internal("storage", e),
         }
+    }
+
+    /// A failed flush: what was written may not be on the disk, so the
+    /// write is not answered as accepted (peers retry).
+    fn flush_err(&self, f: sync::Failure) -> Error {
+        match f {
+            sync::Failure::Sled(e) => self.sled_err(e),
+            sync::Failure::Fdatasync(e) if disk::is_disk_full(&e) => self.disk.refused(&e),
+            sync::Failure::Fdatasync(e) => Error::internal("fdatasync of the database", e),
+        }
+    }
+
+    /// `fdatasync` calls completed (0 with `storage.sync = "flush"`).
+    pub fn syncs(&self) -> u64 {
+        self.flusher.fdatasyncs()
     }
 
     /// After a write failed for a full disk, a sled flush can wait forever
@@ -342,7 +373,7 @@ impl Store {
         self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        self.db.flush_async().await.map_err(|e| self.sled_err(e))?;
+        self.flusher.flush().await.map_err(|f| self.flush_err(f))?;
         self.flushed(covered, started);
         Ok(())
     }
@@ -351,7 +382,9 @@ impl Store {
         self.refuse_if_full()?;
         let covered = self.commits.finished.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        self.db.flush().map_err(|e| self.sled_err(e))?;
+        self.flusher
+            .flush_blocking()
+            .map_err(|f| self.flush_err(f))?;
         self.flushed(covered, started);
         Ok(())
     }
@@ -909,6 +942,68 @@ mod tests {
         );
         drop(held);
         Store::open(dir.path()).expect("the lock is released after close");
+    }
+
+    fn opened(dir: &Path, sync: StorageSync) -> Store {
+        Store::open_with(
+            dir,
+            &StoreOptions {
+                cache_capacity: CACHE_CAPACITY_BYTES_DEFAULT,
+                data_dir: dir.to_path_buf(),
+                sync,
+            },
+        )
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_sync_fsync_every_flush_waits_for_a_shared_fdatasync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = opened(dir.path(), StorageSync::Fsync);
+        store
+            .put(T::Peers, b"b.test", &PeerRecord::default())
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(store.syncs(), 1);
+        store.flush_blocking().unwrap();
+        assert_eq!(store.syncs(), 2);
+        // Many writers flushing at once share syncs (group commit), and
+        // every one of them waited for one.
+        let before = store.syncs();
+        let writers: Vec<_> = (0..32u32)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .put(T::Peers, format!("p{i}").as_bytes(), &PeerRecord::default())
+                        .unwrap();
+                    store.flush().await.unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let used = store.syncs() - before;
+        assert!((1..32).contains(&used), "32 flushes took {used} syncs");
+        // A tenant's view shares its database's syncs.
+        let tenant = store
+            .tenant(&crate::ids::ServerName::parse("t.test").unwrap())
+            .unwrap();
+        tenant.flush().await.unwrap();
+        assert_eq!(store.syncs(), before + used + 1);
+    }
+
+    #[tokio::test]
+    async fn with_sync_flush_no_fdatasync_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = opened(dir.path(), StorageSync::Flush);
+        store
+            .put(T::Peers, b"b.test", &PeerRecord::default())
+            .unwrap();
+        store.flush().await.unwrap();
+        store.flush_blocking().unwrap();
+        assert_eq!(store.syncs(), 0);
     }
 
     #[test]

@@ -43,6 +43,7 @@ impl Store {
             commits: self.commits.clone(),
             metrics: None,
             disk: self.disk.clone(),
+            flusher: self.flusher.clone(),
         })
     }
 

@@ -29,7 +29,7 @@ struct ProcNet {
 impl ProcNet {
     /// Configs for servers called `names`, each named `<short>:<port>` like
     /// `testnet::start`'s; none started yet.
-    fn new(names: &[&'static str]) -> ProcNet {
+    fn new(names: &[&'static str], sync: &str) -> ProcNet {
         let ca = Ca::new();
         // Ports are picked up front so each config can name the others.
         let addrs: Vec<SocketAddr> = names
@@ -58,7 +58,7 @@ impl ProcNet {
                 }
             }
             let toml = format!(
-                "server_name = \"{name}\"\nlisten = \"{}\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\ntrust_roots = [\"{}\"]\n[federation]\nretry_initial = \"100ms\"\nretry_max_interval = \"500ms\"\n[federation.resolve]\n{resolve}",
+                "server_name = \"{name}\"\nlisten = \"{}\"\ndata_dir = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\ntrust_roots = [\"{}\"]\n[storage]\nsync = \"{sync}\"\n[federation]\nretry_initial = \"100ms\"\nretry_max_interval = \"500ms\"\n[federation.resolve]\n{resolve}",
                 addrs[i],
                 dir.path().join("data").display(),
                 cert.display(),
@@ -204,7 +204,18 @@ async fn bodies(net: &ProcNet, token: &str, path: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_sender_and_receiver_loses_and_duplicates_nothing() {
-    let mut net = ProcNet::new(&["a.test", "b.test"]);
+    sigkill_loses_and_duplicates_nothing("fsync").await;
+}
+
+/// The crash-only mode keeps the same promise for a crash of the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sync_flush_sigkill_loses_and_duplicates_nothing() {
+    sigkill_loses_and_duplicates_nothing("flush").await;
+}
+
+/// Both servers SIGKILLed in turn with `[storage] sync = <sync>`.
+async fn sigkill_loses_and_duplicates_nothing(sync: &str) {
+    let mut net = ProcNet::new(&["a.test", "b.test"], sync);
     net.start("a.test");
     net.start("b.test");
     let alice_t = net.participant("a.test", "alice").await;

@@ -1,0 +1,227 @@
+//! What "accepted" waits for (SPEC §11): one flush of the database,
+//! shared by every request waiting for one (group commit).
+//!
+//! A flush is sled's flush (on Linux `sync_file_range`: the data reaches
+//! the device, but neither the drive's cache nor the file's metadata is
+//! flushed: it survives a crash of the process) and, with
+//! `storage.sync = "fsync"`, an `fdatasync` of sled's log file after it,
+//! which survives a power cut.
+//!
+//! A request waits for a flush that *began after its commit finished*.
+//! Flushes run one at a time on tokio's blocking pool; every request that
+//! committed while one ran shares the next, so N requests waiting together
+//! cost one flush, not N. (This also keeps sled's own `flush_async` out:
+//! with 32 of those at once, all of sled's I/O threads waited for a
+//! stability that only those threads could bring, and nothing moved.)
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The file sled writes its log to, inside the database directory; the
+/// only file its flush leaves without a full sync (its snapshots, config
+/// and blobs are written with `sync_all`).
+pub const LOG_FILE: &str = "db";
+
+/// Why a flush failed.
+pub enum Failure {
+    Sled(sled::Error),
+    Fdatasync(std::io::Error),
+}
+
+pub struct GroupFlush {
+    db: sled::Db,
+    /// sled's log file, with `storage.sync = "fsync"`.
+    log: Option<Arc<File>>,
+    state: std::sync::Mutex<State>,
+    /// Woken when a flush completes.
+    done: tokio::sync::Notify,
+    fdatasyncs: AtomicU64,
+}
+
+/// Flushes are numbered in the order they begin; one runs at a time.
+#[derive(Default)]
+struct State {
+    started: u64,
+    finished: u64,
+    running: bool,
+}
+
+impl GroupFlush {
+    /// Flushes of `db`, in `dir`; with `fsync`, each followed by an
+    /// `fdatasync` of its log file, whose directory entry is made durable
+    /// here once (a power cut right after creating the database would
+    /// otherwise lose the file itself).
+    pub fn new(db: sled::Db, dir: &Path, fsync: bool) -> std::io::Result<GroupFlush> {
+        let log = match fsync {
+            false => None,
+            true => {
+                let file = File::open(dir.join(LOG_FILE))?;
+                File::open(dir)?.sync_all()?;
+                Some(Arc::new(file))
+            }
+        };
+        Ok(GroupFlush {
+            db,
+            log,
+            state: std::sync::Mutex::default(),
+            done: tokio::sync::Notify::new(),
+            fdatasyncs: AtomicU64::new(0),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Three integers, consistent after every statement.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Return once a flush that began after this call has completed.
+    pub async fn flush(&self) -> Result<(), Failure> {
+        // Flushes numbered below `need` may have begun before the
+        // caller's commit ended; that one cannot have.
+        let need = self.state().started + 1;
+        loop {
+            let mut wait = std::pin::pin!(self.done.notified());
+            {
+                let mut st = self.state();
+                if st.finished >= need {
+                    return Ok(());
+                }
+                if !st.running {
+                    st.running = true;
+                    st.started += 1;
+                    break;
+                }
+                // Registered before the lock is released, so the wake-up
+                // from the running flush cannot be missed.
+                wait.as_mut().enable();
+            }
+            wait.await;
+        }
+        let (db, log) = (self.db.clone(), self.log.clone());
+        let result = tokio::task::spawn_blocking(move || flush_once(&db, log.as_deref()))
+            .await
+            .unwrap_or_else(|e| Err(Failure::Fdatasync(std::io::Error::other(e))));
+        let mut st = self.state();
+        st.running = false;
+        if result.is_ok() {
+            st.finished = st.started;
+            if self.log.is_some() {
+                self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        drop(st);
+        // A failed flush wakes the others too: one of them tries again.
+        self.done.notify_waiters();
+        result
+    }
+
+    /// A flush of its own, for callers outside async code (the CLI
+    /// opening the database directly, shutdown); no async waiter counts
+    /// on it.
+    pub fn flush_blocking(&self) -> Result<(), Failure> {
+        flush_once(&self.db, self.log.as_deref())?;
+        if self.log.is_some() {
+            self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// `fdatasync` calls completed: 0 with `storage.sync = "flush"`.
+    pub fn fdatasyncs(&self) -> u64 {
+        self.fdatasyncs.load(Ordering::SeqCst)
+    }
+}
+
+fn flush_once(db: &sled::Db, log: Option<&File>) -> Result<(), Failure> {
+    db.flush().map_err(Failure::Sled)?;
+    if let Some(file) = log {
+        file.sync_data().map_err(Failure::Fdatasync)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database(fsync: bool) -> (tempfile::TempDir, GroupFlush) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let group = GroupFlush::new(db, dir.path(), fsync).unwrap();
+        (dir, group)
+    }
+
+    #[tokio::test]
+    async fn a_flush_alone_is_one_fdatasync() {
+        let (_dir, group) = database(true);
+        assert!(group.flush().await.is_ok());
+        assert!(group.flush().await.is_ok());
+        assert_eq!(
+            group.fdatasyncs(),
+            2,
+            "a later caller never rides an earlier flush"
+        );
+        assert!(group.flush_blocking().is_ok());
+        assert_eq!(group.fdatasyncs(), 3);
+    }
+
+    #[tokio::test]
+    async fn without_fsync_there_is_no_fdatasync() {
+        let (_dir, group) = database(false);
+        assert!(group.flush().await.is_ok());
+        assert!(group.flush_blocking().is_ok());
+        assert_eq!(group.fdatasyncs(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_waiting_together_share_flushes() {
+        let (_dir, group) = database(true);
+        let group = Arc::new(group);
+        let waiters: Vec<_> = (0..64)
+            .map(|_| {
+                let group = group.clone();
+                tokio::spawn(async move { group.flush().await.is_ok() })
+            })
+            .collect();
+        for w in waiters {
+            assert!(w.await.unwrap());
+        }
+        let n = group.fdatasyncs();
+        assert!(
+            (1..64).contains(&n),
+            "64 concurrent callers took {n} flushes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flush_that_began_before_the_caller_does_not_count() {
+        let (_dir, group) = database(true);
+        // A flush is running (begun, not finished) when this caller
+        // arrives: it waits for that one, then runs the next itself.
+        {
+            let mut st = group.state();
+            st.started = 1;
+            st.running = true;
+        }
+        let mut waiter = std::pin::pin!(group.flush());
+        assert!(futures_util::poll!(waiter.as_mut()).is_pending());
+        {
+            let mut st = group.state();
+            st.running = false;
+            st.finished = 1;
+        }
+        group.done.notify_waiters();
+        assert!(waiter.await.is_ok());
+        assert_eq!(group.state().finished, 2, "it ran a flush of its own");
+        assert_eq!(group.fdatasyncs(), 1);
+    }
+
+    #[test]
+    fn fsync_needs_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        assert!(GroupFlush::new(db, dir.path(), true).is_err());
+    }
+}
