@@ -95,6 +95,10 @@ struct Args {
     /// in and the drain of the target's queue is timed (issue 4's figure).
     #[arg(long)]
     drain: bool,
+    /// `[storage] sync` of both servers: fsync (the default: accepted
+    /// survives a power cut) or flush (a process crash only).
+    #[arg(long, default_value = "fsync", value_parser = parse_sync)]
+    sync: scaiwave::config::StorageSync,
 }
 
 fn main() -> std::process::ExitCode {
@@ -177,7 +181,7 @@ fn init_logs() {
 /// Start the target (serving `tenants`) and the peer, run `work` with
 /// them, and stop both whatever happened, so the program always ends by
 /// itself.
-async fn with_pair<F, Fut>(tenants: usize, work: F) -> Result<Value>
+async fn with_pair<F, Fut>(args: &Args, tenants: usize, work: F) -> Result<Value>
 where
     F: FnOnce(Arc<App>, Arc<App>) -> Fut,
     Fut: std::future::Future<Output = Result<Value>>,
@@ -187,6 +191,7 @@ where
         &ca,
         &[(TARGET_NAME, tenants), (PEER_NAME, 1)],
         &BTreeMap::new(),
+        args.sync,
     )
     .await?;
     let outcome = work(nodes[0].app().clone(), nodes[1].app().clone()).await;
@@ -198,7 +203,7 @@ where
 }
 
 async fn run_inprocess(args: &Args, tenants: usize) -> Result<Value> {
-    with_pair(tenants, |target, peer| drive(args, target, peer)).await
+    with_pair(args, tenants, |target, peer| drive(args, target, peer)).await
 }
 
 /// Ingest with one tenant, then with `tenants` on fresh instances: what
@@ -217,7 +222,7 @@ async fn compare_tenants(args: &Args, tenants: usize) -> Result<Value> {
 }
 
 async fn run_drain(args: &Args) -> Result<Value> {
-    with_pair(1, |target, peer| drain(args, target, peer)).await
+    with_pair(args, 1, |target, peer| drain(args, target, peer)).await
 }
 
 /// The target hosts one room the peer has joined. While the peer's policy
@@ -361,6 +366,7 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     tally.latencies.sort_unstable();
     Ok(json!({
         "mode": "inprocess",
+        "sync": sync_name(args.sync),
         "events": args.events,
         "seconds": round3(seconds),
         "events_per_s": (args.events as f64 / seconds).round(),

@@ -360,6 +360,7 @@ async fn run(args: &Args) -> Result<Value> {
         &ca,
         &[(PEER_NAME, 1)],
         &BTreeMap::from([(target.clone(), listen)]),
+        scaiwave::config::StorageSync::Fsync,
     )
     .await?;
     let peer = nodes[0].app().clone();

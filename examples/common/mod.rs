@@ -14,7 +14,7 @@ use ed25519_dalek::SigningKey;
 
 use scaiwave::app::{App, Tenant};
 use scaiwave::clock::Clock;
-use scaiwave::config::Config;
+use scaiwave::config::{Config, StorageSync};
 use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
 use scaiwave::protocol::event::{Content, Event};
 use scaiwave::protocol::wire::{SendAnswer, SendBody, SendStatus};
@@ -129,11 +129,13 @@ impl Node {
 /// Start an instance per `(name, tenants)` on 127.0.0.1:0, each trusting
 /// the CA and resolving every server_name, tenants included. An instance
 /// serves `name` and `tenants - 1` more, created once it serves and named
-/// `t<i>.<name>:<port>` (a server_name carries its port unless it is 443).
+/// `t<i>.<name>:<port>` (a server_name carries its port unless it is 443),
+/// with `[storage] sync = sync`.
 pub async fn start_nodes(
     ca: &Ca,
     specs: &[(&str, usize)],
     extra: &BTreeMap<ServerName, SocketAddr>,
+    sync: StorageSync,
 ) -> Result<Vec<Node>> {
     let listeners = specs
         .iter()
@@ -168,6 +170,7 @@ pub async fn start_nodes(
         config.federation.retry_initial = Duration::from_millis(100);
         config.federation.retry_max_interval = Duration::from_secs(1);
         config.federation.resolve = resolve.clone();
+        config.storage.sync = sync;
         let running = scaiwave::server::start_on(config, Clock::system(), listener)
             .await
             .with_context(|| format!("starting {name}"))?;
@@ -424,4 +427,20 @@ pub async fn send_all(
         tally.merge(w.await.context("a sender task panicked")?);
     }
     Ok((tally, started.elapsed().as_secs_f64()))
+}
+
+/// `--sync fsync|flush`, spelled as `[storage] sync`.
+pub fn parse_sync(s: &str) -> std::result::Result<StorageSync, String> {
+    match s {
+        "fsync" => Ok(StorageSync::Fsync),
+        "flush" => Ok(StorageSync::Flush),
+        _ => Err(format!("expected fsync or flush, got {s:?}")),
+    }
+}
+
+pub fn sync_name(s: StorageSync) -> &'static str {
+    match s {
+        StorageSync::Fsync => "fsync",
+        StorageSync::Flush => "flush",
+    }
 }
