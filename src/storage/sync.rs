@@ -19,10 +19,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// The file sled writes its log to, inside the database directory; the
-/// only file its flush leaves without a full sync (its snapshots, config
-/// and blobs are written with `sync_all`).
+/// The file sled writes its log to, inside the database directory.
 pub const LOG_FILE: &str = "db";
+/// Where sled writes a page too large for its log, one file per page
+/// (named by its log sequence number), without syncing it. Its snapshots
+/// and config it writes with `sync_all` itself.
+pub const BLOB_DIR: &str = "blobs";
 
 /// Why a flush failed.
 pub enum Failure {
@@ -32,12 +34,53 @@ pub enum Failure {
 
 pub struct GroupFlush {
     db: sled::Db,
-    /// sled's log file, with `storage.sync = "fsync"`.
-    log: Option<Arc<File>>,
+    /// What an `fdatasync` covers, with `storage.sync = "fsync"`.
+    files: Option<Arc<Files>>,
     state: std::sync::Mutex<State>,
     /// Woken when a flush completes.
     done: tokio::sync::Notify,
     fdatasyncs: AtomicU64,
+}
+
+/// sled's log, and its blob files: those newer than `blobs_synced` are
+/// synced (with their directory) after each flush.
+struct Files {
+    log: File,
+    blob_dir: std::path::PathBuf,
+    blobs_synced: std::sync::Mutex<u64>,
+}
+
+impl Files {
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.sync_data()?;
+        let mut synced = self.blobs_synced.lock().unwrap_or_else(|p| p.into_inner());
+        let mut newest = *synced;
+        let entries = match std::fs::read_dir(&self.blob_dir) {
+            Ok(e) => e,
+            // No blob was ever written.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if id > *synced {
+                File::open(entry.path())?.sync_data()?;
+                newest = newest.max(id);
+            }
+        }
+        if newest > *synced {
+            File::open(&self.blob_dir)?.sync_all()?;
+            *synced = newest;
+        }
+        Ok(())
+    }
 }
 
 /// Flushes are numbered in the order they begin; one runs at a time.
@@ -54,17 +97,21 @@ impl GroupFlush {
     /// here once (a power cut right after creating the database would
     /// otherwise lose the file itself).
     pub fn new(db: sled::Db, dir: &Path, fsync: bool) -> std::io::Result<GroupFlush> {
-        let log = match fsync {
+        let files = match fsync {
             false => None,
             true => {
-                let file = File::open(dir.join(LOG_FILE))?;
+                let log = File::open(dir.join(LOG_FILE))?;
                 File::open(dir)?.sync_all()?;
-                Some(Arc::new(file))
+                Some(Arc::new(Files {
+                    log,
+                    blob_dir: dir.join(BLOB_DIR),
+                    blobs_synced: std::sync::Mutex::new(0),
+                }))
             }
         };
         Ok(GroupFlush {
             db,
-            log,
+            files,
             state: std::sync::Mutex::default(),
             done: tokio::sync::Notify::new(),
             fdatasyncs: AtomicU64::new(0),
@@ -99,15 +146,15 @@ impl GroupFlush {
             }
             wait.await;
         }
-        let (db, log) = (self.db.clone(), self.log.clone());
-        let result = tokio::task::spawn_blocking(move || flush_once(&db, log.as_deref()))
+        let (db, files) = (self.db.clone(), self.files.clone());
+        let result = tokio::task::spawn_blocking(move || flush_once(&db, files.as_deref()))
             .await
             .unwrap_or_else(|e| Err(Failure::Fdatasync(std::io::Error::other(e))));
         let mut st = self.state();
         st.running = false;
         if result.is_ok() {
             st.finished = st.started;
-            if self.log.is_some() {
+            if self.files.is_some() {
                 self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
             }
         }
@@ -121,8 +168,8 @@ impl GroupFlush {
     /// opening the database directly, shutdown); no async waiter counts
     /// on it.
     pub fn flush_blocking(&self) -> Result<(), Failure> {
-        flush_once(&self.db, self.log.as_deref())?;
-        if self.log.is_some() {
+        flush_once(&self.db, self.files.as_deref())?;
+        if self.files.is_some() {
             self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
@@ -134,10 +181,10 @@ impl GroupFlush {
     }
 }
 
-fn flush_once(db: &sled::Db, log: Option<&File>) -> Result<(), Failure> {
+fn flush_once(db: &sled::Db, files: Option<&Files>) -> Result<(), Failure> {
     db.flush().map_err(Failure::Sled)?;
-    if let Some(file) = log {
-        file.sync_data().map_err(Failure::Fdatasync)?;
+    if let Some(files) = files {
+        files.sync().map_err(Failure::Fdatasync)?;
     }
     Ok(())
 }
@@ -216,6 +263,31 @@ mod tests {
         assert!(waiter.await.is_ok());
         assert_eq!(group.state().finished, 2, "it ran a flush of its own");
         assert_eq!(group.fdatasyncs(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_page_too_big_for_the_log_is_synced_as_its_blob_file() {
+        let (dir, group) = database(true);
+        // One value larger than a log buffer (segment size / items):
+        // sled writes it to blobs/<lsn>.
+        group.db.insert(b"big", vec![7u8; 300 * 1024]).unwrap();
+        assert!(group.flush().await.is_ok());
+        let blobs: Vec<_> = std::fs::read_dir(dir.path().join(BLOB_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !blobs.is_empty(),
+            "sled wrote no blob: the test proves nothing"
+        );
+        let files = group.files.as_ref().unwrap();
+        let synced = *files.blobs_synced.lock().unwrap();
+        let newest = blobs
+            .iter()
+            .filter_map(|n| n.to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap();
+        assert_eq!(synced, newest, "every blob up to the newest was synced");
     }
 
     #[test]
