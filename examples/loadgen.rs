@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example loadgen -- --events N --batch B --concurrency C [--rooms R] [--tenants T] [--bound]
 //! cargo run --release --example loadgen -- --events 20000 --batch 100 --concurrency 4 --compare-tenants 10
+//! cargo run --release --example loadgen -- --events 20000 --single --rate 1000 [--sync flush]
 //! ```
 //!
 //! Without `--target` everything runs in this process over loopback HTTPS:
@@ -99,7 +100,18 @@ struct Args {
     /// survives a power cut) or flush (a process crash only).
     #[arg(long, default_value = "fsync", value_parser = parse_sync)]
     sync: scaiwave::config::StorageSync,
+    /// Latency instead: one event per /send, started at `--rate` events
+    /// per second whatever the answers take; prints p50/p99/p999.
+    #[arg(long)]
+    single: bool,
+    /// Offered rate for `--single`, events (= requests) per second.
+    #[arg(long)]
+    rate: Option<f64>,
 }
+
+/// `--single`: at most this many requests unanswered at once; past it the
+/// offered rate is not met, and the achieved rate says so.
+const SINGLE_IN_FLIGHT_MAX: usize = 256;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -141,7 +153,22 @@ fn run(args: &Args) -> Result<Value> {
     if args.tenants > 1 && args.compare_tenants.is_some() {
         bail!("--compare-tenants sets the tenant counts itself; leave out --tenants");
     }
-    if args.bound {
+    if args.single != args.rate.is_some() {
+        bail!("--single and --rate go together: --single --rate EVENTS_PER_S");
+    }
+    if args.single
+        && (args.bound || args.drain || args.tenants > 1 || args.compare_tenants.is_some())
+    {
+        bail!("--single measures one tenant's ingest latency; leave out --bound, --drain and the tenant options");
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        bail!("--rate must be a positive number of events per second");
+    }
+    if args.single {
+        block_on(with_pair(args, 1, |target, peer| {
+            single(args, target, peer)
+        }))
+    } else if args.bound {
         run_bound(args)
     } else if args.drain {
         block_on(run_drain(args))
@@ -218,6 +245,46 @@ async fn compare_tenants(args: &Args, tenants: usize) -> Result<Value> {
         "tenants": tenants,
         "n_tenants": many,
         "ratio": ratio,
+    }))
+}
+
+/// `--single`: the latency of one event per request at a fixed offered
+/// rate (issue 14's half-load figure).
+async fn single(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
+    let rate = args.rate.context("--single needs --rate")?;
+    let rooms = setup_rooms(&target.first, &peer.first, args.rooms).await?;
+    let hosted = vec![(target.first.server_name.clone(), rooms)];
+    let (_, sender) = participant(&peer.first, "load", "Load")?;
+    let mut txns = transactions(&peer, &hosted, &sender, 0..args.events, 1, "single")?.into_iter();
+    eprintln!(
+        "loadgen: {} single-event requests at {rate} per second",
+        args.events
+    );
+    let (mut tally, sent, seconds) = send_paced(
+        &peer,
+        || Ok(txns.next()),
+        Duration::from_secs_f64(1.0 / rate),
+        SINGLE_IN_FLIGHT_MAX,
+        None,
+    )
+    .await?;
+    for r in &tally.reasons {
+        eprintln!("loadgen: refused or failed: {r}");
+    }
+    tally.latencies.sort_unstable();
+    Ok(json!({
+        "mode": "single",
+        "sync": sync_name(args.sync),
+        "events": sent,
+        "seconds": round3(seconds),
+        "offered_events_per_s": rate,
+        "achieved_events_per_s": (sent as f64 / seconds).round(),
+        "p50_ms": percentile_ms(&tally.latencies, 0.50),
+        "p99_ms": percentile_ms(&tally.latencies, 0.99),
+        "p999_ms": percentile_ms(&tally.latencies, 0.999),
+        "rejected": tally.rejected,
+        "unanswered": tally.unanswered,
+        "rooms": args.rooms,
     }))
 }
 

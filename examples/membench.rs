@@ -472,45 +472,32 @@ async fn sustain(
         "membench: sustaining {rate:.0} events/s for {}s",
         args.sustain_secs
     );
-    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let from = Instant::now();
     let mut next = args.events;
-    let mut sent = 0usize;
-    while from.elapsed() < length {
-        tick.tick().await;
-        let slot = slots.clone().acquire_owned().await?;
-        let txn = transactions(
-            peer,
-            hosted,
-            sender,
-            next..next + args.batch,
-            args.batch,
-            "sustain",
-        )?;
-        next += args.batch;
-        sent += args.batch;
-        let (peer, tally) = (peer.clone(), tally.clone());
-        tokio::spawn(async move {
-            let mut mine = Tally::default();
-            for (dest, count, body) in txn {
-                send_transaction(&peer, &dest, count, body, &mut mine).await;
-            }
-            tally.lock().expect("tally").merge(mine);
-            drop(slot);
-        });
-    }
-    // Every transaction in flight has answered once all slots are free.
-    let _all = slots.acquire_many(args.concurrency as u32).await?;
+    let from = Instant::now();
+    let (tally, sent, seconds) = send_paced(
+        peer,
+        || {
+            let txn = transactions(
+                peer,
+                hosted,
+                sender,
+                next..next + args.batch,
+                args.batch,
+                "sustain",
+            )?;
+            next += args.batch;
+            Ok(txn.into_iter().next())
+        },
+        period,
+        args.concurrency,
+        Some(length),
+    )
+    .await?;
     let to = Instant::now();
-    let seconds = (to - from).as_secs_f64();
     let first = sampler.between(from, from + WINDOW);
     let last = sampler.between(to.checked_sub(WINDOW).unwrap_or(from), to);
     let all = sampler.between(from, to);
     let (first, last) = (mean(&first), mean(&last));
-    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
     let mut latencies = tally.latencies;
     latencies.sort_unstable();
     Ok(json!({

@@ -444,3 +444,51 @@ pub fn sync_name(s: StorageSync) -> &'static str {
         StorageSync::Flush => "flush",
     }
 }
+
+/// Start one transaction every `period` (a fixed offered rate, however
+/// slow the answers), at most `in_flight` unanswered at once (beyond that
+/// the schedule slips, and the achieved rate says so), until `next`
+/// returns `None` or `length` has passed. The merged tally, the events
+/// sent, and the seconds from the first start to the last answer.
+pub async fn send_paced(
+    peer: &Arc<App>,
+    mut next: impl FnMut() -> Result<Option<Transaction>>,
+    period: Duration,
+    in_flight: usize,
+    length: Option<Duration>,
+) -> Result<(Tally, usize, f64)> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    // tokio's timer counts milliseconds: a shorter period starts several
+    // transactions per millisecond tick.
+    let tick_len = period.max(Duration::from_millis(1));
+    let per_tick = (tick_len.as_secs_f64() / period.as_secs_f64())
+        .round()
+        .max(1.0) as usize;
+    let mut tick = tokio::time::interval(tick_len);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let from = Instant::now();
+    let mut sent = 0usize;
+    'schedule: while length.is_none_or(|l| from.elapsed() < l) {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            let slot = slots.clone().acquire_owned().await?;
+            let Some((dest, count, body)) = next()? else {
+                break 'schedule;
+            };
+            sent += count;
+            let (peer, tally) = (peer.clone(), tally.clone());
+            tokio::spawn(async move {
+                let mut mine = Tally::default();
+                send_transaction(&peer, &dest, count, body, &mut mine).await;
+                tally.lock().expect("tally").merge(mine);
+                drop(slot);
+            });
+        }
+    }
+    // Every transaction in flight has answered once all slots are free.
+    let _all = slots.acquire_many(in_flight as u32).await?;
+    let seconds = from.elapsed().as_secs_f64();
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    Ok((tally, sent, seconds))
+}
