@@ -631,6 +631,22 @@ pub(crate) fn write_event_unindexed(
             rejected: false,
         },
     )?;
+    if let Content::Reaction {
+        target,
+        key,
+        action,
+    } = &event.content
+    {
+        w.put(
+            T::Reactions,
+            keys::reaction(room, &target.to_string(), seq),
+            &storage::ReactionRow {
+                key: key.clone(),
+                sender: event.sender.to_string(),
+                add: *action == crate::protocol::event::ReactionAction::Add,
+            },
+        )?;
+    }
     w.put(
         T::EventIndex,
         keys::event_index(event.origin.as_str(), &event.event_id.to_string()),

@@ -50,15 +50,10 @@ pub(crate) fn message_view(stored: &StoredEvent, seq: Option<u64>) -> Option<Mes
     })
 }
 
-/// One reaction event, applied in seq order to the message it targets.
-struct ReactionChange {
-    target: String,
-    key: String,
-    sender: String,
-    add: bool,
-}
-
-/// Messages in host order after `after_seq`, then our not-yet-sequenced ones.
+/// Messages in host order after `after_seq`, then our not-yet-sequenced
+/// ones, at most `limit`, each with its reactions. The page reads its own
+/// rows only: the room's events from `after_seq` until `limit` messages
+/// are found, and each message's reaction rows (`T::Reactions`).
 pub fn messages(
     rooms: &Rooms,
     p: &Participant,
@@ -70,61 +65,45 @@ pub fn messages(
     let from = keys::event(room_id.as_str(), after_seq.saturating_add(1));
     let to = keys::event(room_id.as_str(), u64::MAX);
     let mut out = Vec::new();
-    let mut reactions: Vec<ReactionChange> = Vec::new();
-    for (k, stored) in rooms
+    if limit == 0 {
+        return Ok(out);
+    }
+    rooms
         .store
-        .range::<StoredEvent>(T::Events, &from, &to, usize::MAX)?
-    {
-        if stored.rejected {
-            continue;
-        }
-        let seq = Some(keys::trailing_u64(&k));
-        if let Some(v) = message_view(&stored, seq) {
-            if out.len() < limit {
+        .range_while::<StoredEvent>(T::Events, &from, &to, |k, stored| {
+            if !stored.rejected {
+                if let Some(v) = message_view(&stored, Some(keys::trailing_u64(k))) {
+                    out.push(v);
+                }
+            }
+            out.len() < limit
+        })?;
+    if out.len() < limit {
+        for (_, stored) in rooms
+            .store
+            .scan::<StoredEvent>(T::Pending, &storage::prefix(room_id.as_str()))?
+        {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(v) = message_view(&stored, None) {
                 out.push(v);
             }
-        } else if let Ok((e, _)) = Event::parse(&stored.json) {
-            if let Content::Reaction {
-                target,
-                key,
-                action,
-            } = &e.content
-            {
-                reactions.push(ReactionChange {
-                    target: target.to_string(),
-                    key: key.clone(),
-                    sender: e.sender.to_string(),
-                    add: *action == crate::protocol::event::ReactionAction::Add,
-                });
-            }
         }
     }
-    for (_, stored) in rooms
-        .store
-        .scan::<StoredEvent>(T::Pending, &storage::prefix(room_id.as_str()))?
-    {
-        if out.len() >= limit {
-            break;
-        }
-        if let Some(v) = message_view(&stored, None) {
-            out.push(v);
-        }
-    }
-    for ReactionChange {
-        target,
-        key,
-        sender,
-        add,
-    } in reactions
-    {
-        if let Some(m) = out.iter_mut().find(|m| m.event_id == target) {
-            let who = m.reactions.entry(key.clone()).or_default();
-            who.retain(|s| *s != sender);
-            if add {
-                who.push(sender);
+    for m in &mut out {
+        let rows = rooms.store.scan::<storage::ReactionRow>(
+            T::Reactions,
+            &keys::reactions_of(room_id.as_str(), &m.event_id),
+        )?;
+        for (_, r) in rows {
+            let who = m.reactions.entry(r.key.clone()).or_default();
+            who.retain(|s| *s != r.sender);
+            if r.add {
+                who.push(r.sender);
             }
             if who.is_empty() {
-                m.reactions.remove(&key);
+                m.reactions.remove(&r.key);
             }
         }
     }

@@ -4,9 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{codec, keys, AuditRow, Invitation, Member, Store, TxnRecord, SEP, T};
+use super::{
+    codec, keys, AuditRow, Invitation, Member, ReactionRow, Store, StoredEvent, TxnRecord, SEP, T,
+};
 use crate::error::Result;
-use crate::protocol::event::Membership;
+use crate::protocol::event::{Content, Event, Membership, ReactionAction};
 
 /// An audit row as version 1 stored it (before `unverified`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -93,6 +95,49 @@ fn upgrade_audit_row(bytes: &[u8]) -> Result<Option<AuditRow>> {
         code: old.code,
         detail: old.detail,
     }))
+}
+
+/// Version 2 → 3: every reaction event gets its row under the message it
+/// targets (`T::Reactions`), which history pages read instead of scanning
+/// the rest of the room. Rows are keyed by the reaction's own seq, so a
+/// rerun after a crash midway writes the same rows again.
+pub(crate) fn v2_to_v3(store: &Store) -> Result<()> {
+    let events = store.tree(T::Events);
+    for item in events.iter() {
+        let (k, v) = item.map_err(|e| store.sled_err(e))?;
+        let stored: StoredEvent = codec::decode(&v)?;
+        if stored.rejected {
+            continue;
+        }
+        if let Some((room, seq, row, target)) = reaction_row(&k, &stored) {
+            store.put(T::Reactions, &keys::reaction(&room, &target, seq), &row)?;
+        }
+    }
+    Ok(())
+}
+
+/// The index row of a stored reaction event: its room, seq, row and target.
+fn reaction_row(k: &[u8], stored: &StoredEvent) -> Option<(String, u64, ReactionRow, String)> {
+    let (e, _) = Event::parse(&stored.json).ok()?;
+    let Content::Reaction {
+        target,
+        key,
+        action,
+    } = &e.content
+    else {
+        return None;
+    };
+    let seq = u64::from_be_bytes(k.get(k.len().checked_sub(8)?..)?.try_into().ok()?);
+    Some((
+        e.room_id.to_string(),
+        seq,
+        ReactionRow {
+            key: key.clone(),
+            sender: e.sender.to_string(),
+            add: *action == ReactionAction::Add,
+        },
+        target.to_string(),
+    ))
 }
 
 #[cfg(test)]
@@ -222,5 +267,85 @@ mod tests {
         // Opening again changes nothing.
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.count_prefix(T::Audit, b""), 2);
+    }
+
+    #[test]
+    fn version_2_gains_the_reaction_rows_of_its_events() {
+        use crate::ids::{Fqid, KeyId, RoomId};
+        use ed25519_dalek::SigningKey;
+        let dir = tempfile::tempdir().unwrap();
+        let signing = SigningKey::from_bytes(&[7; 32]);
+        let key_id = KeyId::derive(&signing.verifying_key().to_bytes());
+        let room = RoomId::parse("!abcdefghijklmnop:a.test").unwrap();
+        let alice = Fqid::parse("@alice:a.test").unwrap();
+        let message = Event::create(
+            room.clone(),
+            alice.clone(),
+            1,
+            Content::Message {
+                body: "hi".into(),
+                thread_root: None,
+                reply_to: None,
+                mentions: Vec::new(),
+            },
+            &key_id,
+            &signing,
+        );
+        let reaction = |action| {
+            Event::create(
+                room.clone(),
+                alice.clone(),
+                2,
+                Content::Reaction {
+                    target: message.event_id,
+                    key: "👍".into(),
+                    action,
+                },
+                &key_id,
+                &signing,
+            )
+        };
+        let stored = |e: &Event| StoredEvent {
+            json: e.to_wire_bytes(None),
+            state: super::super::DeliveryState::Sent,
+            rejected: false,
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // What version 2 wrote: the events, no reaction rows.
+            for (seq, e) in [
+                (1, message.clone()),
+                (2, reaction(ReactionAction::Add)),
+                (3, reaction(ReactionAction::Remove)),
+                (4, reaction(ReactionAction::Add)),
+            ] {
+                store
+                    .put(T::Events, &keys::event(room.as_str(), seq), &stored(&e))
+                    .unwrap();
+            }
+            store
+                .tree(T::Meta)
+                .insert(b"schema_version", &2u32.to_be_bytes())
+                .unwrap();
+            store.flush_blocking().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let rows: Vec<(Vec<u8>, ReactionRow)> = store
+            .scan(
+                T::Reactions,
+                &keys::reactions_of(room.as_str(), &message.event_id.to_string()),
+            )
+            .unwrap();
+        let adds: Vec<bool> = rows.iter().map(|(_, r)| r.add).collect();
+        assert_eq!(
+            adds,
+            [true, false, true],
+            "one row per reaction, in seq order"
+        );
+        assert!(rows
+            .iter()
+            .all(|(_, r)| r.key == "👍" && r.sender == "@alice:a.test"));
+        let version = store.tree(T::Meta).get(b"schema_version").unwrap().unwrap();
+        assert_eq!(version.as_ref(), &3u32.to_be_bytes());
     }
 }

@@ -96,7 +96,7 @@ pub(crate) fn make_private(dir: &Path) -> Result<()> {
 
 /// Bump when a stored format changes; `open` upgrades the versions
 /// [`migrate`] knows and refuses any other.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 const SEP: u8 = 0;
 
@@ -122,9 +122,12 @@ pub enum T {
     Search,
     TxnTimes,
     InviteTimes,
+    /// room ‖ target event_id ‖ seq → [`ReactionRow`]: a page of history
+    /// reads the reactions of its own messages only.
+    Reactions,
 }
 
-const TREE_NAMES: [&str; 18] = [
+const TREE_NAMES: [&str; 19] = [
     "meta",
     "participants",
     "tokens",
@@ -143,6 +146,7 @@ const TREE_NAMES: [&str; 18] = [
     "search",
     "txn_times",
     "invite_times",
+    "reactions",
 ];
 
 /// A key made of parts separated by a zero byte (ids never contain one).
@@ -273,8 +277,14 @@ impl Store {
                 let found = <[u8; 4]>::try_from(v.as_ref())
                     .map(u32::from_be_bytes)
                     .unwrap_or(0);
-                if found == 1 {
-                    migrate::v1_to_v2(&store)?;
+                if found == 1 || found == 2 {
+                    if found == 1 {
+                        migrate::v1_to_v2(&store)?;
+                    }
+                    migrate::v2_to_v3(&store)?;
+                    for (name, _) in store.tenants()? {
+                        migrate::v2_to_v3(&store.tenant(&name)?)?;
+                    }
                     meta.insert(b"schema_version", &SCHEMA_VERSION.to_be_bytes())
                         .map_err(|e| store.sled_err(e))?;
                     store.flush_blocking()?;
@@ -501,6 +511,24 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, V)>> {
         self.decode_all(self.tree(t).range(from.to_vec()..to.to_vec()), limit)
+    }
+
+    /// Entries with keys in `[from, to)`, ascending, for as long as `keep`
+    /// says so: a reader that stops on what it found reads no further.
+    pub fn range_while<V: DeserializeOwned>(
+        &self,
+        t: T,
+        from: &[u8],
+        to: &[u8],
+        mut keep: impl FnMut(&[u8], V) -> bool,
+    ) -> Result<()> {
+        for item in self.tree(t).range(from.to_vec()..to.to_vec()) {
+            let (k, v) = item.map_err(|e| self.sled_err(e))?;
+            if !keep(&k, codec::decode(&v)?) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Values with keys in `[from, to)`, descending, at most `limit`.
@@ -796,6 +824,15 @@ pub mod keys {
     }
     pub fn pending(room_id: &str, event_id: &str) -> Vec<u8> {
         key(&[room_id.as_bytes(), event_id.as_bytes()])
+    }
+    pub fn reaction(room_id: &str, target: &str, seq: u64) -> Vec<u8> {
+        key(&[room_id.as_bytes(), target.as_bytes(), &seq.to_be_bytes()])
+    }
+    /// Every reaction row of `target`, in seq order.
+    pub fn reactions_of(room_id: &str, target: &str) -> Vec<u8> {
+        let mut k = key(&[room_id.as_bytes(), target.as_bytes()]);
+        k.push(super::SEP);
+        k
     }
     pub fn event_index(origin: &str, event_id: &str) -> Vec<u8> {
         key(&[origin.as_bytes(), event_id.as_bytes()])

@@ -145,6 +145,15 @@ pub struct StoredEvent {
     pub rejected: bool,
 }
 
+/// One reaction event, kept under the message it targets (`T::Reactions`),
+/// applied in seq order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReactionRow {
+    pub key: String,
+    pub sender: String,
+    pub add: bool,
+}
+
 /// Where an (origin, event_id) lives, and what its content hash was.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRef {

@@ -90,6 +90,15 @@ async fn three_servers_see_the_same_room_and_relays_are_verified() {
             u.server
         );
     }
+    // A page of one message still carries its reactions, which come later
+    // in the room (a page reads only its own rows, reactions by target).
+    let path = format!("/v1/rooms/{}/messages?after_seq=0&limit=1", enc(&room));
+    let (s, page) = net.as_user(&alice, Method::GET, &path, None).await;
+    assert_eq!(s, 200, "{page}");
+    let page = page["messages"].as_array().unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(view(&page[0]), on_a[0]);
+    assert_eq!(page[0]["reactions"]["👍"].as_array().unwrap().len(), 2);
     // bob's and carol's messages race to the host; find bob's by its body.
     let reply = on_a
         .iter()
