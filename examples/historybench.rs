@@ -16,14 +16,16 @@ use std::time::Instant;
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use scaiwave::app::App;
-use scaiwave::clock::Clock;
-use scaiwave::config::Config;
-use scaiwave::ids::{EventId, LocalId, RoomId, ServerName};
+use scaiwave::config::StorageSync;
+use scaiwave::ids::EventId;
 use scaiwave::protocol::event::{Content, ReactionAction};
 use scaiwave::rooms::host::{self, Source};
-use scaiwave::rooms::{commands, fqid_of, views};
-use scaiwave::storage::{keys, PowerLevel, StoredEvent, T};
+use scaiwave::rooms::{commands, views};
+use scaiwave::storage::{keys, StoredEvent, T};
+
+#[allow(dead_code)]
+mod common;
+use common::{one_room, OneRoom};
 
 // The same allocator as the shipped binary, so the figures are the binary's.
 #[global_allocator]
@@ -50,21 +52,15 @@ fn main() -> anyhow::Result<()> {
     );
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let dir = tempfile::tempdir()?;
-        let mut config = Config::default_embedded();
-        config.server_name = ServerName::parse("bench.test")?;
-        config.data_dir = dir.path().to_path_buf();
-        // Writing the room is setup, not what is measured.
-        config.storage.sync = scaiwave::config::StorageSync::Flush;
-        let app = App::open(config, Clock::system())?;
-        app.first_start()?;
+        // Writing the room is setup, not what is measured: no fdatasync.
+        let OneRoom {
+            app,
+            reader: me,
+            fqid: sender,
+            room_id,
+            ..
+        } = one_room("history", StorageSync::Flush).await?;
         let rooms = &app.first.rooms;
-        let local = LocalId::parse("reader")?;
-        rooms.create_participant(&local, "Reader", PowerLevel::Member)?;
-        let me = app.first.store.participant(&local)?.expect("just created");
-        let room = commands::create_room(rooms, &me, "history", "standard").await?;
-        let room_id = RoomId::parse(&room.room_id)?;
-        let sender = fqid_of(rooms, &me);
 
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut messages: Vec<EventId> = Vec::new();

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
-use scaiwave::app::App;
-use scaiwave::clock::Clock;
-use scaiwave::config::Config;
-use scaiwave::ids::{LocalId, RoomId, ServerName};
+use scaiwave::config::StorageSync;
 use scaiwave::protocol::event::Content;
 use scaiwave::rooms::host::{self, Source};
-use scaiwave::rooms::{commands, fqid_of, search};
-use scaiwave::storage::PowerLevel;
+use scaiwave::rooms::{commands, search};
+
+#[allow(dead_code)]
+mod common;
+use common::{one_room, OneRoom};
 
 // The same allocator as the shipped binary, so the figures are the binary's.
 #[global_allocator]
@@ -50,20 +50,12 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let dir = tempfile::tempdir()?;
-        let mut config = Config::default_embedded();
-        config.server_name = ServerName::parse("bench.test")?;
-        config.data_dir = dir.path().to_path_buf();
-        let app = App::open(config, Clock::system())?;
-        app.first_start()?;
-        let local = LocalId::parse("reader")?;
-        app.first
-            .rooms
-            .create_participant(&local, "Reader", PowerLevel::Member)?;
-        let me = app.first.store.participant(&local)?.expect("just created");
-        let room = commands::create_room(&app.first.rooms, &me, "bench", "standard").await?;
-        let room_id = RoomId::parse(&room.room_id)?;
-        let sender = fqid_of(&app.first.rooms, &me);
+        let OneRoom {
+            app,
+            fqid: sender,
+            room_id,
+            ..
+        } = one_room("bench", StorageSync::default()).await?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         let mut done = 0;

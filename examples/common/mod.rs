@@ -492,3 +492,34 @@ pub async fn send_paced(
     let tally = std::mem::take(&mut *tally.lock().expect("tally"));
     Ok((tally, sent, seconds))
 }
+
+/// A server that is not serving (`App::open` on a temporary data dir,
+/// named `bench.test`), with one participant, `reader`, in one room it
+/// created: what the benchmarks that need no network start from.
+pub struct OneRoom {
+    pub app: Arc<App>,
+    pub reader: Participant,
+    pub fqid: Fqid,
+    pub room_id: RoomId,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn one_room(name: &str, sync: StorageSync) -> Result<OneRoom> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::default_embedded();
+    config.server_name = ServerName::parse("bench.test")?;
+    config.data_dir = dir.path().to_path_buf();
+    config.storage.sync = sync;
+    let app = App::open(config, Clock::system())?;
+    app.first_start()?;
+    let (reader, fqid) = participant(&app.first, "reader", "Reader")?;
+    let room = commands::create_room(&app.first.rooms, &reader, name, "standard").await?;
+    let room_id = RoomId::parse(&room.room_id)?;
+    Ok(OneRoom {
+        app,
+        reader,
+        fqid,
+        room_id,
+        _dir: dir,
+    })
+}
