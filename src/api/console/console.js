@@ -213,26 +213,46 @@ function cell(label, text, cls) {
   return el("td", { "data-label": label, text: text ?? "—", class: cls || "" });
 }
 
+// A refresh updates rows in place: replacing them would drop a click that
+// lands mid-refresh and move keyboard focus off the row's button.
+function peerRow(p) {
+  const remove = el("button", { type: "button", class: "secondary", text: "Remove", "data-peer": p.server_name,
+    "aria-label": "Remove " + p.server_name });
+  remove.addEventListener("click", () => removePeer(p.server_name));
+  return el("tr", { "data-peer-row": p.server_name },
+    cell("Server", p.server_name, "mono"), el("td", { "data-label": "Status" }, el("span")), cell("Last seen"),
+    cell("Last error"), cell("Queue", "", "num"), cell("Next retry"), cell("Sent 24 h", "", "num"),
+    cell("Received 24 h", "", "num"), el("td", { "data-label": "" }, remove));
+}
+
+function fillPeerRow(row, p) {
+  const [, status, seen, err, queue, retry, sent, received] = row.children;
+  const badge = status.firstChild;
+  badge.className = "badge " + p.status;
+  badge.textContent = p.status;
+  seen.textContent = p.last_seen ?? "—";
+  err.textContent = p.last_error ? `${p.last_error.code}: ${p.last_error.message} (${p.last_error.at})` : "—";
+  queue.textContent = String(p.queue_depth);
+  retry.textContent = p.next_retry_at ?? "—";
+  sent.textContent = String(p.events_sent_24h);
+  received.textContent = String(p.events_received_24h);
+}
+
 function loadPeers() {
   return guarded("peers-status", async () => {
     const { peers } = await api("GET", "/v1/admin/federation/peers");
     const tbody = $("peers");
-    const focused = document.activeElement && document.activeElement.dataset.peer;
-    tbody.replaceChildren();
-    for (const p of peers) {
-      const status = el("td", { "data-label": "Status" }, el("span", { class: "badge " + p.status, text: p.status }));
-      const err = p.last_error ? `${p.last_error.code}: ${p.last_error.message} (${p.last_error.at})` : "—";
-      const remove = el("button", { type: "button", class: "secondary", text: "Remove", "data-peer": p.server_name,
-        "aria-label": "Remove " + p.server_name });
-      remove.addEventListener("click", () => removePeer(p.server_name));
-      tbody.append(el("tr", { "data-peer-row": p.server_name },
-        cell("Server", p.server_name, "mono"), status, cell("Last seen", p.last_seen),
-        cell("Last error", err), cell("Queue", String(p.queue_depth), "num"), cell("Next retry", p.next_retry_at),
-        cell("Sent 24 h", String(p.events_sent_24h), "num"), cell("Received 24 h", String(p.events_received_24h), "num"),
-        el("td", { "data-label": "" }, remove)));
-      if (focused === p.server_name) remove.focus();
+    const existing = new Map([...tbody.querySelectorAll("tr[data-peer-row]")].map((r) => [r.dataset.peerRow, r]));
+    const rows = peers.map((p) => {
+      const row = existing.get(p.server_name) || peerRow(p);
+      fillPeerRow(row, p);
+      return row;
+    });
+    const same = rows.length === tbody.children.length && rows.every((r, i) => tbody.children[i] === r);
+    if (!same) {
+      tbody.replaceChildren(...rows);
+      if (!peers.length) tbody.append(el("tr", {}, el("td", { colSpan: 9, text: "No peers yet." })));
     }
-    if (!peers.length) tbody.append(el("tr", {}, el("td", { colSpan: 9, text: "No peers yet." })));
     show("peers-status", "");
   });
 }
