@@ -36,10 +36,53 @@ pub struct GroupFlush {
     db: sled::Db,
     /// What an `fdatasync` covers, with `storage.sync = "fsync"`.
     files: Option<Arc<Files>>,
+    shared: Arc<Shared>,
+}
+
+/// What waiters and the running flush share. The flush holds its own
+/// reference: it ends (and wakes the waiters) even when the caller that
+/// started it is gone.
+#[derive(Default)]
+struct Shared {
     state: std::sync::Mutex<State>,
-    /// Woken when a flush completes.
+    /// Woken when a flush ends.
     done: tokio::sync::Notify,
     fdatasyncs: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Three integers, consistent after every statement.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The flush that runs, ended when this is dropped: after it ran, or when
+/// it never could (a runtime shutting down drops a blocking job unrun, a
+/// panic unwinds through it). A future is dropped at any `.await` (a
+/// request whose client went away, a task cancelled at shutdown); were the
+/// end of a flush left to the caller that started it, every later caller
+/// would wait for a flush nobody runs, and shutdown's last flush with them.
+struct Running {
+    shared: Arc<Shared>,
+    succeeded: bool,
+    fsync: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut st = self.shared.state();
+        st.running = false;
+        if self.succeeded {
+            st.finished = st.started;
+            if self.fsync {
+                self.shared.fdatasyncs.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        drop(st);
+        // A failed flush wakes the others too: one of them tries again.
+        self.shared.done.notify_waiters();
+    }
 }
 
 /// sled's log, and its blob files: those newer than `blobs_synced` are
@@ -112,15 +155,12 @@ impl GroupFlush {
         Ok(GroupFlush {
             db,
             files,
-            state: std::sync::Mutex::default(),
-            done: tokio::sync::Notify::new(),
-            fdatasyncs: AtomicU64::new(0),
+            shared: Arc::default(),
         })
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        // Three integers, consistent after every statement.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.state()
     }
 
     /// Return once a flush that began after this call has completed.
@@ -129,7 +169,7 @@ impl GroupFlush {
         // caller's commit ended; that one cannot have.
         let need = self.state().started + 1;
         loop {
-            let mut wait = std::pin::pin!(self.done.notified());
+            let mut wait = std::pin::pin!(self.shared.done.notified());
             {
                 let mut st = self.state();
                 if st.finished >= need {
@@ -146,22 +186,22 @@ impl GroupFlush {
             }
             wait.await;
         }
+        let running = Running {
+            shared: self.shared.clone(),
+            succeeded: false,
+            fsync: self.files.is_some(),
+        };
         let (db, files) = (self.db.clone(), self.files.clone());
-        let result = tokio::task::spawn_blocking(move || flush_once(&db, files.as_deref()))
-            .await
-            .unwrap_or_else(|e| Err(Failure::Fdatasync(std::io::Error::other(e))));
-        let mut st = self.state();
-        st.running = false;
-        if result.is_ok() {
-            st.finished = st.started;
-            if self.files.is_some() {
-                self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-        drop(st);
-        // A failed flush wakes the others too: one of them tries again.
-        self.done.notify_waiters();
-        result
+        tokio::task::spawn_blocking(move || {
+            // The whole guard moves in (a closure would capture only the
+            // field it sets, and the guard would end with the caller).
+            let mut running = running;
+            let result = flush_once(&db, files.as_deref());
+            running.succeeded = result.is_ok();
+            result
+        })
+        .await
+        .unwrap_or_else(|e| Err(Failure::Fdatasync(std::io::Error::other(e))))
     }
 
     /// A flush of its own, for callers outside async code (the CLI
@@ -170,14 +210,14 @@ impl GroupFlush {
     pub fn flush_blocking(&self) -> Result<(), Failure> {
         flush_once(&self.db, self.files.as_deref())?;
         if self.files.is_some() {
-            self.fdatasyncs.fetch_add(1, Ordering::SeqCst);
+            self.shared.fdatasyncs.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
 
     /// `fdatasync` calls completed: 0 with `storage.sync = "flush"`.
     pub fn fdatasyncs(&self) -> u64 {
-        self.fdatasyncs.load(Ordering::SeqCst)
+        self.shared.fdatasyncs.load(Ordering::SeqCst)
     }
 }
 
@@ -259,10 +299,29 @@ mod tests {
             st.running = false;
             st.finished = 1;
         }
-        group.done.notify_waiters();
+        group.shared.done.notify_waiters();
         assert!(waiter.await.is_ok());
         assert_eq!(group.state().finished, 2, "it ran a flush of its own");
         assert_eq!(group.fdatasyncs(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_caller_gone_mid_flush_leaves_nobody_waiting() {
+        let (_dir, group) = database(true);
+        // This caller starts the flush, then is dropped at its `.await`,
+        // as a request is when its client goes away.
+        {
+            let mut first = std::pin::pin!(group.flush());
+            assert!(futures_util::poll!(first.as_mut()).is_pending());
+            assert!(group.state().running);
+        }
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), group.flush());
+        assert!(
+            matches!(next.await, Ok(Ok(()))),
+            "a later caller waited for a flush nobody ran"
+        );
+        assert!(!group.state().running);
+        assert_eq!(group.fdatasyncs(), 2, "the orphaned flush still ran");
     }
 
     #[tokio::test]

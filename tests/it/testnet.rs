@@ -20,6 +20,10 @@ use scaiwave::protocol::event::{Content, Event};
 use scaiwave::server::{HttpVersions, Running};
 use serde_json::{json, Value};
 
+/// How long a test waits for one answer, or for a server to stop, before
+/// it fails: a hang is a bug to see, not a CI run that never ends.
+pub const TEST_REQUEST_SECS: u64 = 60;
+
 pub struct Ca {
     dir: tempfile::TempDir,
     issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
@@ -88,7 +92,8 @@ impl Server {
 
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
-            r.stop().await;
+            let stopped = tokio::time::timeout(Duration::from_secs(TEST_REQUEST_SECS), r.stop());
+            assert!(stopped.await.is_ok(), "the server did not stop");
         }
     }
 
@@ -304,6 +309,8 @@ pub fn client(ca: &Ca, names: BTreeMap<String, SocketAddr>, http1_only: bool) ->
     scaiwave::tls::install_crypto_provider();
     let ca_pem = std::fs::read(ca.ca_path()).unwrap();
     let mut builder = reqwest::Client::builder()
+        // A server that stops answering fails the test instead of hanging it.
+        .timeout(Duration::from_secs(TEST_REQUEST_SECS))
         .tls_certs_only([reqwest::Certificate::from_pem(&ca_pem).unwrap()])
         .dns_resolver(Arc::new(TestResolver(names)));
     if http1_only {
