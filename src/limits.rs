@@ -171,8 +171,9 @@ pub const PEER_LIST_MAX: usize = 10_000;
 pub const TOKENS_PER_MESSAGE_MAX: usize = 200;
 /// Characters in one indexed word.
 pub const TOKEN_CHARS_MAX: usize = 40;
-/// Postings read for one query word before giving up on completeness.
-pub const POSTINGS_SCAN_MAX: usize = 100_000;
+/// Posting seeks one search may make before it answers with what it has
+/// found: the cost of the worst query (two common words that never meet).
+pub const POSTING_SEEKS_MAX: usize = 20_000;
 /// Results of one query.
 pub const RESULTS_MAX: usize = 50;
 

@@ -542,6 +542,15 @@ impl Store {
         self.decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
     }
 
+    /// The greatest key in `[from, to]`: one seek, however many keys
+    /// the range holds (how a search intersects postings newest first).
+    pub fn last_key_in(&self, t: T, from: &[u8], to: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.tree(t).range(from..=to).next_back() {
+            Some(item) => Ok(Some(item.map_err(|e| self.sled_err(e))?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
     pub fn count_prefix(&self, t: T, prefix: &[u8]) -> usize {
         self.tree(t).scan_prefix(prefix).count()
     }
