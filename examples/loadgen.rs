@@ -378,19 +378,6 @@ async fn drain(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     }))
 }
 
-/// CPU time (user + system) this process has used, from /proc (Linux).
-fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
-    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting
-    // from 0 after the closing parenthesis.
-    // Linux reports them in USER_HZ, which is 100 on every mainstream build.
-    Some((ticks(11)? + ticks(12)?) / 100.0)
-}
-
 async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
     let mut hosted: Vec<Hosted> = Vec::new();
     for tenant in target.tenants() {

@@ -529,3 +529,30 @@ pub async fn one_room(name: &str, sync: StorageSync) -> Result<OneRoom> {
         _dir: dir,
     })
 }
+
+/// CPU time (user + system) this process has used, from /proc (Linux).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<f64>().ok();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 counting
+    // from 0 after the closing parenthesis.
+    // Linux reports them in USER_HZ, which is 100 on every mainstream build.
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// This process's resident set in MiB (Linux).
+pub fn rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(round3(kib / 1024.0))
+}
