@@ -14,7 +14,7 @@ use crate::limits::{POSTING_SEEKS_MAX, RESULTS_MAX, TOKENS_PER_MESSAGE_MAX, TOKE
 use crate::protocol::event::{Content, Event};
 use crate::rooms::views::{message_view, MessageView};
 use crate::rooms::Rooms;
-use crate::storage::{self, keys, StoredEvent, WriteSet, T};
+use crate::storage::{keys, StoredEvent, WriteSet, T};
 
 /// Lower-cased words of letters and digits, each once.
 pub fn tokens(text: &str) -> Vec<String> {
@@ -102,7 +102,7 @@ fn search_within(
 /// or before the current candidate, so the work follows the rarest word.
 struct RoomHits {
     room: RoomId,
-    /// `word ‖ 0 ‖ room ‖ 0` per word: the room's postings of that word.
+    /// Per word, the key prefix of the room's postings of that word.
     prefixes: Vec<Vec<u8>>,
     /// Every hit newer than this has been yielded; `None` when done.
     upper: Option<u64>,
@@ -112,7 +112,7 @@ impl RoomHits {
     fn new(room: RoomId, words: &[String]) -> RoomHits {
         let prefixes = words
             .iter()
-            .map(|w| storage::key(&[w.as_bytes(), room.as_str().as_bytes(), b""]))
+            .map(|w| keys::postings_of(w, room.as_str()))
             .collect();
         RoomHits {
             room,

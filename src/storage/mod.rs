@@ -855,6 +855,12 @@ pub mod keys {
     pub fn search(token: &str, room_id: &str, seq: u64) -> Vec<u8> {
         key(&[token.as_bytes(), room_id.as_bytes(), &seq.to_be_bytes()])
     }
+    /// Every posting of `token` in `room_id`, in seq order.
+    pub fn postings_of(token: &str, room_id: &str) -> Vec<u8> {
+        let mut k = key(&[token.as_bytes(), room_id.as_bytes()]);
+        k.push(super::SEP);
+        k
+    }
     /// The trailing big-endian u64 of an `events` or `outbox` key.
     pub fn trailing_u64(k: &[u8]) -> u64 {
         k.len()
