@@ -99,16 +99,7 @@ fn main() -> std::process::ExitCode {
         .build()
         .context("tokio runtime")
         .and_then(|rt| rt.block_on(run(&args)));
-    match run {
-        Ok(line) => {
-            println!("{line}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fanout: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_with("fanout", run)
 }
 
 async fn run(args: &Args) -> Result<Value> {

@@ -116,16 +116,7 @@ const SINGLE_IN_FLIGHT_MAX: usize = 256;
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logs();
-    match run(&args) {
-        Ok(line) => {
-            println!("{line}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("loadgen: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_with("loadgen", run(&args))
 }
 
 fn run(args: &Args) -> Result<Value> {

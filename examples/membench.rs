@@ -88,16 +88,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(&args)) {
-        Ok(line) => {
-            println!("{line}");
-            std::process::ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("membench: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    exit_with("membench", runtime.block_on(run(&args)))
 }
 
 fn default_bin() -> Result<PathBuf> {

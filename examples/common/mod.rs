@@ -556,3 +556,18 @@ pub fn rss_mib() -> Option<f64> {
         .ok()?;
     Some(round3(kib / 1024.0))
 }
+
+/// A benchmark's exit: its one JSON line on stdout, or its error on
+/// stderr and a failing status.
+pub fn exit_with(bench: &str, outcome: Result<serde_json::Value>) -> std::process::ExitCode {
+    match outcome {
+        Ok(line) => {
+            println!("{line}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{bench}: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
