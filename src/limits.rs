@@ -171,9 +171,18 @@ pub const PEER_LIST_MAX: usize = 10_000;
 pub const TOKENS_PER_MESSAGE_MAX: usize = 200;
 /// Characters in one indexed word.
 pub const TOKEN_CHARS_MAX: usize = 40;
-/// Posting seeks one search may make before it answers with what it has
-/// found: the cost of the worst query (two common words that never meet).
+/// Posting blocks one search may read from the store before it answers
+/// with what it has found: the cost of the worst query (two common words
+/// that never meet), at one seek per block.
 pub const POSTING_SEEKS_MAX: usize = 20_000;
+/// Postings one search may step through, in blocks already read, before
+/// it answers with what it has found.
+pub const POSTING_PROBES_MAX: usize = 200_000;
+/// Postings of one word in one room kept in one stored block: a commit
+/// appends to the room's newest block of each of its words (one seek and
+/// one row per word, not per posting), and a search reads a block in one
+/// seek. A block is at most a few hundred bytes (most gaps take a byte).
+pub const POSTINGS_PER_BLOCK_MAX: usize = 256;
 /// Results of one query.
 pub const RESULTS_MAX: usize = 50;
 

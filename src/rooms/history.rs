@@ -106,6 +106,7 @@ pub async fn backfill(
     let fetched = answer.events.len() as u64;
     let (mut stored, mut rejected) = (0, 0);
     let mut w = storage::WriteSet::default();
+    let mut postings = crate::rooms::search::Postings::default();
     let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let mut top = 0;
     for value in answer.events {
@@ -147,9 +148,11 @@ pub async fn backfill(
             continue;
         }
         crate::rooms::write_event(&mut w, &event, seq, event.content_hash())?;
+        postings.add(&event, seq);
         top = top.max(seq.saturating_add(1));
         stored += 1;
     }
+    postings.write(&rooms.store, &mut w)?;
     rooms.store.commit(&w)?;
     // What was filled moves the replica's contiguous mark on, and next_seq
     // past everything stored (the replica relies on nothing being stored

@@ -10,7 +10,8 @@ use crate::ids::{Fqid, RoomId, ServerName};
 use crate::protocol::event::{Content, Event, Membership};
 use crate::rooms::Rooms;
 use crate::rooms::{
-    dedup, foreign_count, is_joined, participating_servers, write_event, InviteCap, Outcome, Plan,
+    dedup, foreign_count, is_joined, participating_servers, search, write_event, InviteCap,
+    Outcome, Plan,
 };
 use crate::storage::WriteSet;
 
@@ -211,6 +212,7 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut live = Vec::new();
     let mut invite_cap = InviteCap::default();
+    let mut postings = search::Postings::default();
 
     for (event, source) in &batch {
         let hash = event.content_hash();
@@ -254,6 +256,7 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
         };
         plan.room.next_seq = next_seq;
         write_event(&mut w, event, seq, hash)?;
+        postings.add(event, seq);
 
         let targets = fan_out_targets(rooms, plan, event);
         let expires = match &event.content {
@@ -273,6 +276,7 @@ pub async fn commit(rooms: &Rooms, batch: Vec<(Event, Source)>) -> Result<Vec<Ou
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
+    postings.write(&rooms.store, &mut w)?;
     rooms.store.commit(&w)?;
     // The flush needs no lock: a batch that read this one's writes is
     // answered only after its own flush, which covers these too.

@@ -607,20 +607,9 @@ impl InviteCap {
 }
 
 /// Store `event` at `seq` (signed bytes only; `unsigned` is per copy),
-/// with its dedup index row and its search postings.
+/// with its dedup index row and its reaction row. Its search postings go
+/// into the commit's [`search::Postings`], written once per commit.
 pub fn write_event(w: &mut WriteSet, event: &Event, seq: u64, hash: [u8; 32]) -> Result<()> {
-    write_event_unindexed(w, event, seq, hash)?;
-    search::index(w, event, seq)
-}
-
-/// [`write_event`] without the search postings, for a caller that writes
-/// them itself (see [`replica::accept_from_host`]).
-pub(crate) fn write_event_unindexed(
-    w: &mut WriteSet,
-    event: &Event,
-    seq: u64,
-    hash: [u8; 32],
-) -> Result<()> {
     let room = event.room_id.as_str();
     w.put(
         T::Events,

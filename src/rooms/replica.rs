@@ -9,7 +9,7 @@ use crate::ids::{RoomId, ServerName};
 use crate::limits::SEQ_AHEAD_MAX;
 use crate::protocol::event::{Content, Event, Membership};
 use crate::rooms::Rooms;
-use crate::rooms::{dedup, search, write_event, write_event_unindexed, InviteCap, Outcome, Plan};
+use crate::rooms::{dedup, search, write_event, InviteCap, Outcome, Plan};
 use crate::storage::{self, keys, DeliveryState, EventRef, Room, StoredEvent, WriteSet, T};
 
 /// Events from `host` for rooms it hosts, each with the `seq` it assigned.
@@ -25,14 +25,14 @@ pub async fn accept_from_host(
     let mut staged = Vec::with_capacity(batch.len());
     for (event, seq) in &batch {
         let mut rows = WriteSet::default();
-        write_event_unindexed(&mut rows, event, *seq, event.content_hash())?;
+        write_event(&mut rows, event, *seq, event.content_hash())?;
         staged.push(Some(rows));
     }
     // Search postings of the events that pass the checks below, written
     // just before the commit: a crash in between leaves postings without
     // their event (search checks the message itself), never an event
     // without its postings, and a refused event leaves none.
-    let mut postings = Vec::new();
+    let mut postings = search::Postings::default();
     let room_ids: BTreeSet<RoomId> = batch.iter().map(|(e, _)| e.room_id.clone()).collect();
     let guards = rooms.locks.lock_all(room_ids.iter().cloned()).await;
     let mut plans: HashMap<RoomId, Plan> = HashMap::new();
@@ -87,7 +87,7 @@ pub async fn accept_from_host(
             continue;
         }
         w.append(rows.take().expect("each event is staged once"));
-        postings.extend(search::postings(event, *seq).into_iter().map(|k| (k, ())));
+        postings.add(event, *seq);
         plan.room.next_seq = plan.room.next_seq.max(seq.saturating_add(1));
         let expires = match &event.content {
             Content::Member {
@@ -112,7 +112,9 @@ pub async fn accept_from_host(
         plan.finish(&mut w)?;
     }
     if !postings.is_empty() {
-        rooms.store.put_many(T::Search, &postings)?;
+        rooms
+            .store
+            .put_many(T::Search, &postings.rows(&rooms.store)?)?;
     }
     let t0 = std::time::Instant::now();
     rooms.store.commit(&w)?;
@@ -460,6 +462,9 @@ pub async fn settle(rooms: &Rooms, event: &Event, seq: u64) -> Result<Settled> {
     plan.apply_membership(rooms, event, &mut w, None)?;
     plan.advance_contiguous(rooms, &BTreeSet::from([seq]))?;
     plan.finish(&mut w)?;
+    let mut postings = search::Postings::default();
+    postings.add(event, seq);
+    postings.write(&rooms.store, &mut w)?;
     rooms.store.commit(&w)?;
     rooms.store.flush().await?;
     rooms.publish([(

@@ -1,20 +1,26 @@
 //! Search (`GET /v1/search?q=`): an inverted index of message bodies in a
-//! sled tree, written with the event (replicas write a batch of postings
+//! sled tree, written with the event (replicas write a batch's postings
 //! just before the batch's commit, see [`super::replica`]), so foreign
-//! messages are found like local ones. A query intersects the postings of
-//! its words within each of the caller's rooms, newest first, and reads
-//! only as far as its answer needs; it never scans all events, nor every
-//! posting of a common word.
+//! messages are found like local ones. A word's postings in a room are
+//! kept in blocks of up to [`POSTINGS_PER_BLOCK_MAX`] seqs, one row each,
+//! that a commit appends to: one row per word of a commit, not one per
+//! posting. A query intersects the postings of its words within each of
+//! the caller's rooms, newest first, reading a block per seek, and only as
+//! far as its answer needs; it never scans all events, nor every posting
+//! of a common word.
 
-use std::collections::{BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use crate::error::{Error, Result};
 use crate::ids::{Fqid, RoomId};
-use crate::limits::{POSTING_SEEKS_MAX, RESULTS_MAX, TOKENS_PER_MESSAGE_MAX, TOKEN_CHARS_MAX};
+use crate::limits::{
+    POSTINGS_PER_BLOCK_MAX, POSTING_PROBES_MAX, POSTING_SEEKS_MAX, RESULTS_MAX,
+    TOKENS_PER_MESSAGE_MAX, TOKEN_CHARS_MAX,
+};
 use crate::protocol::event::{Content, Event};
 use crate::rooms::views::{message_view, MessageView};
 use crate::rooms::Rooms;
-use crate::storage::{keys, StoredEvent, WriteSet, T};
+use crate::storage::{keys, PostingBlock, Store, StoredEvent, WriteSet, T};
 
 /// Lower-cased words of letters and digits, each once.
 pub fn tokens(text: &str) -> Vec<String> {
@@ -32,39 +38,125 @@ pub fn tokens(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Index a message stored at `seq` (part of the event's write set).
-pub fn index(w: &mut WriteSet, event: &Event, seq: u64) -> Result<()> {
-    for k in postings(event, seq) {
-        w.put(T::Search, k, &())?;
-    }
-    Ok(())
+/// The postings of one commit, by word and room, merged into the stored
+/// blocks by [`Postings::rows`] while the rooms' locks are held: a block
+/// is read, then rewritten, so no other commit of its room may run between.
+#[derive(Debug, Default)]
+pub struct Postings {
+    new: BTreeMap<Vec<u8>, BTreeSet<u64>>,
 }
 
-/// The posting keys of a message stored at `seq` (none for other events).
-pub fn postings(event: &Event, seq: u64) -> Vec<Vec<u8>> {
-    match &event.content {
-        Content::Message { body, .. } => tokens(body)
-            .iter()
-            .map(|t| keys::search(t, event.room_id.as_str(), seq))
-            .collect(),
-        _ => Vec::new(),
+impl Postings {
+    /// Index a message stored at `seq` (other events have no postings).
+    pub fn add(&mut self, event: &Event, seq: u64) {
+        let Content::Message { body, .. } = &event.content else {
+            return;
+        };
+        for t in tokens(body) {
+            self.new
+                .entry(keys::postings_of(&t, event.room_id.as_str()))
+                .or_default()
+                .insert(seq);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.new.is_empty()
+    }
+
+    /// The block rows that hold these postings beside the stored ones.
+    /// Per word and room, one seek finds the newest block, which takes
+    /// every newer seq (a full one is followed by a new block). A seq older
+    /// than that block's first (a gap filled late) costs one more seek and
+    /// goes into the block covering it, split in two once it is over
+    /// [`POSTINGS_PER_BLOCK_MAX`]. Blocks never overlap: each holds the
+    /// seqs from its first up to the next block's first, which is what lets
+    /// a search find the newest posting at or before a seq in one seek.
+    pub fn rows(self, store: &Store) -> Result<Vec<(Vec<u8>, PostingBlock)>> {
+        let mut rows = Vec::new();
+        for (prefix, seqs) in self.new {
+            // The blocks read or made for this word and room, by first seq.
+            let mut blocks: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            let newest = store.posting_block(&prefix, u64::MAX)?;
+            let newest_first = newest.as_ref().map(|b| b[0]);
+            if let Some(b) = newest {
+                blocks.insert(b[0], b);
+            }
+            for seq in seqs {
+                if newest_first.is_some_and(|first| seq < first) {
+                    if let Some(b) = store.posting_block(&prefix, seq)? {
+                        blocks.entry(b[0]).or_insert(b);
+                    }
+                }
+                insert(&mut blocks, seq);
+            }
+            for (first, seqs) in blocks {
+                rows.push((
+                    keys::posting_block(&prefix, first),
+                    PostingBlock::of(&seqs).1,
+                ));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// [`Postings::rows`] into `w`.
+    pub fn write(self, store: &Store, w: &mut WriteSet) -> Result<()> {
+        for (k, block) in self.rows(store)? {
+            w.put(T::Search, k, &block)?;
+        }
+        Ok(())
+    }
+}
+
+/// Put `seq` into the block of `blocks` that covers it (the one with the
+/// greatest first seq at or before it), or a new block.
+fn insert(blocks: &mut BTreeMap<u64, Vec<u64>>, seq: u64) {
+    let Some((_, block)) = blocks.range_mut(..=seq).next_back() else {
+        blocks.insert(seq, vec![seq]);
+        return;
+    };
+    let newest = block.last().is_some_and(|last| seq > *last);
+    if newest && block.len() >= POSTINGS_PER_BLOCK_MAX {
+        blocks.insert(seq, vec![seq]);
+        return;
+    }
+    match block.binary_search(&seq) {
+        Ok(_) => return,
+        Err(i) => block.insert(i, seq),
+    }
+    if block.len() > POSTINGS_PER_BLOCK_MAX {
+        let upper = block.split_off(block.len() / 2);
+        blocks.insert(upper[0], upper);
     }
 }
 
 /// Messages in `me`'s rooms holding every word of `q`, newest first (by
 /// their origin time), at most [`RESULTS_MAX`].
 pub fn search(rooms: &Rooms, me: &Fqid, q: &str) -> Result<Vec<(String, MessageView)>> {
-    search_within(rooms, me, q, POSTING_SEEKS_MAX)
+    let budget = Budget {
+        seeks: POSTING_SEEKS_MAX,
+        probes: POSTING_PROBES_MAX,
+    };
+    search_within(rooms, me, q, budget)
 }
 
-/// [`search`] with a budget of posting seeks: past it the answer holds
-/// what was found so far, so a query costs at most `budget` seeks however
-/// common its words and however many rooms the caller is in.
+/// What one search may still read: blocks from the store, and postings
+/// stepped through in blocks already read.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    seeks: usize,
+    probes: usize,
+}
+
+/// [`search`] within `budget`: once it is spent the answer holds what was
+/// found so far, so a query costs at most that much however common its
+/// words and however many rooms the caller is in.
 fn search_within(
     rooms: &Rooms,
     me: &Fqid,
     q: &str,
-    mut budget: usize,
+    mut budget: Budget,
 ) -> Result<Vec<(String, MessageView)>> {
     let words = tokens(q);
     if words.is_empty() {
@@ -98,25 +190,65 @@ fn search_within(
 }
 
 /// A room's messages holding every query word, newest first: a leapfrog
-/// over the words' postings, each step one seek to the newest posting at
-/// or before the current candidate, so the work follows the rarest word.
+/// over the words' postings, each step the newest posting at or before the
+/// current candidate, so the work follows the rarest word.
 struct RoomHits {
     room: RoomId,
-    /// Per word, the key prefix of the room's postings of that word.
-    prefixes: Vec<Vec<u8>>,
+    words: Vec<WordPostings>,
     /// Every hit newer than this has been yielded; `None` when done.
     upper: Option<u64>,
 }
 
+/// One query word's postings in one room, and the block last read.
+struct WordPostings {
+    /// The key prefix of the word's blocks in the room.
+    prefix: Vec<u8>,
+    /// The block last read, ascending (empty before the first read).
+    block: Vec<u64>,
+}
+
+impl WordPostings {
+    /// The newest posting at or before `seq`, or `None` when there is none
+    /// or the budget is spent. Candidates only go down, so the block in
+    /// hand still covers `seq` while its first seq is at or before it
+    /// (blocks never overlap): a store read happens once per block.
+    fn at_or_before(
+        &mut self,
+        rooms: &Rooms,
+        seq: u64,
+        budget: &mut Budget,
+    ) -> Result<Option<u64>> {
+        if self.block.first().is_none_or(|first| *first > seq) {
+            if budget.seeks == 0 {
+                return Ok(None);
+            }
+            budget.seeks -= 1;
+            match rooms.store.posting_block(&self.prefix, seq)? {
+                Some(block) => self.block = block,
+                None => return Ok(None),
+            }
+        }
+        if budget.probes == 0 {
+            return Ok(None);
+        }
+        budget.probes -= 1;
+        let after = self.block.partition_point(|s| *s <= seq);
+        Ok(after.checked_sub(1).map(|i| self.block[i]))
+    }
+}
+
 impl RoomHits {
     fn new(room: RoomId, words: &[String]) -> RoomHits {
-        let prefixes = words
+        let words = words
             .iter()
-            .map(|w| keys::postings_of(w, room.as_str()))
+            .map(|w| WordPostings {
+                prefix: keys::postings_of(w, room.as_str()),
+                block: Vec::new(),
+            })
             .collect();
         RoomHits {
             room,
-            prefixes,
+            words,
             upper: Some(u64::MAX),
         }
     }
@@ -126,7 +258,7 @@ impl RoomHits {
         &mut self,
         rooms: &Rooms,
         words: &[String],
-        budget: &mut usize,
+        budget: &mut Budget,
     ) -> Result<Option<MessageView>> {
         while let Some(seq) = self.next_seq(rooms, budget)? {
             let Some(stored) = rooms
@@ -147,29 +279,23 @@ impl RoomHits {
         Ok(None)
     }
 
-    fn next_seq(&mut self, rooms: &Rooms, budget: &mut usize) -> Result<Option<u64>> {
+    fn next_seq(&mut self, rooms: &Rooms, budget: &mut Budget) -> Result<Option<u64>> {
         let Some(mut candidate) = self.upper else {
             return Ok(None);
         };
+        let n = self.words.len();
         let mut agreed = 0;
-        for prefix in self.prefixes.iter().cycle() {
-            if *budget == 0 {
-                break;
-            }
-            *budget -= 1;
-            let mut to = prefix.clone();
-            to.extend_from_slice(&candidate.to_be_bytes());
-            let Some(k) = rooms.store.last_key_in(T::Search, prefix, &to)? else {
+        for w in (0..n).cycle() {
+            let Some(seq) = self.words[w].at_or_before(rooms, candidate, budget)? else {
                 break;
             };
-            let seq = keys::trailing_u64(&k);
             if seq == candidate {
                 agreed += 1;
             } else {
                 candidate = seq;
                 agreed = 1;
             }
-            if agreed == self.prefixes.len() {
+            if agreed == n {
                 self.upper = candidate.checked_sub(1);
                 return Ok(Some(candidate));
             }
@@ -304,7 +430,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_search_stops_at_its_budget_of_seeks_and_answers_what_it_found() {
+    async fn a_search_stops_at_its_budget_and_answers_what_it_found() {
         // "a" and "b" never meet: each leapfrog step skips one message.
         let many: Vec<String> = (0..40)
             .map(|i| if i % 4 < 2 { "a x" } else { "b x" }.to_string())
@@ -313,8 +439,92 @@ mod tests {
         let (_dir, rooms, me, _) = rooms_with(&refs).await;
         assert!(search(&rooms, &me, "a b").unwrap().is_empty());
         assert_eq!(search(&rooms, &me, "x").unwrap().len(), 40);
-        // A budget of n seeks finds at most n one-word hits.
-        assert_eq!(search_within(&rooms, &me, "x", 7).unwrap().len(), 7);
-        assert!(search_within(&rooms, &me, "x", 0).unwrap().is_empty());
+        let within =
+            |seeks, probes| search_within(&rooms, &me, "x", Budget { seeks, probes }).unwrap();
+        // A budget of n probes finds at most n one-word hits.
+        assert_eq!(within(100, 7).len(), 7);
+        assert!(within(100, 0).is_empty());
+        // Each room's "x" is one block: one seek reads one room's 20 hits.
+        let one_seek = within(1, 100);
+        assert_eq!(one_seek.len(), 20);
+        assert!(one_seek.iter().all(|(r, _)| *r == one_seek[0].0));
+        assert!(within(0, 100).is_empty());
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    /// Add `seqs` of one word as one commit, then every stored block.
+    fn commit(store: &Store, seqs: impl IntoIterator<Item = u64>) -> Vec<Vec<u64>> {
+        let prefix = keys::postings_of("w", "!r:a.test");
+        let postings = Postings {
+            new: BTreeMap::from([(prefix.clone(), seqs.into_iter().collect())]),
+        };
+        let mut w = WriteSet::default();
+        postings.write(store, &mut w).unwrap();
+        store.commit(&w).unwrap();
+        // Every block, newest first: each is found below the one after it.
+        let mut blocks = Vec::new();
+        let mut at = Some(u64::MAX);
+        while let Some(b) = at.and_then(|seq| store.posting_block(&prefix, seq).unwrap()) {
+            at = b[0].checked_sub(1);
+            blocks.push(b);
+        }
+        blocks.reverse();
+        blocks
+    }
+
+    #[test]
+    fn postings_append_to_the_newest_block_until_it_is_full() {
+        let (_dir, store) = store();
+        let max = POSTINGS_PER_BLOCK_MAX as u64;
+        assert_eq!(commit(&store, [3, 5]), [vec![3, 5]]);
+        // A later commit appends to the same row.
+        let blocks = commit(&store, 6..max + 4);
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].len(), POSTINGS_PER_BLOCK_MAX);
+        // A full block is followed by a new one.
+        let blocks = commit(&store, [max + 10, max + 11]);
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[1], [max + 10, max + 11]);
+    }
+
+    #[test]
+    fn a_late_posting_goes_into_the_block_that_covers_it_and_splits_it_when_full() {
+        let (_dir, store) = store();
+        let max = POSTINGS_PER_BLOCK_MAX as u64;
+        // One full block of even seqs from 100, and a newer one.
+        commit(&store, (0..max).map(|i| 100 + 2 * i));
+        let newest = 100 + 2 * max + 50;
+        commit(&store, [newest]);
+        // Older than every block: a block of its own.
+        assert_eq!(commit(&store, [7])[0], [7]);
+        // Inside the full block: it takes the seq and splits in two.
+        let blocks = commit(&store, [101]);
+        assert_eq!(blocks.len(), 4, "{blocks:?}");
+        let all: Vec<u64> = blocks.concat();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        assert_eq!(all, sorted, "blocks never overlap");
+        assert!(all.contains(&101) && all.contains(&newest));
+        assert_eq!(all.len(), POSTINGS_PER_BLOCK_MAX + 3);
+        assert!(blocks.iter().all(|b| b.len() <= POSTINGS_PER_BLOCK_MAX));
+        // A posting already stored changes nothing.
+        assert_eq!(commit(&store, [101, newest]), blocks);
+    }
+
+    #[test]
+    fn a_schema_3_posting_reads_as_a_block_of_one_and_takes_new_seqs() {
+        let (_dir, store) = store();
+        let prefix = keys::postings_of("w", "!r:a.test");
+        store
+            .put(T::Search, &keys::search("w", "!r:a.test", 4), &())
+            .unwrap();
+        assert_eq!(store.posting_block(&prefix, 9).unwrap(), Some(vec![4]));
+        assert_eq!(store.posting_block(&prefix, 3).unwrap(), None);
+        assert_eq!(commit(&store, [9]), [vec![4, 9]]);
     }
 }

@@ -544,11 +544,27 @@ impl Store {
 
     /// The greatest key in `[from, to]`: one seek, however many keys
     /// the range holds (how a search intersects postings newest first).
-    pub fn last_key_in(&self, t: T, from: &[u8], to: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.tree(t).range(from..=to).next_back() {
-            Some(item) => Ok(Some(item.map_err(|e| self.sled_err(e))?.0.to_vec())),
-            None => Ok(None),
-        }
+    /// The posting block under `prefix` (see [`keys::postings_of`]) whose
+    /// first seq is the greatest at or before `seq`: its seqs, ascending.
+    /// One seek.
+    pub fn posting_block(&self, prefix: &[u8], seq: u64) -> Result<Option<Vec<u64>>> {
+        let mut to = prefix.to_vec();
+        to.extend_from_slice(&seq.to_be_bytes());
+        let Some(item) = self
+            .tree(T::Search)
+            .range(prefix..=to.as_slice())
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(|e| self.sled_err(e))?;
+        // An empty value is a schema-3 posting: a block of its key's seq.
+        let block = if v.is_empty() {
+            PostingBlock::default()
+        } else {
+            codec::decode::<PostingBlock>(&v)?
+        };
+        Ok(Some(block.seqs(keys::trailing_u64(&k))))
     }
 
     pub fn count_prefix(&self, t: T, prefix: &[u8]) -> usize {
@@ -852,13 +868,21 @@ pub mod keys {
     pub fn audit(at_ms: i64, id: u64) -> Vec<u8> {
         time_prefixed(at_ms, &id.to_be_bytes())
     }
+    /// A posting block's key: its word, room and first seq.
     pub fn search(token: &str, room_id: &str, seq: u64) -> Vec<u8> {
         key(&[token.as_bytes(), room_id.as_bytes(), &seq.to_be_bytes()])
     }
-    /// Every posting of `token` in `room_id`, in seq order.
+    /// Every posting block of `token` in `room_id`, in seq order.
     pub fn postings_of(token: &str, room_id: &str) -> Vec<u8> {
         let mut k = key(&[token.as_bytes(), room_id.as_bytes()]);
         k.push(super::SEP);
+        k
+    }
+    /// The block under `postings` (a [`postings_of`] prefix) whose first
+    /// seq is `first`: the same key as [`search`] of that seq.
+    pub fn posting_block(postings: &[u8], first: u64) -> Vec<u8> {
+        let mut k = postings.to_vec();
+        k.extend_from_slice(&first.to_be_bytes());
         k
     }
     /// The trailing big-endian u64 of an `events` or `outbox` key.

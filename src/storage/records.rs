@@ -154,6 +154,38 @@ pub struct ReactionRow {
     pub add: bool,
 }
 
+/// One block of a word's postings in one room (`T::Search`, key
+/// `word ‖ room ‖ first seq`): the seqs after the key's own, each as its
+/// distance from the one before (bincode varints: one byte for most).
+/// Schema 3 stored one key per posting with an empty value, which
+/// [`crate::storage::Store::posting_block`] reads as a block of one, so
+/// old databases need no migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PostingBlock {
+    pub gaps: Vec<u64>,
+}
+
+impl PostingBlock {
+    /// The block of `seqs` (ascending, distinct, at least one): its key's
+    /// seq and the block.
+    pub fn of(seqs: &[u64]) -> (u64, PostingBlock) {
+        let gaps = seqs.windows(2).map(|w| w[1] - w[0]).collect();
+        (seqs[0], PostingBlock { gaps })
+    }
+
+    /// Every seq of the block whose key holds `first`, ascending.
+    pub fn seqs(&self, first: u64) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.gaps.len() + 1);
+        out.push(first);
+        let mut at = first;
+        for gap in &self.gaps {
+            at = at.saturating_add(*gap);
+            out.push(at);
+        }
+        out
+    }
+}
+
 /// Where an (origin, event_id) lives, and what its content hash was.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EventRef {
