@@ -167,6 +167,8 @@ pub const FOREIGN_PARTICIPANTS_MAX: u64 = 100_000;
 /// Peers listed in one allow/deny list.
 pub const PEER_LIST_MAX: usize = 10_000;
 
+/// Peers' keys one backfill fetches at once (one per origin of its events).
+pub const KEY_FETCHES_AT_ONCE_MAX: usize = 16;
 /// Words indexed per message; a longer message is indexed by its first ones.
 pub const TOKENS_PER_MESSAGE_MAX: usize = 200;
 /// Characters in one indexed word.

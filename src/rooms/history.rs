@@ -2,13 +2,14 @@
 //! a join, backfill on an admin's request, and gap fills (SPEC §6), each
 //! event verified before it is stored.
 
+use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::error::Result;
 use crate::federation::peer_api;
 use crate::ids::{Fqid, RoomId};
-use crate::limits::GAP_FILL_DELAY_MS;
 use crate::limits::{BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX};
+use crate::limits::{GAP_FILL_DELAY_MS, KEY_FETCHES_AT_ONCE_MAX};
 use crate::protocol::event::{Event, Membership};
 use crate::protocol::wire::MembersAnswer;
 use crate::rooms::Rooms;
@@ -94,6 +95,77 @@ pub struct Backfilled {
     pub rejected: u64,
 }
 
+/// One event of a backfill answer once checked: the host's tombstone of a
+/// refused seq, a verified event of the room with its seq, or one refused.
+enum Checked {
+    Tombstone(u64),
+    Event(Box<Event>, u64),
+    Refused,
+}
+
+/// Parse and verify a backfill answer's events, without any lock: the
+/// first event of each origin fetches that origin's key, up to
+/// [`KEY_FETCHES_AT_ONCE_MAX`] origins at once, and the rest then find
+/// their keys cached. Verified one by one under the room's lock, the k-th
+/// server to join a room fetched the keys of the k - 1 before it in turn.
+async fn check_backfilled(rooms: &Rooms, room_id: &RoomId, events: Vec<Value>) -> Vec<Checked> {
+    let parsed: Vec<Checked> = events
+        .into_iter()
+        .filter_map(|value| {
+            if value.get("rejected").and_then(Value::as_bool) == Some(true) {
+                // A tombstone without a seq says nothing.
+                return value
+                    .get("seq")
+                    .and_then(Value::as_u64)
+                    .map(Checked::Tombstone);
+            }
+            match Event::from_value(value) {
+                Ok((event, Some(seq))) if event.room_id == *room_id => {
+                    Some(Checked::Event(Box::new(event), seq))
+                }
+                _ => Some(Checked::Refused),
+            }
+        })
+        .collect();
+    let mut origins = std::collections::BTreeSet::new();
+    let (first, rest): (Vec<usize>, Vec<usize>) = (0..parsed.len())
+        .filter(|i| matches!(parsed[*i], Checked::Event(..)))
+        .partition(|i| match &parsed[*i] {
+            Checked::Event(e, _) => origins.insert(e.origin.clone()),
+            _ => false,
+        });
+    let fed = &rooms.fed;
+    let mut ok = vec![false; parsed.len()];
+    // Built before they are streamed: a stream of a closure's futures
+    // borrowing `parsed` is not provably Send for the server's tasks.
+    let fetches: Vec<_> = first.iter().map(|i| verified(fed, &parsed[*i])).collect();
+    let firsts: Vec<bool> = futures_util::stream::iter(fetches)
+        .buffered(KEY_FETCHES_AT_ONCE_MAX)
+        .collect()
+        .await;
+    for (i, v) in first.iter().zip(firsts) {
+        ok[*i] = v;
+    }
+    for i in rest {
+        ok[i] = verified(fed, &parsed[i]).await;
+    }
+    parsed
+        .into_iter()
+        .zip(ok)
+        .map(|(c, ok)| match c {
+            Checked::Event(..) if !ok => Checked::Refused,
+            c => c,
+        })
+        .collect()
+}
+
+async fn verified(fed: &crate::federation::Federation, checked: &Checked) -> bool {
+    match checked {
+        Checked::Event(e, _) => crate::federation::auth::verify_event(fed, e).await.is_ok(),
+        _ => false,
+    }
+}
+
 /// Fetch history before `before_seq` from the host, verify every event, and
 /// store those we lack.
 pub async fn backfill(
@@ -104,15 +176,16 @@ pub async fn backfill(
 ) -> Result<Backfilled> {
     let answer = peer_api::backfill(&rooms.fed, room_id, before_seq, limit).await?;
     let fetched = answer.events.len() as u64;
+    let checked = check_backfilled(rooms, room_id, answer.events).await;
     let (mut stored, mut rejected) = (0, 0);
     let mut w = storage::WriteSet::default();
     let mut postings = crate::rooms::search::Postings::default();
     let _guard = rooms.locks.lock_all([room_id.clone()]).await;
     let mut top = 0;
-    for value in answer.events {
-        if value.get("rejected").and_then(Value::as_bool) == Some(true) {
-            // The host's tombstone: the gap at this seq is real.
-            if let Some(seq) = value.get("seq").and_then(Value::as_u64) {
+    for c in checked {
+        let (event, seq) = match c {
+            Checked::Tombstone(seq) => {
+                // The host's tombstone: the gap at this seq is real.
                 let k = keys::event(room_id.as_str(), seq);
                 if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_none() {
                     w.put(
@@ -126,22 +199,13 @@ pub async fn backfill(
                     )?;
                     top = top.max(seq.saturating_add(1));
                 }
+                continue;
             }
-            continue;
-        }
-        let parsed = Event::from_value(value);
-        let ok = match parsed {
-            Ok((event, Some(seq))) if event.room_id == *room_id => {
-                match crate::federation::auth::verify_event(&rooms.fed, &event).await {
-                    Ok(()) => Some((event, seq)),
-                    Err(_) => None,
-                }
+            Checked::Refused => {
+                rejected += 1;
+                continue;
             }
-            _ => None,
-        };
-        let Some((event, seq)) = ok else {
-            rejected += 1;
-            continue;
+            Checked::Event(event, seq) => (event, seq),
         };
         let k = keys::event(room_id.as_str(), seq);
         if rooms.store.get::<StoredEvent>(T::Events, &k)?.is_some() {
