@@ -111,11 +111,9 @@ pub async fn accept_from_host(
     for plan in plans.values() {
         plan.finish(&mut w)?;
     }
-    if !postings.is_empty() {
-        rooms
-            .store
-            .put_many(T::Search, &postings.rows(&rooms.store)?)?;
-    }
+    rooms
+        .store
+        .put_many(T::Search, &postings.rows(&rooms.store)?)?;
     let t0 = std::time::Instant::now();
     rooms.store.commit(&w)?;
     // The flush needs no lock: a batch that read this one's writes is

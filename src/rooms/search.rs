@@ -60,10 +60,6 @@ impl Postings {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.new.is_empty()
-    }
-
     /// The block rows that hold these postings beside the stored ones.
     /// Per word and room, one seek finds the newest block, which takes
     /// every newer seq (a full one is followed by a new block). A seq older
@@ -75,8 +71,10 @@ impl Postings {
     pub fn rows(self, store: &Store) -> Result<Vec<(Vec<u8>, PostingBlock)>> {
         let mut rows = Vec::new();
         for (prefix, seqs) in self.new {
-            // The blocks read or made for this word and room, by first seq.
+            // The blocks read or made for this word and room, by first seq,
+            // and those this commit changed: only those are written.
             let mut blocks: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+            let mut changed = BTreeSet::new();
             let newest = store.posting_block(&prefix, u64::MAX)?;
             let newest_first = newest.as_ref().map(|b| b[0]);
             if let Some(b) = newest {
@@ -88,13 +86,11 @@ impl Postings {
                         blocks.entry(b[0]).or_insert(b);
                     }
                 }
-                insert(&mut blocks, seq);
+                changed.extend(insert(&mut blocks, seq));
             }
-            for (first, seqs) in blocks {
-                rows.push((
-                    keys::posting_block(&prefix, first),
-                    PostingBlock::of(&seqs).1,
-                ));
+            for first in changed {
+                let block = PostingBlock::of(&blocks[&first]);
+                rows.push((keys::posting_block(&prefix, first), block));
             }
         }
         Ok(rows)
@@ -110,25 +106,29 @@ impl Postings {
 }
 
 /// Put `seq` into the block of `blocks` that covers it (the one with the
-/// greatest first seq at or before it), or a new block.
-fn insert(blocks: &mut BTreeMap<u64, Vec<u64>>, seq: u64) {
-    let Some((_, block)) = blocks.range_mut(..=seq).next_back() else {
+/// greatest first seq at or before it), or a new block. Answers the first
+/// seqs of the blocks that changed: none for a seq already held.
+fn insert(blocks: &mut BTreeMap<u64, Vec<u64>>, seq: u64) -> Vec<u64> {
+    let Some((&first, block)) = blocks.range_mut(..=seq).next_back() else {
         blocks.insert(seq, vec![seq]);
-        return;
+        return vec![seq];
     };
     let newest = block.last().is_some_and(|last| seq > *last);
     if newest && block.len() >= POSTINGS_PER_BLOCK_MAX {
         blocks.insert(seq, vec![seq]);
-        return;
+        return vec![seq];
     }
     match block.binary_search(&seq) {
-        Ok(_) => return,
+        Ok(_) => return Vec::new(),
         Err(i) => block.insert(i, seq),
     }
-    if block.len() > POSTINGS_PER_BLOCK_MAX {
-        let upper = block.split_off(block.len() / 2);
-        blocks.insert(upper[0], upper);
+    if block.len() <= POSTINGS_PER_BLOCK_MAX {
+        return vec![first];
     }
+    let upper = block.split_off(block.len() / 2);
+    let upper_first = upper[0];
+    blocks.insert(upper_first, upper);
+    vec![first, upper_first]
 }
 
 /// Messages in `me`'s rooms holding every word of `q`, newest first (by
@@ -512,7 +512,14 @@ mod tests {
         assert!(all.contains(&101) && all.contains(&newest));
         assert_eq!(all.len(), POSTINGS_PER_BLOCK_MAX + 3);
         assert!(blocks.iter().all(|b| b.len() <= POSTINGS_PER_BLOCK_MAX));
-        // A posting already stored changes nothing.
+        // A posting already stored changes nothing, and writes no row.
+        let held = Postings {
+            new: BTreeMap::from([(
+                keys::postings_of("w", "!r:a.test"),
+                BTreeSet::from([101, newest]),
+            )]),
+        };
+        assert!(held.rows(&store).unwrap().is_empty());
         assert_eq!(commit(&store, [101, newest]), blocks);
     }
 
@@ -521,7 +528,7 @@ mod tests {
         let (_dir, store) = store();
         let prefix = keys::postings_of("w", "!r:a.test");
         store
-            .put(T::Search, &keys::search("w", "!r:a.test", 4), &())
+            .put(T::Search, &keys::posting_block(&prefix, 4), &())
             .unwrap();
         assert_eq!(store.posting_block(&prefix, 9).unwrap(), Some(vec![4]));
         assert_eq!(store.posting_block(&prefix, 3).unwrap(), None);

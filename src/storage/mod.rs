@@ -868,10 +868,6 @@ pub mod keys {
     pub fn audit(at_ms: i64, id: u64) -> Vec<u8> {
         time_prefixed(at_ms, &id.to_be_bytes())
     }
-    /// A posting block's key: its word, room and first seq.
-    pub fn search(token: &str, room_id: &str, seq: u64) -> Vec<u8> {
-        key(&[token.as_bytes(), room_id.as_bytes(), &seq.to_be_bytes()])
-    }
     /// Every posting block of `token` in `room_id`, in seq order.
     pub fn postings_of(token: &str, room_id: &str) -> Vec<u8> {
         let mut k = key(&[token.as_bytes(), room_id.as_bytes()]);
@@ -879,7 +875,7 @@ pub mod keys {
         k
     }
     /// The block under `postings` (a [`postings_of`] prefix) whose first
-    /// seq is `first`: the same key as [`search`] of that seq.
+    /// seq is `first`.
     pub fn posting_block(postings: &[u8], first: u64) -> Vec<u8> {
         let mut k = postings.to_vec();
         k.extend_from_slice(&first.to_be_bytes());

@@ -166,11 +166,11 @@ pub struct PostingBlock {
 }
 
 impl PostingBlock {
-    /// The block of `seqs` (ascending, distinct, at least one): its key's
-    /// seq and the block.
-    pub fn of(seqs: &[u64]) -> (u64, PostingBlock) {
+    /// The block of `seqs` (ascending, distinct), stored under a key that
+    /// holds the first of them.
+    pub fn of(seqs: &[u64]) -> PostingBlock {
         let gaps = seqs.windows(2).map(|w| w[1] - w[0]).collect();
-        (seqs[0], PostingBlock { gaps })
+        PostingBlock { gaps }
     }
 
     /// Every seq of the block whose key holds `first`, ascending.

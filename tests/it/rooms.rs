@@ -380,7 +380,10 @@ async fn federated_dm_search_and_live_events() {
     store
         .put(
             scaiwave::storage::T::Search,
-            &scaiwave::storage::keys::search("ghost", &room, seq),
+            &scaiwave::storage::keys::posting_block(
+                &scaiwave::storage::keys::postings_of("ghost", &room),
+                seq,
+            ),
             &(),
         )
         .unwrap();
