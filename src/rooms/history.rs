@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::error::Result;
+use crate::federation::auth::verify_event;
 use crate::federation::peer_api;
 use crate::ids::{Fqid, RoomId};
 use crate::limits::{BACKFILL_EVENTS_MAX, MEMBERS_ANSWER_ENTRIES_MAX, SHORT_TEXT_BYTES_MAX};
@@ -127,27 +128,32 @@ async fn check_backfilled(rooms: &Rooms, room_id: &RoomId, events: Vec<Value>) -
             }
         })
         .collect();
+    // The first event of each origin, and the rest, with their places.
     let mut origins = std::collections::BTreeSet::new();
-    let (first, rest): (Vec<usize>, Vec<usize>) = (0..parsed.len())
-        .filter(|i| matches!(parsed[*i], Checked::Event(..)))
-        .partition(|i| match &parsed[*i] {
-            Checked::Event(e, _) => origins.insert(e.origin.clone()),
-            _ => false,
-        });
+    let (mut first, mut rest) = (Vec::new(), Vec::new());
+    for (i, c) in parsed.iter().enumerate() {
+        if let Checked::Event(e, _) = c {
+            if origins.insert(&e.origin) {
+                first.push((i, &**e));
+            } else {
+                rest.push((i, &**e));
+            }
+        }
+    }
     let fed = &rooms.fed;
     let mut ok = vec![false; parsed.len()];
     // Built before they are streamed: a stream of a closure's futures
     // borrowing `parsed` is not provably Send for the server's tasks.
-    let fetches: Vec<_> = first.iter().map(|i| verified(fed, &parsed[*i])).collect();
-    let firsts: Vec<bool> = futures_util::stream::iter(fetches)
+    let fetches: Vec<_> = first.iter().map(|(_, e)| verify_event(fed, e)).collect();
+    let firsts: Vec<Result<()>> = futures_util::stream::iter(fetches)
         .buffered(KEY_FETCHES_AT_ONCE_MAX)
         .collect()
         .await;
-    for (i, v) in first.iter().zip(firsts) {
-        ok[*i] = v;
+    for ((i, _), verified) in first.iter().zip(firsts) {
+        ok[*i] = verified.is_ok();
     }
-    for i in rest {
-        ok[i] = verified(fed, &parsed[i]).await;
+    for (i, e) in rest {
+        ok[i] = verify_event(fed, e).await.is_ok();
     }
     parsed
         .into_iter()
@@ -157,13 +163,6 @@ async fn check_backfilled(rooms: &Rooms, room_id: &RoomId, events: Vec<Value>) -
             c => c,
         })
         .collect()
-}
-
-async fn verified(fed: &crate::federation::Federation, checked: &Checked) -> bool {
-    match checked {
-        Checked::Event(e, _) => crate::federation::auth::verify_event(fed, e).await.is_ok(),
-        _ => false,
-    }
 }
 
 /// Fetch history before `before_seq` from the host, verify every event, and
