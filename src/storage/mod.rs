@@ -441,6 +441,7 @@ impl Store {
                 let tx = Tx { views };
                 f(&tx)
             });
+        release_deferred_frees();
         match out {
             Ok(r) => Ok(r),
             Err(TransactionError::Abort(e)) => Err(e),
@@ -460,9 +461,9 @@ impl Store {
     }
 
     pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
-        self.tree(t)
-            .insert(k, codec::encode(v)?)
-            .map_err(|e| self.sled_err(e))?;
+        let inserted = self.tree(t).insert(k, codec::encode(v)?);
+        release_deferred_frees();
+        inserted.map_err(|e| self.sled_err(e))?;
         Ok(())
     }
 
@@ -596,11 +597,13 @@ impl Store {
     /// single inserts share that lock with flushes.
     pub fn put_many<V: Serialize>(&self, t: T, items: &[(Vec<u8>, V)]) -> Result<()> {
         let tree = self.tree(t);
-        for (k, v) in items {
+        let inserted = items.iter().try_for_each(|(k, v)| {
             tree.insert(k.as_slice(), codec::encode(v)?)
-                .map_err(|e| self.sled_err(e))?;
-        }
-        Ok(())
+                .map(drop)
+                .map_err(|e| self.sled_err(e))
+        });
+        release_deferred_frees();
+        inserted
     }
 
     /// Remove every key in `[from, to)`; answers how many went.
@@ -909,6 +912,22 @@ pub mod keys {
         k.extend_from_slice(rest);
         k
     }
+}
+
+/// Hands this thread's deferred frees to sled's collector and lets it
+/// free what no reader can see any more.
+///
+/// sled 0.34 frees what it replaces (old versions of a node, and the
+/// 512 KiB log buffer of each segment it fills) through crossbeam's epoch
+/// collector, which keeps up to 64 deferred frees in a bag per thread and
+/// hands a bag on only once it is full. Commits and flushes run on many
+/// threads (tokio's workers and its blocking pool), each sitting on a bag
+/// that pins up to 64 buffers: at 200 000 events ingested that was 200 MB
+/// of the heap (heaptrack: `maybe_seal_and_write_iobuf`), at any count
+/// about 32 MB per thread that ever wrote. Called after every write and
+/// flush, the bags hold only what is in flight.
+pub(crate) fn release_deferred_frees() {
+    crossbeam_epoch::pin().flush();
 }
 
 /// Opens sled, waiting a moment for the lock of a database just closed:

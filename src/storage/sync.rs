@@ -222,7 +222,9 @@ impl GroupFlush {
 }
 
 fn flush_once(db: &sled::Db, files: Option<&Files>) -> Result<(), Failure> {
-    db.flush().map_err(Failure::Sled)?;
+    let flushed = db.flush();
+    super::release_deferred_frees();
+    flushed.map_err(Failure::Sled)?;
     if let Some(files) = files {
         files.sync().map_err(Failure::Fdatasync)?;
     }
