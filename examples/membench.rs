@@ -16,6 +16,10 @@
 //! through the admin API, creates each room through the client API and
 //! invites `@load:peer.test`, who accepts on the peer.
 //!
+//! The server's CPU time over the ingest phase (`/proc/<pid>/stat`) is
+//! reported per event: the events are signed before the phase starts, so
+//! it is the server's cost alone, TLS and HTTP included.
+//!
 //! RSS is read from `/proc/<pid>/status` every `--sample-ms`. Exactly one
 //! JSON line goes to stdout; progress goes to stderr. The goals are the
 //! issue's, in MiB: idle < 30, peak while ingesting < 150, and the sustained
@@ -124,6 +128,21 @@ fn rss(pid: u32) -> Result<(u64, u64)> {
         Ok(kib * 1024)
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time `pid` has used so far (user + system), in seconds: fields 14
+/// and 15 of `/proc/<pid>/stat`, counted after the parenthesised command
+/// name (which may itself hold spaces).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &stat[stat.rfind(')').context("a command name in stat")? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state), so utime (14) is its 12th.
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // SAFETY: sysconf only reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / per_second)
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -401,7 +420,9 @@ async fn measure(
 
     let txns = transactions(peer, &hosted, &sender, 0..args.events, args.batch, "ingest")?;
     eprintln!("membench: ingesting {} events", args.events);
+    let cpu_before = cpu_seconds(pid)?;
     let (tally, seconds) = send_all(peer, txns, args.concurrency).await?;
+    let cpu_us_per_event = (cpu_seconds(pid)? - cpu_before) * 1e6 / args.events as f64;
     // The kernel's high-water mark: everything before was smaller (idle
     // and setup), and it sees peaks between two samples.
     let (after_ingest, ingest_peak) = rss(pid)?;
@@ -410,7 +431,7 @@ async fn measure(
         eprintln!("membench: refused or failed: {r}");
     }
     eprintln!(
-        "membench: {rate:.0} events/s, peak {:.1} MiB, after {:.1} MiB",
+        "membench: {rate:.0} events/s, {cpu_us_per_event:.1} µs of server CPU each, peak {:.1} MiB, after {:.1} MiB",
         mib(ingest_peak),
         mib(after_ingest)
     );
@@ -422,6 +443,7 @@ async fn measure(
             "events": args.events,
             "seconds": round3(seconds),
             "events_per_s": rate.round(),
+            "server_cpu_us_per_event": round3(cpu_us_per_event),
             "accepted": tally.accepted,
             "rejected": tally.rejected,
             "unanswered": tally.unanswered,
