@@ -91,6 +91,10 @@ pub const AUDIT_PAGE_MAX: usize = 1000;
 /// An audit row's detail is cut to this: it often quotes what a peer sent
 /// (a 60 KB `Signature-Input` made 60 KB rows, kept for 90 days).
 pub const AUDIT_DETAIL_BYTES_MAX: usize = 1024;
+/// Audit rows of one millisecond stored in one record (a `/send` audits
+/// each of its ≤ 100 events at once): bounds a record to this many rows
+/// of at most `AUDIT_DETAIL_BYTES_MAX` detail each.
+pub const AUDIT_ROWS_PER_RECORD_MAX: usize = 128;
 /// Audit rows a second for requests whose origin is only claimed: anyone
 /// can send those, so at 1 KiB a row this bounds them to ~0.8 GiB over the
 /// default 90-day retention even under a constant flood.

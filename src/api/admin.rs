@@ -272,13 +272,11 @@ fn audit(svc: &Services, req: &Request) -> Result<Vec<Value>> {
         },
     };
     let mut rows = Vec::new();
-    svc.rooms
-        .store
-        .scan_rev_while::<AuditRow>(T::Audit, |row| {
-            if matches(&row.action) && peer.as_ref().is_none_or(|p| row.peer.as_ref() == Some(p)) {
-                rows.push(audit_view(row));
-            }
-            rows.len() < limit
-        })?;
+    svc.rooms.store.audit_newest_first(|row| {
+        if matches(&row.action) && peer.as_ref().is_none_or(|p| row.peer.as_ref() == Some(p)) {
+            rows.push(audit_view(row));
+        }
+        rows.len() < limit
+    })?;
     Ok(rows)
 }

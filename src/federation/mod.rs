@@ -435,10 +435,10 @@ mod tests {
         assert!(!fed.enabled(), "kept across a restart");
         let actions: Vec<String> = fed
             .store
-            .scan::<AuditRow>(T::Audit, b"")
+            .audit_rows()
             .unwrap()
             .into_iter()
-            .map(|(_, r)| r.action)
+            .map(|r| r.action)
             .collect();
         assert_eq!(actions, ["federation.tenant.disabled"]);
         fed.set_enabled(true).unwrap();

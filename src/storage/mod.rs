@@ -620,21 +620,6 @@ impl Store {
         Ok(n)
     }
 
-    /// Values of a whole tree, newest key first, while `keep` says so.
-    pub fn scan_rev_while<V: DeserializeOwned>(
-        &self,
-        t: T,
-        mut keep: impl FnMut(&V) -> bool,
-    ) -> Result<()> {
-        for item in self.tree(t).iter().rev() {
-            let (_, v) = item.map_err(|e| self.sled_err(e))?;
-            if !keep(&codec::decode(&v)?) {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     /// Cache a `/send` answer, with its row in the time index that
     /// [`Store::prune_txns`] walks. The index row goes first: a crash in
     /// between leaves an index row without its answer (pruning skips it),

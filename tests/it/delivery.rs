@@ -234,13 +234,7 @@ fn enqueue_unflushed(app: &Arc<App>, room: &str, n: usize) -> Vec<String> {
 
 /// Every audit row `app` holds, oldest first.
 fn audit_rows(app: &App) -> Vec<storage::AuditRow> {
-    app.first
-        .store
-        .scan(T::Audit, b"")
-        .unwrap()
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect()
+    app.first.store.audit_rows().unwrap()
 }
 
 pub fn queue_depth(app: &App) -> usize {
