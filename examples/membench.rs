@@ -18,7 +18,9 @@
 //!
 //! The server's CPU time over the ingest phase (`/proc/<pid>/stat`) is
 //! reported per event: the events are signed before the phase starts, so
-//! it is the server's cost alone, TLS and HTTP included.
+//! it is the server's cost alone, TLS and HTTP included. The load's own
+//! CPU (this process: the peer's client) is reported beside it, since
+//! both share the machine's cores.
 //!
 //! RSS is read from `/proc/<pid>/status` every `--sample-ms`. Exactly one
 //! JSON line goes to stdout; progress goes to stderr. The goals are the
@@ -420,9 +422,11 @@ async fn measure(
 
     let txns = transactions(peer, &hosted, &sender, 0..args.events, args.batch, "ingest")?;
     eprintln!("membench: ingesting {} events", args.events);
-    let cpu_before = cpu_seconds(pid)?;
+    let (cpu_before, load_cpu_before) = (cpu_seconds(pid)?, cpu_seconds(std::process::id())?);
     let (tally, seconds) = send_all(peer, txns, args.concurrency).await?;
     let cpu_us_per_event = (cpu_seconds(pid)? - cpu_before) * 1e6 / args.events as f64;
+    let load_cpu_us_per_event =
+        (cpu_seconds(std::process::id())? - load_cpu_before) * 1e6 / args.events as f64;
     // The kernel's high-water mark: everything before was smaller (idle
     // and setup), and it sees peaks between two samples.
     let (after_ingest, ingest_peak) = rss(pid)?;
@@ -444,6 +448,7 @@ async fn measure(
             "seconds": round3(seconds),
             "events_per_s": rate.round(),
             "server_cpu_us_per_event": round3(cpu_us_per_event),
+            "load_cpu_us_per_event": round3(load_cpu_us_per_event),
             "accepted": tally.accepted,
             "rejected": tally.rejected,
             "unanswered": tally.unanswered,
