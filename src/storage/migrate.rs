@@ -222,12 +222,7 @@ mod tests {
             store.flush_blocking().unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
-        let rows: Vec<AuditRow> = store
-            .scan::<AuditRow>(T::Audit, b"")
-            .unwrap()
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
+        let rows = store.audit_rows().unwrap();
         assert_eq!(
             rows.iter()
                 .map(|r| (r.action.as_str(), r.unverified, r.peer.as_deref()))
