@@ -134,6 +134,10 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
+        // An answer is a few small writes after reading a request (TLS
+        // records of HTTP/2 frames): with Nagle's algorithm each may wait
+        // for the peer's delayed ACK of the one before.
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let front = front.clone();
         let builder = builder.clone();
