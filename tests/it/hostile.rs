@@ -210,6 +210,75 @@ async fn connections_past_the_caps_are_closed_at_accept() {
     net.stop_all().await;
 }
 
+/// Whether `TCP_NODELAY` is set on the socket of this process whose local
+/// address is `local` and whose peer is `peer`; `None` if there is none.
+fn nodelay_of_socket(local: std::net::SocketAddr, peer: std::net::SocketAddr) -> Option<bool> {
+    let sockaddr =
+        |fd: i32,
+         get: unsafe extern "C" fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32| {
+            // SAFETY: a zeroed sockaddr_storage is valid, and its size is passed.
+            let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            // SAFETY: addr and len describe a writable sockaddr_storage.
+            let rc = unsafe { get(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) };
+            if rc != 0 || addr.ss_family != libc::AF_INET as libc::sa_family_t {
+                return None;
+            }
+            // SAFETY: the family says it is a sockaddr_in.
+            let v4 = unsafe { *(&addr as *const _ as *const libc::sockaddr_in) };
+            Some(std::net::SocketAddr::from((
+                u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(v4.sin_port),
+            )))
+        };
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if sockaddr(fd, libc::getsockname) != Some(local)
+            || sockaddr(fd, libc::getpeername) != Some(peer)
+        {
+            continue;
+        }
+        let mut on: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: on and len describe a writable c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &mut on as *mut _ as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        return (rc == 0).then_some(on != 0);
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_are_not_delayed_by_nagle() {
+    // An answer is a few small writes; with Nagle's algorithm each could
+    // wait for the client's delayed ACK (12 ms of a 33 ms /send, measured).
+    let mut net = testnet::start(&["a.test"], |_, _| {}).await;
+    let conn = raw_tls(&net, "a.test").await.unwrap();
+    let client = conn.get_ref().0.local_addr().unwrap();
+    let server = net.server("a.test").addr;
+    assert_eq!(
+        nodelay_of_socket(server, client),
+        Some(true),
+        "the server's end of the connection has TCP_NODELAY"
+    );
+    assert_eq!(
+        nodelay_of_socket(client, server),
+        Some(false),
+        "the check can tell: this test's own end is left as the OS made it"
+    );
+    drop(conn);
+    net.stop_all().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_are_read_only_for_routes_that_exist_after_authentication() {
     let mut net = testnet::start(&["a.test"], |_, c| {
