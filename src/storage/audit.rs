@@ -83,7 +83,8 @@ impl Store {
     ///
     /// Rows of the same millisecond share one record (up to
     /// [`AUDIT_ROWS_PER_RECORD_MAX`]): a `/send` of 100 events writes one
-    /// row, not 100 (each insert was 7 % of the CPU of ingesting).
+    /// record, not 100 rows (those inserts took 7 % of the CPU of
+    /// ingesting).
     pub fn audit(&self, rows: Vec<AuditRow>) {
         let written = rows
             .chunk_by(|a, b| a.at_ms == b.at_ms)

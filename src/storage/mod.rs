@@ -468,7 +468,9 @@ impl Store {
     }
 
     pub fn remove(&self, t: T, k: &[u8]) -> Result<()> {
-        self.tree(t).remove(k).map_err(|e| self.sled_err(e))?;
+        let removed = self.tree(t).remove(k);
+        release_deferred_frees();
+        removed.map_err(|e| self.sled_err(e))?;
         Ok(())
     }
 
@@ -580,10 +582,13 @@ impl Store {
     /// Remove every key in the list, one at a time (see [`Store::put_many`]).
     pub fn remove_all(&self, t: T, keys: &[Vec<u8>]) -> Result<()> {
         let tree = self.tree(t);
-        for k in keys {
-            tree.remove(k.as_slice()).map_err(|e| self.sled_err(e))?;
-        }
-        Ok(())
+        let removed = keys.iter().try_for_each(|k| {
+            tree.remove(k.as_slice())
+                .map(drop)
+                .map_err(|e| self.sled_err(e))
+        });
+        release_deferred_frees();
+        removed
     }
 
     pub fn generate_id(&self) -> Result<u64> {
@@ -591,7 +596,7 @@ impl Store {
     }
 
     /// Insert many values, one at a time: for rows that need no atomicity
-    /// as a group (audit rows, search postings). A sled batch would take
+    /// as a group (a replica's search postings). A sled batch would take
     /// sled's process-wide write lock, which waits for any running flush
     /// (disk time) while every other reader and writer waits behind it;
     /// single inserts share that lock with flushes.
@@ -614,9 +619,9 @@ impl Store {
             batch.remove(item.map_err(|e| self.sled_err(e))?);
             n += 1;
         }
-        self.tree(t)
-            .apply_batch(batch)
-            .map_err(|e| self.sled_err(e))?;
+        let applied = self.tree(t).apply_batch(batch);
+        release_deferred_frees();
+        applied.map_err(|e| self.sled_err(e))?;
         Ok(n)
     }
 
