@@ -16,7 +16,7 @@ use scaiwave::app::{App, Tenant};
 use scaiwave::clock::Clock;
 use scaiwave::config::{Config, StorageSync};
 use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
-use scaiwave::protocol::event::{Content, Event};
+use scaiwave::protocol::event::{Content, Event, Membership};
 use scaiwave::protocol::wire::{SendAnswer, SendBody, SendStatus};
 use scaiwave::rooms::{commands, fqid_of, views};
 use scaiwave::server::Running;
@@ -259,10 +259,34 @@ pub async fn join_when_invited(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let answered = commands::answer_invitation(&peer.rooms, load, invite_id, true).await?;
-    if answered.state != commands::AnswerState::Joined {
-        bail!("joining {room_id} answered {answered:?}; expected an immediate join");
+    match answered.state {
+        commands::AnswerState::Joined => Ok(()),
+        // The host refused for now, retryably (its bound on requests from
+        // never-seen servers a second, which joins in a row reach): the
+        // join is queued and delivered on retry, as it would be for any
+        // peer. Joined once the host's answer settled it here.
+        commands::AnswerState::Pending => {
+            let me = fqid_of(&peer.rooms, load).to_string();
+            loop {
+                let joined = peer
+                    .rooms
+                    .store
+                    .members(room_id)?
+                    .get(&me)
+                    .is_some_and(|m| m.membership == Membership::Join);
+                if joined {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    bail!("the queued join of {me} to {room_id} was not settled within {SETUP_TIMEOUT:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        commands::AnswerState::Declined => {
+            bail!("joining {room_id} answered {answered:?}; expected a join")
+        }
     }
-    Ok(())
 }
 
 #[derive(Default)]
