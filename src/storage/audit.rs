@@ -91,9 +91,8 @@ impl Store {
             .flat_map(|same_ms| same_ms.chunks(AUDIT_ROWS_PER_RECORD_MAX))
             .try_for_each(|record| {
                 let key = keys::audit(record[0].at_ms, self.generate_id()?);
-                let inserted = self.tree(T::Audit).insert(key, encode_record(record)?);
-                super::release_deferred_frees();
-                inserted.map(drop).map_err(|e| self.sled_err(e))
+                self.wrote(self.tree(T::Audit).insert(key, encode_record(record)?))
+                    .map(drop)
             });
         if let Err(e) = written {
             tracing::error!(error = %e, "could not write audit rows");
@@ -115,9 +114,7 @@ impl Store {
             rows += decode_record(&bytes).map_or(1, |r| r.len());
             batch.remove(key);
         }
-        let applied = tree.apply_batch(batch);
-        super::release_deferred_frees();
-        applied.map_err(|e| self.sled_err(e))?;
+        self.wrote(tree.apply_batch(batch))?;
         Ok(rows)
     }
 

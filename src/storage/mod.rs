@@ -460,17 +460,20 @@ impl Store {
         self.tree(t).contains_key(k).map_err(|e| self.sled_err(e))
     }
 
-    pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
-        let inserted = self.tree(t).insert(k, codec::encode(v)?);
+    /// `result` of one sled write, once the write's deferred frees are
+    /// handed on (see [`release_deferred_frees`]).
+    fn wrote<R>(&self, result: sled::Result<R>) -> Result<R> {
         release_deferred_frees();
-        inserted.map_err(|e| self.sled_err(e))?;
+        result.map_err(|e| self.sled_err(e))
+    }
+
+    pub fn put<V: Serialize>(&self, t: T, k: &[u8], v: &V) -> Result<()> {
+        self.wrote(self.tree(t).insert(k, codec::encode(v)?))?;
         Ok(())
     }
 
     pub fn remove(&self, t: T, k: &[u8]) -> Result<()> {
-        let removed = self.tree(t).remove(k);
-        release_deferred_frees();
-        removed.map_err(|e| self.sled_err(e))?;
+        self.wrote(self.tree(t).remove(k))?;
         Ok(())
     }
 
@@ -545,14 +548,11 @@ impl Store {
         self.decode_all(self.tree(t).range(from.to_vec()..to.to_vec()).rev(), limit)
     }
 
-    /// The greatest key in `[from, to]`: one seek, however many keys
-    /// the range holds (how a search intersects postings newest first).
     /// The posting block under `prefix` (see [`keys::postings_of`]) whose
     /// first seq is the greatest at or before `seq`: its seqs, ascending.
     /// One seek.
     pub fn posting_block(&self, prefix: &[u8], seq: u64) -> Result<Option<Vec<u64>>> {
-        let mut to = prefix.to_vec();
-        to.extend_from_slice(&seq.to_be_bytes());
+        let to = keys::posting_block(prefix, seq);
         let Some(item) = self
             .tree(T::Search)
             .range(prefix..=to.as_slice())
@@ -619,9 +619,7 @@ impl Store {
             batch.remove(item.map_err(|e| self.sled_err(e))?);
             n += 1;
         }
-        let applied = self.tree(t).apply_batch(batch);
-        release_deferred_frees();
-        applied.map_err(|e| self.sled_err(e))?;
+        self.wrote(self.tree(t).apply_batch(batch))?;
         Ok(n)
     }
 
