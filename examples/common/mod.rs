@@ -246,17 +246,14 @@ pub async fn join_when_invited(
     room_id: &RoomId,
 ) -> Result<()> {
     let deadline = Instant::now() + SETUP_TIMEOUT;
-    loop {
-        let arrived = views::invitations(&peer.rooms, load)?
+    let arrived = poll_until(deadline, || {
+        Ok(views::invitations(&peer.rooms, load)?
             .iter()
-            .any(|i| i.invite_id == invite_id);
-        if arrived {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("invitation {invite_id} to {room_id} did not reach {PEER_NAME} within {SETUP_TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            .any(|i| i.invite_id == invite_id))
+    })
+    .await?;
+    if !arrived {
+        bail!("invitation {invite_id} to {room_id} did not reach {PEER_NAME} within {SETUP_TIMEOUT:?}");
     }
     let answered = commands::answer_invitation(&peer.rooms, load, invite_id, true).await?;
     match answered.state {
@@ -267,25 +264,39 @@ pub async fn join_when_invited(
         // peer. Joined once the host's answer settled it here.
         commands::AnswerState::Pending => {
             let me = fqid_of(&peer.rooms, load).to_string();
-            loop {
-                let joined = peer
+            let joined = poll_until(deadline, || {
+                Ok(peer
                     .rooms
                     .store
                     .members(room_id)?
                     .get(&me)
-                    .is_some_and(|m| m.membership == Membership::Join);
-                if joined {
-                    return Ok(());
-                }
-                if Instant::now() >= deadline {
-                    bail!("the queued join of {me} to {room_id} was not settled within {SETUP_TIMEOUT:?}");
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                    .is_some_and(|m| m.membership == Membership::Join))
+            })
+            .await?;
+            if !joined {
+                bail!(
+                    "the queued join of {me} to {room_id} was not settled within {SETUP_TIMEOUT:?}"
+                );
             }
+            Ok(())
         }
         commands::AnswerState::Declined => {
             bail!("joining {room_id} answered {answered:?}; expected a join")
         }
+    }
+}
+
+/// Check `done` every 20 ms: true once it holds, false if `deadline`
+/// passes first.
+async fn poll_until(deadline: Instant, done: impl Fn() -> Result<bool>) -> Result<bool> {
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
