@@ -9,7 +9,9 @@ use serde_json::Value;
 use crate::error::{Code, Error, Result};
 use crate::federation::auth::event_keys;
 use crate::ids::{KeyId, ServerName};
-use crate::limits::{EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, TXN_CACHE_SECS};
+use crate::limits::{
+    EDUS_PER_TRANSACTION_MAX, EVENTS_PER_TRANSACTION_MAX, ON_EXECUTOR_EVENTS_MAX, TXN_CACHE_SECS,
+};
 use crate::protocol::canonical;
 use crate::protocol::event::{Content, Event, Membership, PresenceEdu};
 use crate::protocol::wire::{SendAnswer, SendResult, SendStatus};
@@ -21,12 +23,16 @@ use crate::metrics::Outcome as Counted;
 
 /// Run `f` over `items` on the blocking pool, split across the cores:
 /// canonicalisation and Ed25519 are CPU work that must not stall the
-/// executor threads serving other requests.
+/// executor threads serving other requests. A few items run where they
+/// are: their work is shorter than the hand-off to the pool and back.
 async fn on_cores<T, R>(items: Vec<T>, f: fn(T) -> R) -> Result<Vec<R>>
 where
     T: Send + 'static,
     R: Send + 'static,
 {
+    if items.len() <= ON_EXECUTOR_EVENTS_MAX {
+        return Ok(items.into_iter().map(f).collect());
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -433,4 +439,28 @@ fn cache_answer(
         rooms.store.put_txn(origin.as_str(), txn_id, &record)?;
     }
     Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread_of(_: usize) -> std::thread::ThreadId {
+        std::thread::current().id()
+    }
+
+    #[tokio::test]
+    async fn a_few_events_are_checked_where_the_request_runs_and_more_on_the_pool() {
+        let here = std::thread::current().id();
+        let few = on_cores((0..ON_EXECUTOR_EVENTS_MAX).collect(), thread_of)
+            .await
+            .unwrap();
+        assert_eq!(few.len(), ON_EXECUTOR_EVENTS_MAX);
+        assert!(few.iter().all(|t| *t == here));
+        let more = on_cores((0..=ON_EXECUTOR_EVENTS_MAX).collect(), thread_of)
+            .await
+            .unwrap();
+        assert_eq!(more.len(), ON_EXECUTOR_EVENTS_MAX + 1);
+        assert!(more.iter().all(|t| *t != here));
+    }
 }
