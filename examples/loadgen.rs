@@ -5,7 +5,7 @@
 //! ```text
 //! cargo run --release --example loadgen -- --events N --batch B --concurrency C [--rooms R] [--tenants T] [--bound]
 //! cargo run --release --example loadgen -- --events 20000 --batch 100 --concurrency 4 --compare-tenants 10
-//! cargo run --release --example loadgen -- --events 20000 --single --rate 1000 [--sync flush]
+//! cargo run --release --example loadgen -- --events 20000 --single --rate 1000 [--sync flush] [--bound]
 //! ```
 //!
 //! Without `--target` everything runs in this process over loopback HTTPS:
@@ -46,7 +46,7 @@ use scaiwave::clock::Clock;
 use scaiwave::ids::{Fqid, KeyId, LocalId, RoomId, ServerName};
 use scaiwave::protocol::canonical;
 use scaiwave::protocol::event::Event;
-use scaiwave::storage::{keys, DeliveryState, Store, StoredEvent, WriteSet, T};
+use scaiwave::storage::{keys, DeliveryState, Store, StoreOptions, StoredEvent, WriteSet, T};
 
 #[allow(dead_code)]
 mod common;
@@ -86,7 +86,10 @@ struct Args {
     target: Option<String>,
     /// Measure the ceiling without HTTP, only what no server can skip:
     /// strict JCS parse + Ed25519 verify of each event, its bytes written
-    /// as one row, one sled transaction and flush per batch.
+    /// as one row, one sled transaction and flush per batch. With
+    /// `--single`: the same for one event at a time at `--rate`, each
+    /// waiting for the server's own group flush (`--sync`), the latency
+    /// floor of a single-event `/send`.
     #[arg(long)]
     bound: bool,
     /// Worker threads for `--bound`.
@@ -148,15 +151,15 @@ fn run(args: &Args) -> Result<Value> {
     if args.single != args.rate.is_some() {
         bail!("--single and --rate go together: --single --rate EVENTS_PER_S");
     }
-    if args.single
-        && (args.bound || args.drain || args.tenants > 1 || args.compare_tenants.is_some())
-    {
-        bail!("--single measures one tenant's ingest latency; leave out --bound, --drain and the tenant options");
+    if args.single && (args.drain || args.tenants > 1 || args.compare_tenants.is_some()) {
+        bail!("--single measures one tenant's ingest latency; leave out --drain and the tenant options");
     }
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         bail!("--rate must be a positive number of events per second");
     }
-    if args.single {
+    if args.single && args.bound {
+        block_on(single_bound(args))
+    } else if args.single {
         block_on(with_pair(args, 1, |target, peer| {
             single(args, target, peer)
         }))
@@ -277,6 +280,85 @@ async fn single(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> 
         "rejected": tally.rejected,
         "unanswered": tally.unanswered,
         "rooms": args.rooms,
+    }))
+}
+
+/// `--single --bound`: the floor under `--single` at the same offered
+/// rate. Each event gets the bound's work (parse, verify, one row, one
+/// transaction) on a tokio worker, as the server's commit runs, and then
+/// waits for the server's own group flush ([`Store::flush`] with
+/// `--sync`); no HTTP, no TLS, no signature on the request, no derived rows.
+async fn single_bound(args: &Args) -> Result<Value> {
+    let rate = args.rate.context("--single needs --rate")?;
+    let input = Arc::new(BoundInput::new(args)?);
+    let data = tempfile::tempdir().context("temp dir for sled")?;
+    let store = Arc::new(Store::open_with(
+        &data.path().join("db"),
+        &StoreOptions {
+            cache_capacity: scaiwave::limits::CACHE_CAPACITY_BYTES_DEFAULT,
+            data_dir: data.path().to_path_buf(),
+            sync: args.sync,
+        },
+    )?);
+    eprintln!(
+        "loadgen: bound: {} single events at {rate} per second",
+        args.events
+    );
+    let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    let mut next = 0..input.wire.len();
+    let seconds = paced(
+        || {
+            let Some(i) = next.next() else {
+                return Ok(None);
+            };
+            let (input, store, tally) = (input.clone(), store.clone(), tally.clone());
+            Ok(Some(async move {
+                let t0 = Instant::now();
+                let mut w = WriteSet::default();
+                let outcome = match input.check_and_put(&input.wire[i], i as u64 + 1, &mut w) {
+                    Ok(true) => async {
+                        store.commit(&w)?;
+                        store.flush().await
+                    }
+                    .await
+                    .map(|()| true)
+                    .map_err(anyhow::Error::from),
+                    other => other,
+                };
+                let elapsed = t0.elapsed();
+                let mut tally = tally.lock().expect("tally");
+                match outcome {
+                    Ok(true) => {
+                        tally.accepted += 1;
+                        tally.latencies.push(elapsed);
+                    }
+                    Ok(false) => tally.rejected += 1,
+                    Err(e) => tally.failed(1, e.to_string()),
+                }
+            }))
+        },
+        Duration::from_secs_f64(1.0 / rate),
+        SINGLE_IN_FLIGHT_MAX,
+        None,
+    )
+    .await?;
+    let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    for r in &tally.reasons {
+        eprintln!("loadgen: failed: {r}");
+    }
+    tally.latencies.sort_unstable();
+    Ok(json!({
+        "mode": "single-bound",
+        "sync": sync_name(args.sync),
+        "events": input.wire.len(),
+        "seconds": round3(seconds),
+        "offered_events_per_s": rate,
+        "achieved_events_per_s": (input.wire.len() as f64 / seconds).round(),
+        "p50_ms": percentile_ms(&tally.latencies, 0.50),
+        "p99_ms": percentile_ms(&tally.latencies, 0.99),
+        "p999_ms": percentile_ms(&tally.latencies, 0.999),
+        "rejected": tally.rejected,
+        "unanswered": tally.unanswered,
     }))
 }
 
@@ -435,25 +517,67 @@ async fn drive(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> {
 // Bound mode: the same per-event work without HTTP.
 // ---------------------------------------------------------------------------
 
-fn run_bound(args: &Args) -> Result<Value> {
-    use rand::RngCore;
-    let mut seed = [0u8; 32];
-    rand::rng().fill_bytes(&mut seed);
-    let signing = SigningKey::from_bytes(&seed);
-    let verifying = signing.verifying_key();
-    let key_id = KeyId::derive(&verifying.to_bytes());
-    let target = ServerName::parse(TARGET_NAME)?;
-    let sender = Fqid::new(&LocalId::parse("load")?, &ServerName::parse(PEER_NAME)?);
-    let rooms: Vec<RoomId> = (0..args.rooms).map(|_| RoomId::generate(&target)).collect();
-    let now = Clock::system().now_ms();
+/// What both bounds start from: events signed by a throwaway key, as
+/// wire bytes, as they would sit inside a /send body.
+struct BoundInput {
+    key_id: KeyId,
+    verifying: ed25519_dalek::VerifyingKey,
+    wire: Vec<Vec<u8>>,
+}
 
-    // Pre-built wire bytes, as they would sit inside a /send body.
-    let wire: Vec<Vec<u8>> =
-        signed_messages(0..args.events, &rooms, &sender, now, &key_id, &signing)
+impl BoundInput {
+    fn new(args: &Args) -> Result<BoundInput> {
+        use rand::RngCore;
+        let mut seed = [0u8; 32];
+        rand::rng().fill_bytes(&mut seed);
+        let signing = SigningKey::from_bytes(&seed);
+        let verifying = signing.verifying_key();
+        let key_id = KeyId::derive(&verifying.to_bytes());
+        let target = ServerName::parse(TARGET_NAME)?;
+        let sender = Fqid::new(&LocalId::parse("load")?, &ServerName::parse(PEER_NAME)?);
+        let rooms: Vec<RoomId> = (0..args.rooms).map(|_| RoomId::generate(&target)).collect();
+        let now = Clock::system().now_ms();
+        let wire = signed_messages(0..args.events, &rooms, &sender, now, &key_id, &signing)
             .iter()
             .map(|e| e.to_wire_bytes(None))
             .collect();
-    let batches: Vec<&[Vec<u8>]> = wire.chunks(args.batch).collect();
+        Ok(BoundInput {
+            key_id,
+            verifying,
+            wire,
+        })
+    }
+
+    /// The work no server can skip for one event: a strict JCS parse, an
+    /// Ed25519 verify, and its bytes as one row at its place in `w`. False
+    /// for an event that fails its checks.
+    fn check_and_put(&self, bytes: &[u8], seq: u64, w: &mut WriteSet) -> Result<bool> {
+        let checked = canonical::parse_strict(bytes)
+            .and_then(Event::from_value)
+            .and_then(|(event, _)| {
+                event
+                    .verify(|id| (*id == self.key_id).then_some(self.verifying))
+                    .map(|()| event)
+            });
+        let Ok(event) = checked else {
+            return Ok(false);
+        };
+        w.put(
+            T::Events,
+            keys::event(event.room_id.as_str(), seq),
+            &StoredEvent {
+                json: bytes.to_vec(),
+                state: DeliveryState::Sent,
+                rejected: false,
+            },
+        )?;
+        Ok(true)
+    }
+}
+
+fn run_bound(args: &Args) -> Result<Value> {
+    let input = BoundInput::new(args)?;
+    let batches: Vec<&[Vec<u8>]> = input.wire.chunks(args.batch).collect();
 
     let data = tempfile::tempdir().context("temp dir for sled")?;
     let store = Store::open(&data.path().join("db"))?;
@@ -479,29 +603,9 @@ fn run_bound(args: &Args) -> Result<Value> {
                         let t0 = Instant::now();
                         let mut w = WriteSet::default();
                         for bytes in batch.iter() {
-                            let checked = canonical::parse_strict(bytes)
-                                .and_then(Event::from_value)
-                                .and_then(|(event, _)| {
-                                    event
-                                        .verify(|id| (*id == key_id).then_some(verifying))
-                                        .map(|()| event)
-                                });
-                            match checked {
-                                Ok(event) => {
-                                    // The one row nothing can skip: the
-                                    // event's bytes at its place.
-                                    let seq = next_seq.fetch_add(1, Ordering::Relaxed);
-                                    w.put(
-                                        T::Events,
-                                        keys::event(event.room_id.as_str(), seq),
-                                        &StoredEvent {
-                                            json: bytes.clone(),
-                                            state: DeliveryState::Sent,
-                                            rejected: false,
-                                        },
-                                    )?;
-                                }
-                                Err(_) => rejected += 1,
+                            let seq = next_seq.fetch_add(1, Ordering::Relaxed);
+                            if !input.check_and_put(bytes, seq, &mut w)? {
+                                rejected += 1;
                             }
                         }
                         store.commit(&w)?;

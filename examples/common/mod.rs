@@ -498,8 +498,44 @@ pub async fn send_paced(
     in_flight: usize,
     length: Option<Duration>,
 ) -> Result<(Tally, usize, f64)> {
-    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     let tally = Arc::new(std::sync::Mutex::new(Tally::default()));
+    let mut sent = 0usize;
+    let seconds = paced(
+        || {
+            let Some((dest, count, body)) = next()? else {
+                return Ok(None);
+            };
+            sent += count;
+            let (peer, tally) = (peer.clone(), tally.clone());
+            Ok(Some(async move {
+                let mut mine = Tally::default();
+                send_transaction(&peer, &dest, count, body, &mut mine).await;
+                tally.lock().expect("tally").merge(mine);
+            }))
+        },
+        period,
+        in_flight,
+        length,
+    )
+    .await?;
+    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
+    Ok((tally, sent, seconds))
+}
+
+/// The schedule of [`send_paced`] for any work: spawn what `next` hands
+/// out, one every `period`, at most `in_flight` unfinished at once, until
+/// it hands out `None` or `length` has passed; the seconds from the first
+/// start to the last finish.
+pub async fn paced<F>(
+    mut next: impl FnMut() -> Result<Option<F>>,
+    period: Duration,
+    in_flight: usize,
+    length: Option<Duration>,
+) -> Result<f64>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(in_flight));
     // tokio's timer counts milliseconds (and may wake later than asked):
     // each tick starts what the schedule says is due by now, so the
     // offered rate holds for periods shorter than a tick too.
@@ -507,31 +543,25 @@ pub async fn send_paced(
         tokio::time::interval(period.clamp(Duration::from_millis(1), Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let from = Instant::now();
-    let (mut started, mut sent) = (0usize, 0usize);
+    let mut started = 0usize;
     'schedule: while length.is_none_or(|l| from.elapsed() < l) {
         tick.tick().await;
         let due = (from.elapsed().as_secs_f64() / period.as_secs_f64()) as usize + 1;
         while started < due {
             let slot = slots.clone().acquire_owned().await?;
-            let Some((dest, count, body)) = next()? else {
+            let Some(work) = next()? else {
                 break 'schedule;
             };
             started += 1;
-            sent += count;
-            let (peer, tally) = (peer.clone(), tally.clone());
             tokio::spawn(async move {
-                let mut mine = Tally::default();
-                send_transaction(&peer, &dest, count, body, &mut mine).await;
-                tally.lock().expect("tally").merge(mine);
+                work.await;
                 drop(slot);
             });
         }
     }
-    // Every transaction in flight has answered once all slots are free.
+    // Everything started has finished once all slots are free.
     let _all = slots.acquire_many(in_flight as u32).await?;
-    let seconds = from.elapsed().as_secs_f64();
-    let tally = std::mem::take(&mut *tally.lock().expect("tally"));
-    Ok((tally, sent, seconds))
+    Ok(from.elapsed().as_secs_f64())
 }
 
 /// A server that is not serving (`App::open` on a temporary data dir,
