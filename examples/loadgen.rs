@@ -263,12 +263,27 @@ async fn single(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> 
         None,
     )
     .await?;
+    Ok(single_report(
+        "single", args, rate, &mut tally, sent, seconds,
+    ))
+}
+
+/// The JSON line of `--single` (with or without `--bound`); the reasons
+/// of refusals and failures go to stderr.
+fn single_report(
+    mode: &str,
+    args: &Args,
+    rate: f64,
+    tally: &mut Tally,
+    sent: usize,
+    seconds: f64,
+) -> Value {
     for r in &tally.reasons {
         eprintln!("loadgen: refused or failed: {r}");
     }
     tally.latencies.sort_unstable();
-    Ok(json!({
-        "mode": "single",
+    json!({
+        "mode": mode,
         "sync": sync_name(args.sync),
         "events": sent,
         "seconds": round3(seconds),
@@ -280,7 +295,7 @@ async fn single(args: &Args, target: Arc<App>, peer: Arc<App>) -> Result<Value> 
         "rejected": tally.rejected,
         "unanswered": tally.unanswered,
         "rooms": args.rooms,
-    }))
+    })
 }
 
 /// `--single --bound`: the floor under `--single` at the same offered
@@ -343,23 +358,15 @@ async fn single_bound(args: &Args) -> Result<Value> {
     )
     .await?;
     let mut tally = std::mem::take(&mut *tally.lock().expect("tally"));
-    for r in &tally.reasons {
-        eprintln!("loadgen: failed: {r}");
-    }
-    tally.latencies.sort_unstable();
-    Ok(json!({
-        "mode": "single-bound",
-        "sync": sync_name(args.sync),
-        "events": input.wire.len(),
-        "seconds": round3(seconds),
-        "offered_events_per_s": rate,
-        "achieved_events_per_s": (input.wire.len() as f64 / seconds).round(),
-        "p50_ms": percentile_ms(&tally.latencies, 0.50),
-        "p99_ms": percentile_ms(&tally.latencies, 0.99),
-        "p999_ms": percentile_ms(&tally.latencies, 0.999),
-        "rejected": tally.rejected,
-        "unanswered": tally.unanswered,
-    }))
+    let sent = input.wire.len();
+    Ok(single_report(
+        "single-bound",
+        args,
+        rate,
+        &mut tally,
+        sent,
+        seconds,
+    ))
 }
 
 async fn run_drain(args: &Args) -> Result<Value> {
