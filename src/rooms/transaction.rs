@@ -108,10 +108,12 @@ fn check_for_host(rooms: &Rooms, origin: &ServerName, event: &Event) -> Result<(
 /// (and its key only fetched) for a sender the room knows.
 fn check_from_host(rooms: &Rooms, event: &Event) -> Result<()> {
     if event.origin != event.room_id.host() && !rooms.is_local(&event.sender) {
+        // One row, not the room's member list: a big room's relayed
+        // events would otherwise each read every member.
         let known = rooms
             .store
-            .members(&event.room_id)?
-            .contains_key(event.sender.as_str());
+            .member(event.room_id.as_str(), event.sender.as_str())?
+            .is_some();
         let joining = matches!(&event.content, Content::Member { membership: Membership::Join, target, .. } if *target == event.sender);
         // An invite of one of ours for a room we do not know yet: the host
         // checked that its sender is a member.
