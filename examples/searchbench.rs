@@ -1,7 +1,11 @@
 //! Search benchmark: index `--messages` messages in one room (through the
 //! real host sequencer, so the index is written with each event), then time
-//! `--queries` searches. Prints one JSON line:
-//! `{"messages","queries","p50_ms","p99_ms","mean_ms","results_mean"}`.
+//! `--queries` searches. The bound, in the same run: each query's answer
+//! built without the index, its messages read one by one at the seqs the
+//! search returned (`views::messages` from `seq - 1`, limit 1), which is
+//! what any search must do to answer. Prints one JSON line:
+//! `{"messages","queries","p50_ms","p99_ms","mean_ms","results_mean",
+//! "bound_p50_ms","bound_p99_ms","bound_mean_ms","ratio_p99","ratio_mean"}`.
 //!
 //! ```text
 //! cargo run --release --example searchbench -- --messages 100000 --queries 200
@@ -12,9 +16,10 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use scaiwave::config::StorageSync;
+use scaiwave::ids::RoomId;
 use scaiwave::protocol::event::Content;
 use scaiwave::rooms::host::{self, Source};
-use scaiwave::rooms::{commands, search};
+use scaiwave::rooms::{commands, search, views};
 
 #[allow(dead_code)]
 mod common;
@@ -52,6 +57,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let OneRoom {
             app,
+            reader,
             fqid: sender,
             room_id,
             ..
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             started.elapsed().as_secs_f64()
         );
         let mut times = Vec::with_capacity(args.queries);
+        let mut bound = Vec::with_capacity(args.queries);
         let mut results = 0usize;
         for i in 0..args.queries {
             // Half one-word queries, half two words.
@@ -96,20 +103,43 @@ fn main() -> anyhow::Result<()> {
                 format!("{} {}", word(&mut rng), word(&mut rng))
             };
             let t = Instant::now();
-            results += search::search(&app.first.rooms, &sender, &q)?.len();
+            let hits = search::search(&app.first.rooms, &sender, &q)?;
             times.push(t.elapsed());
+            results += hits.len();
+            let t = Instant::now();
+            let mut built = 0;
+            for (room, hit) in &hits {
+                let seq = hit.seq.expect("a search hit is sequenced");
+                let room = RoomId::parse(room)?;
+                built += views::messages(&app.first.rooms, &reader, &room, seq - 1, 1)?.len();
+            }
+            bound.push(t.elapsed());
+            anyhow::ensure!(
+                built == hits.len(),
+                "the bound read {built} of {} hits",
+                hits.len()
+            );
         }
         times.sort();
-        let mean = times.iter().map(|d| d.as_secs_f64()).sum::<f64>() * 1000.0 / times.len() as f64;
+        bound.sort();
+        let mean = |d: &[Duration]| {
+            d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / d.len() as f64
+        };
+        let ms = |x: f64| (x * 1000.0).round() / 1000.0;
         println!(
             "{}",
             serde_json::json!({
                 "messages": args.messages,
                 "queries": args.queries,
-                "p50_ms": (percentile(&times, 0.5) * 1000.0).round() / 1000.0,
-                "p99_ms": (percentile(&times, 0.99) * 1000.0).round() / 1000.0,
-                "mean_ms": (mean * 1000.0).round() / 1000.0,
+                "p50_ms": ms(percentile(&times, 0.5)),
+                "p99_ms": ms(percentile(&times, 0.99)),
+                "mean_ms": ms(mean(&times)),
                 "results_mean": results as f64 / args.queries as f64,
+                "bound_p50_ms": ms(percentile(&bound, 0.5)),
+                "bound_p99_ms": ms(percentile(&bound, 0.99)),
+                "bound_mean_ms": ms(mean(&bound)),
+                "ratio_p99": ms(percentile(&times, 0.99) / percentile(&bound, 0.99)),
+                "ratio_mean": ms(mean(&times) / mean(&bound)),
             })
         );
         app.shutdown.cancel();
