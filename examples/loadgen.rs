@@ -329,17 +329,16 @@ async fn single_bound(args: &Args) -> Result<Value> {
             let (input, store, tally) = (input.clone(), store.clone(), tally.clone());
             Ok(Some(async move {
                 let t0 = Instant::now();
-                let mut w = WriteSet::default();
-                let outcome = match input.check_and_put(&input.wire[i], i as u64 + 1, &mut w) {
-                    Ok(true) => async {
-                        store.commit(&w)?;
-                        store.flush().await
+                let outcome = async {
+                    let mut w = WriteSet::default();
+                    if !input.check_and_put(&input.wire[i], i as u64 + 1, &mut w)? {
+                        return Ok(false);
                     }
-                    .await
-                    .map(|()| true)
-                    .map_err(anyhow::Error::from),
-                    other => other,
-                };
+                    store.commit(&w)?;
+                    store.flush().await?;
+                    anyhow::Ok(true)
+                }
+                .await;
                 let elapsed = t0.elapsed();
                 let mut tally = tally.lock().expect("tally");
                 match outcome {

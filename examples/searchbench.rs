@@ -23,7 +23,7 @@ use scaiwave::rooms::{commands, search, views};
 
 #[allow(dead_code)]
 mod common;
-use common::{one_room, OneRoom};
+use common::{one_room, round3, OneRoom};
 
 // The same allocator as the shipped binary, so the figures are the binary's.
 #[global_allocator]
@@ -125,21 +125,20 @@ fn main() -> anyhow::Result<()> {
         let mean = |d: &[Duration]| {
             d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / d.len() as f64
         };
-        let ms = |x: f64| (x * 1000.0).round() / 1000.0;
         println!(
             "{}",
             serde_json::json!({
                 "messages": args.messages,
                 "queries": args.queries,
-                "p50_ms": ms(percentile(&times, 0.5)),
-                "p99_ms": ms(percentile(&times, 0.99)),
-                "mean_ms": ms(mean(&times)),
+                "p50_ms": round3(percentile(&times, 0.5)),
+                "p99_ms": round3(percentile(&times, 0.99)),
+                "mean_ms": round3(mean(&times)),
                 "results_mean": results as f64 / args.queries as f64,
-                "bound_p50_ms": ms(percentile(&bound, 0.5)),
-                "bound_p99_ms": ms(percentile(&bound, 0.99)),
-                "bound_mean_ms": ms(mean(&bound)),
-                "ratio_p99": ms(percentile(&times, 0.99) / percentile(&bound, 0.99)),
-                "ratio_mean": ms(mean(&times) / mean(&bound)),
+                "bound_p50_ms": round3(percentile(&bound, 0.5)),
+                "bound_p99_ms": round3(percentile(&bound, 0.99)),
+                "bound_mean_ms": round3(mean(&bound)),
+                "ratio_p99": round3(percentile(&times, 0.99) / percentile(&bound, 0.99)),
+                "ratio_mean": round3(mean(&times) / mean(&bound)),
             })
         );
         app.shutdown.cancel();

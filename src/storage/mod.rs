@@ -582,13 +582,10 @@ impl Store {
     /// Remove every key in the list, one at a time (see [`Store::put_many`]).
     pub fn remove_all(&self, t: T, keys: &[Vec<u8>]) -> Result<()> {
         let tree = self.tree(t);
-        let removed = keys.iter().try_for_each(|k| {
-            tree.remove(k.as_slice())
-                .map(drop)
-                .map_err(|e| self.sled_err(e))
-        });
-        release_deferred_frees();
-        removed
+        self.wrote(
+            keys.iter()
+                .try_for_each(|k| tree.remove(k.as_slice()).map(drop)),
+        )
     }
 
     pub fn generate_id(&self) -> Result<u64> {
